@@ -1,0 +1,30 @@
+"""Arguments shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(parser: argparse.ArgumentParser, drafter_default: str = "pld") -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="built-in alias (smollm2-135m), local model directory or hub id (default: %(default)s)")
+    parser.add_argument("--drafter", default=drafter_default,
+                        help="none, pld, or a trained drafter checkpoint directory (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help="float32 (lossless on CPU), bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def load_model_and_drafter(args: argparse.Namespace):
+    from ..drafters import make_drafter
+    from ..models import load_target
+
+    target = load_target(args.model, dtype=args.dtype, device=args.device)
+    return target, make_drafter(args.drafter, target)

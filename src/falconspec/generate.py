@@ -1,0 +1,200 @@
+"""The decode loop: draft a tree, verify it in one target forward, keep the accepted path, repeat.
+
+``SpeculativeGenerator.stream`` is the one loop; ``generate`` collects it. With no drafter (or ``NoDrafter``)
+every cycle is one plain autoregressive step through the same engine: the baseline speed-ups are measured against.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .drafters.base import Drafter, NoDrafter
+from .metrics import SpecStats
+from .sampling import SamplingParams
+from .target import TargetModel
+from .verify import greedy_verify, sample_verify
+
+
+@dataclass
+class StreamChunk:
+    text: str  # new text since the previous chunk (may be empty while a possible stop string is held back)
+    token_ids: list[int]  # new token ids since the previous chunk
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length", on the last chunk only
+    stats: SpecStats | None = None  # on the last chunk only
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: SpecStats = field(repr=False)
+
+
+class SpeculativeGenerator:
+    """Lossless speculative generation for one target and one drafter, one sequence at a time."""
+
+    def __init__(self, target: TargetModel, drafter: Drafter | None = None):
+        self.target = target
+        self.drafter = drafter or NoDrafter()
+        self._busy = threading.Lock()
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
+        text, ids, last = [], [], None
+        for chunk in self.stream(prompt, **kwargs):
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        return GenerationResult("".join(text), ids, last.finish_reason, last.stats)
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        input_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 128,
+        stop: Sequence[str] | str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[StreamChunk]:
+        """Yield text as it is generated; the last chunk carries ``finish_reason`` and ``stats``.
+
+        Give exactly one of ``prompt`` (plain text), ``messages`` (chat, formatted by the tokenizer's template)
+        or ``input_ids``. Invalid arguments raise ``ValueError`` before any work is done.
+        """
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        prompt_ids = self._prompt_ids(prompt, messages, input_ids)
+        self._check_budget(len(prompt_ids), max_new_tokens)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this generator is already generating: use one generator per concurrent request")
+        try:
+            yield from self._stream_text(prompt_ids, max_new_tokens, params, stops, ignore_eos)
+        finally:
+            self._busy.release()
+
+    # ---------------------------------------------------------------- the decode loop
+    def _cycles(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+                stats: SpecStats) -> Iterator[list[int]]:
+        """Yield the tokens each cycle commits (accepted drafts + bonus) until ``max_new_tokens`` are out."""
+        target, drafter = self.target, self.drafter
+        generator = None if params.greedy else params.make_generator(target.device)
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
+
+        # 0. prefill everything but the last token, which becomes the first tree's root
+        start = time.perf_counter()
+        hidden = target.prefill(ids[:-1])
+        drafter.begin(ids, hidden)
+        stats.prefill_time = self._elapsed(start)
+        produced = 0
+        while produced < max_new_tokens:
+            # 1. draft a tree; nodes deeper than the remaining budget could never be used
+            start = time.perf_counter()
+            max_depth = min(max_new_tokens - produced, target.max_context - target.cache_len) - 1
+            tree = drafter.propose(ids, max_depth).truncate(max_depth)
+            stats.draft_time += self._elapsed(start)
+
+            # 2. one target forward over the whole tree
+            start = time.perf_counter()
+            out = target.forward_tree(tree)
+
+            # 3. accept the longest agreeing path and a bonus token
+            if params.greedy:
+                acceptance = greedy_verify(tree, out.logits)
+            else:
+                acceptance = sample_verify(tree, params.target_probs(out.logits), generator)
+
+            # 4. keep only the accepted nodes in the cache
+            target.compact(acceptance.path, tree.num_nodes)
+            stats.verify_time += self._elapsed(start)
+            stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
+
+            # 5. commit, and let the drafter see the result
+            start = time.perf_counter()
+            ids = torch.cat([ids, torch.tensor(acceptance.tokens, dtype=torch.long)])
+            drafter.observe(acceptance, out.hidden_states[acceptance.path])
+            stats.draft_time += self._elapsed(start)
+            produced += len(acceptance.tokens)
+            yield acceptance.tokens
+
+    # ---------------------------------------------------------------- text, EOS and stop strings
+    def _stream_text(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
+                     stops: list[str], ignore_eos: bool) -> Iterator[StreamChunk]:
+        tokenizer = self.target.tokenizer
+        eos = set() if ignore_eos else self.target.eos_token_ids
+        holdback = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
+        stats = SpecStats(prompt_tokens=len(prompt_ids))
+        started = time.perf_counter()
+        new_ids: list[int] = []
+        sent_ids = sent_chars = 0
+        finish_reason = "length"
+        for tokens in self._cycles(prompt_ids, max_new_tokens, params, stats):
+            for tok in tokens:
+                if tok in eos:
+                    finish_reason = "stop"
+                    break
+                new_ids.append(tok)
+            new_ids = new_ids[:max_new_tokens]
+            text = tokenizer.decode(new_ids, skip_special_tokens=True)
+            stop_at = min((i for i in (text.find(s, max(0, sent_chars - holdback)) for s in stops) if i >= 0),
+                          default=-1)
+            if stop_at >= 0:
+                text, finish_reason = text[:stop_at], "stop"
+            if finish_reason == "stop" or len(new_ids) >= max_new_tokens:
+                break
+            ready = len(text) - holdback
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                ready = min(ready, len(text.rstrip("\ufffd")))
+            if ready > sent_chars:
+                yield StreamChunk(text[sent_chars:ready], new_ids[sent_ids:])
+                sent_chars, sent_ids = ready, len(new_ids)
+        stats.new_tokens = len(new_ids)
+        stats.total_time = time.perf_counter() - started
+        yield StreamChunk(text[sent_chars:], new_ids[sent_ids:], finish_reason, stats)
+
+    # ---------------------------------------------------------------- checks
+    def _prompt_ids(self, prompt, messages, input_ids) -> list[int]:
+        given = sum(x is not None for x in (prompt, messages, input_ids))
+        if given != 1:
+            raise ValueError("give exactly one of prompt, messages or input_ids")
+        if input_ids is not None:
+            ids = [int(t) for t in input_ids]
+            vocab = self.target.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"input_ids must lie in [0, {vocab})")
+        else:
+            if prompt is not None and isinstance(prompt, str) and not prompt.strip():
+                raise ValueError("prompt is empty")
+            ids = self.target.encode(prompt, messages)
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        return ids
+
+    def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        context = self.target.max_context
+        if prompt_len >= context:
+            raise ValueError(f"prompt has {prompt_len} tokens, more than the model's context of {context}")
+        if prompt_len + max_new_tokens > context:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                f"{context}: ask for at most {context - prompt_len} new tokens"
+            )
+
+    def _elapsed(self, start: float) -> float:
+        if self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+        return time.perf_counter() - start

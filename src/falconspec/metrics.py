@@ -1,0 +1,63 @@
+"""Per-generation statistics, with vLLM's counters and formulas (see verify.py for the vocabulary)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SpecStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # tokens returned to the caller (after EOS/stop/budget cuts)
+    cycles: int = 0  # draft+verify cycles = target forwards after the prefill
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_cycle: list[int] = field(default_factory=list)
+    prefill_time: float = 0.0  # seconds
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    total_time: float = 0.0
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.cycles += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self.accepted_per_cycle.append(accepted)
+
+    @property
+    def target_forwards(self) -> int:
+        """Target forward passes, the prefill included (a prompt of one token needs no prefill)."""
+        return self.cycles + (1 if self.prompt_tokens > 1 else 0)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Committed tokens per verification forward, bonus token included: 1 + accepted / cycles."""
+        return 1.0 + self.accepted_tokens / self.cycles if self.cycles else 0.0
+
+    @property
+    def mean_accepted_drafts(self) -> float:
+        """Accepted draft tokens per verification forward, bonus token excluded (Falcon's tau)."""
+        return self.accepted_tokens / self.cycles if self.cycles else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_time if self.total_time else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name in ("target_forwards", "mean_accepted_length", "mean_accepted_drafts", "acceptance_rate",
+                     "tokens_per_second"):
+            out[name] = getattr(self, name)
+        return out
+
+    def summary(self) -> str:
+        return (
+            f"{self.new_tokens} tokens in {self.total_time:.2f}s ({self.tokens_per_second:.1f} tok/s) | "
+            f"{self.cycles} target forwards + prefill | mean accepted length {self.mean_accepted_length:.2f} "
+            f"(with bonus), {self.mean_accepted_drafts:.2f} (without) | acceptance {self.acceptance_rate:.1%} of "
+            f"{self.drafted_tokens} drafted | draft {self.draft_time:.2f}s, verify {self.verify_time:.2f}s"
+        )

@@ -1,0 +1,130 @@
+"""The target model: a stock Hugging Face causal LM driven through its public forward arguments.
+
+This is the only module that touches the KV cache's internals. One sequence at a time (batch size 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .tree import Tree
+
+
+@dataclass(frozen=True)
+class TreeOutput:
+    logits: torch.Tensor  # [num_nodes, vocab]; row i predicts the token after node i
+    hidden_states: torch.Tensor  # [num_nodes, hidden]; last layer after the final norm (what the LM head reads)
+
+
+class TargetModel:
+    """Prefill, verify a token tree on top of the KV cache, and compact the cache to the accepted path."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", None) or model.config.model_type
+        self.config = model.config
+        self.decoder = model.get_decoder()  # the transformer body; its last_hidden_state is post-final-norm
+        self.lm_head = model.get_output_embeddings()
+        self.cache: DynamicCache = DynamicCache(config=self.config)
+
+    # ---------------------------------------------------------------- facts about the model
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.config, self.tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        return ids
+
+    @property
+    def cache_len(self) -> int:
+        return self.cache.get_seq_length()
+
+    # ---------------------------------------------------------------- forwards
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Start a new sequence: cache ``input_ids`` [L] and return their hidden states [L, hidden] (no logits)."""
+        self.reset()
+        if input_ids.numel() == 0:
+            return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        out = self.decoder(input_ids=input_ids.to(self.device)[None], past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def forward_tree(self, tree: Tree) -> TreeOutput:
+        """Run every tree node in one forward on top of the cache; the cache grows by ``tree.num_nodes``."""
+        prefix_len = self.cache_len
+        if prefix_len + tree.max_depth >= self.max_context:
+            raise ValueError(
+                f"tree reaches position {prefix_len + tree.max_depth}, beyond the context of {self.max_context}"
+            )
+        # a chain is plain causal attention: let the model build its own mask
+        mask = None if tree.is_chain else tree.attention_mask(prefix_len, self.dtype, self.device)
+        out = self.decoder(
+            input_ids=tree.token_tensor(self.device)[None],
+            position_ids=tree.position_ids(prefix_len, self.device)[None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state[0]
+        return TreeOutput(logits=self.lm_head(hidden), hidden_states=hidden)
+
+    def compact(self, path: list[int], num_nodes: int) -> None:
+        """Keep only the cache entries of the accepted ``path`` (tree node indices) of the last tree forward."""
+        prefix_len = self.cache_len - num_nodes
+        if path == list(range(len(path))):  # a prefix of the node order: dropping the tail is enough
+            if num_nodes > len(path):
+                self.cache.crop(-(num_nodes - len(path)))
+            return
+        keep = torch.cat([torch.arange(prefix_len), prefix_len + torch.tensor(path)]).to(self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
+
+    # ---------------------------------------------------------------- text
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids of a plain-text prompt, or of chat messages through the tokenizer's own chat template."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if messages is not None:
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+            for m in messages:
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"each message needs string 'role' and 'content' fields, got {m!r}")
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError(f"model {self.name!r} has no chat template: pass a plain prompt instead")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return list(ids)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
