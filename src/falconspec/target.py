@@ -69,7 +69,7 @@ class TargetModel:
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.config)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Start a new sequence: cache ``input_ids`` [L] and return their hidden states [L, hidden] (no logits)."""
         self.reset()
@@ -78,7 +78,7 @@ class TargetModel:
         out = self.decoder(input_ids=input_ids.to(self.device)[None], past_key_values=self.cache, use_cache=True)
         return out.last_hidden_state[0]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward_tree(self, tree: Tree) -> TreeOutput:
         """Run every tree node in one forward on top of the cache; the cache grows by ``tree.num_nodes``."""
         prefix_len = self.cache_len

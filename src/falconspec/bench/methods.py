@@ -1,0 +1,278 @@
+"""The decoding methods a benchmark compares, behind one interface: token ids in, a :class:`TurnResult` out.
+
+* ``greedy``: plain decoding in our engine (``SpeculativeGenerator`` without a drafter), the speed-up baseline;
+* ``pld``: our prompt-lookup drafter; ``falcon``/``eagle``/``medusa``: trained drafter checkpoints (the SAR
+  drafters ``falcon`` and ``eagle`` run in the target's dtype);
+  ``lookahead``: a lookahead drafter, once ``falconspec.drafters`` has one;
+* ``hf``, ``hf-pld``, ``hf-assisted``: Hugging Face ``generate`` plain, with prompt lookup, and with an assistant
+  model (a copy of the target's first layers sharing its weights, or a small model given by path).
+
+Every method returns the same token accounting: the new tokens after the prompt, cut before the first EOS token
+(which is not counted) and at ``max_new_tokens``. A method that cannot run becomes a :class:`Skipped` with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pkgutil
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..drafters import make_drafter, shipped_drafter_dir
+from ..generate import SpeculativeGenerator
+from ..target import TargetModel
+
+log = logging.getLogger(__name__)
+
+ENGINE_METHODS = ("greedy", "pld", "falcon", "eagle", "medusa", "lookahead")
+HF_METHODS = ("hf", "hf-pld", "hf-assisted")
+METHOD_NAMES = ENGINE_METHODS[:2] + HF_METHODS + ENGINE_METHODS[2:]
+CHECKPOINT_METHODS = ("falcon", "eagle", "medusa")  # need a trained drafter directory
+SAR_METHODS = ("falcon", "eagle")  # falconspec.drafters.sar checkpoints (k = 2 and k = 1)
+BASELINE = "greedy"
+
+
+@dataclass
+class TurnResult:
+    """One generation (one turn of one prompt) by one method."""
+
+    token_ids: list[int]  # new tokens, EOS excluded, at most max_new_tokens
+    text: str
+    wall_time: float  # seconds around the whole call (prefill included)
+    accept_lengths: list[int]  # per verification forward: committed tokens, bonus included (1 = no draft accepted)
+    finish_reason: str  # "stop" (EOS) or "length"
+    seed: int | None = None
+    drafted_tokens: int | None = None  # None: the method does not expose it (Hugging Face methods)
+    accepted_tokens: int | None = None
+    draft_time: float | None = None  # seconds spent drafting (our engine only)
+    verify_time: float | None = None  # seconds in target forwards over drafts, verification and cache compaction
+    prefill_time: float | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    method: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    drafter_dirs: dict[str, str] = field(default_factory=dict)  # falcon/eagle/medusa -> checkpoint dir
+    assistant: str = "6"  # hf-assisted: number of target layers to keep, or an assistant model directory
+    prompt_lookup_tokens: int = 10  # hf-pld: prompt_lookup_num_tokens
+
+    def __post_init__(self) -> None:
+        if self.prompt_lookup_tokens < 1:
+            raise ValueError(f"prompt lookup needs >= 1 draft tokens, got {self.prompt_lookup_tokens}")
+        if not self.assistant:
+            raise ValueError("--assistant needs a layer count or a model directory")
+        unknown = set(self.drafter_dirs) - set(CHECKPOINT_METHODS)
+        if unknown:
+            raise ValueError(f"drafter directories are for {CHECKPOINT_METHODS}, got {sorted(unknown)}")
+
+
+class Method(ABC):
+    name: str
+
+    @abstractmethod
+    def generate(self, input_ids: list[int], max_new_tokens: int, temperature: float, seed: int | None) -> TurnResult:
+        """Continue ``input_ids`` [L]; greedy when ``temperature == 0``, else seeded sampling."""
+
+    def num_parameters(self) -> int:
+        """Parameters of the drafter or draft model (0 for model-free methods)."""
+        return 0
+
+
+class EngineMethod(Method):
+    def __init__(self, name: str, target: TargetModel, drafter=None):
+        self.name = name
+        self.generator = SpeculativeGenerator(target, drafter)
+
+    def generate(self, input_ids, max_new_tokens, temperature, seed):
+        start = time.perf_counter()
+        out = self.generator.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      seed=seed)
+        wall = time.perf_counter() - start
+        stats = out.stats
+        return TurnResult(out.token_ids, out.text, wall, [a + 1 for a in stats.accepted_per_cycle],
+                          out.finish_reason, seed, stats.drafted_tokens, stats.accepted_tokens, stats.draft_time,
+                          stats.verify_time, stats.prefill_time)
+
+    def num_parameters(self) -> int:
+        return self.generator.drafter.num_parameters()
+
+
+class _StepRecorder:
+    """A ``generate`` streamer that records how many tokens each target forward commits."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.sizes.append(int(value.numel()))
+        self.prompt_seen = True  # generate streams the prompt first
+
+    def end(self) -> None:
+        pass
+
+
+# generation-config fields a model may set that would change what greedy or sampling means: pinned to neutral
+NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "typical_p": 1.0,
+           "min_p": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+class HFMethod(Method):
+    """``model.generate`` on the target's own Hugging Face model, with extra generate arguments (drafting)."""
+
+    def __init__(self, name: str, target: TargetModel, extra: dict | None = None, draft_model=None):
+        self.name, self.target, self.extra, self.draft_model = name, target, dict(extra or {}), draft_model
+        if draft_model is not None:
+            self.extra["assistant_model"] = draft_model
+        config = target.model.generation_config
+        self.neutral = {k: v for k, v in NEUTRAL.items() if getattr(config, k, None) not in (None, v)}
+        pad = target.tokenizer.pad_token_id
+        self.eos = sorted(target.eos_token_ids)
+        self.pad = pad if pad is not None else self.eos[0]
+
+    def generate(self, input_ids, max_new_tokens, temperature, seed):
+        model = self.target.model
+        ids = torch.tensor([input_ids], dtype=torch.long, device=model.device)  # [1, L]
+        recorder = _StepRecorder()
+        kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens, "eos_token_id": self.eos,
+                  "pad_token_id": self.pad, "streamer": recorder, "do_sample": temperature > 0, **self.neutral,
+                  **self.extra}
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+            torch.manual_seed(seed)  # HF samples from the global generator
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, **kwargs)
+        wall = time.perf_counter() - start
+        new = out[0, len(input_ids):].tolist()
+        eos = set(self.eos)
+        cut = next((i for i, t in enumerate(new) if t in eos), len(new))  # EOS ends the answer, uncounted
+        tokens = new[:min(cut, max_new_tokens)]
+        text = self.target.tokenizer.decode(tokens, skip_special_tokens=True)
+        reason = "stop" if cut < len(new) and cut <= max_new_tokens else "length"
+        return TurnResult(tokens, text, wall, recorder.sizes, reason, seed)
+
+    def num_parameters(self) -> int:
+        if self.draft_model is None:
+            return 0
+        unique = {p.data_ptr(): p.numel() for p in self.draft_model.parameters()}  # tied weights count once
+        return sum(unique.values())
+
+
+# ---------------------------------------------------------------------------------------------- building
+def expand_method_names(names: list[str]) -> list[str]:
+    """Validate names (``all`` = every method); the baseline ``greedy`` is always included, first."""
+    out: list[str] = []
+    for name in names:
+        for n in (METHOD_NAMES if name == "all" else [name]):
+            if n not in METHOD_NAMES:
+                raise ValueError(f"unknown method {n!r}: choose from all, {', '.join(METHOD_NAMES)}")
+            if n not in out:
+                out.append(n)
+    return [BASELINE] + [n for n in out if n != BASELINE]
+
+
+def build_methods(names: list[str], target: TargetModel, model: str,
+                  options: MethodOptions) -> tuple[list[Method], list[Skipped]]:
+    methods, skipped = [], []
+    for name in expand_method_names(names):
+        try:
+            methods.append(_build(name, target, model, options))
+        except _Unavailable as why:
+            skipped.append(Skipped(name, str(why)))
+    return methods, skipped
+
+
+class _Unavailable(Exception):
+    """A method cannot run in this setup; the message says why and what would enable it."""
+
+
+def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -> Method:
+    if name == "greedy":
+        return EngineMethod(name, target)
+    if name == "pld":
+        return EngineMethod(name, target, make_drafter("pld", target))
+    if name == "hf":
+        return HFMethod(name, target)
+    if name == "hf-pld":
+        return HFMethod(name, target, {"prompt_lookup_num_tokens": options.prompt_lookup_tokens})
+    if name == "hf-assisted":
+        return HFMethod(name, target, draft_model=_assistant(target, options.assistant))
+    if name == "lookahead":
+        return EngineMethod(name, target, _engine_drafter("lookahead", "lookahead", target))
+    path = Path(options.drafter_dirs.get(name) or shipped_drafter_dir(model, name))
+    if name == "medusa" and not _has_drafter_module(name):
+        raise _Unavailable("falconspec.drafters has no Medusa drafter yet")
+    if not path.is_dir():
+        raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")
+    options = {"dtype": target.dtype} if name in SAR_METHODS else {}  # SAR drafters run in the target's dtype
+    return EngineMethod(name, target, _engine_drafter(str(path), name, target, **options))
+
+
+def _has_drafter_module(kind: str) -> bool:
+    from .. import drafters
+
+    return any(kind in module.name for module in pkgutil.iter_modules(drafters.__path__))
+
+
+def _engine_drafter(source: str, kind: str, target: TargetModel, **options):
+    if kind == "lookahead" and not _has_drafter_module(kind):
+        raise _Unavailable("falconspec.drafters has no lookahead drafter yet")
+    try:
+        return make_drafter(source, target, **options)
+    except (ValueError, OSError) as err:
+        raise _Unavailable(f"cannot load the {kind} drafter from {source}: {err}") from err
+
+
+def _assistant(target: TargetModel, spec: str):
+    """The draft model of hf-assisted: the target's first ``spec`` layers (weights shared), or a model directory."""
+    from transformers import AutoModelForCausalLM
+
+    if spec.isdigit():
+        return truncated_copy(target.model, int(spec))
+    try:
+        assistant = AutoModelForCausalLM.from_pretrained(spec, dtype=target.dtype).to(target.device).eval()
+    except (OSError, ValueError) as err:
+        raise _Unavailable(f"cannot load the assistant model {spec!r}: {err}") from err
+    if assistant.config.vocab_size != target.config.vocab_size:
+        raise _Unavailable(f"assistant {spec!r} has vocabulary size {assistant.config.vocab_size}, the target "
+                           f"{target.config.vocab_size}: hf-assisted needs a model with the target's tokenizer")
+    return assistant
+
+
+def truncated_copy(model, num_layers: int):
+    """A causal LM made of ``model``'s embeddings, first ``num_layers`` decoder layers, final norm and LM head.
+
+    The tensors are the target's own (``load_state_dict(assign=True)``): no weight is copied.
+    """
+    from transformers import AutoModelForCausalLM
+
+    total = model.config.num_hidden_layers
+    if not 1 <= num_layers < total:
+        raise _Unavailable(f"--assistant {num_layers} layers: a truncated assistant needs 1 to {total - 1} of the "
+                           f"target's {total} layers")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    assistant = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
+    try:
+        assistant.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as err:
+        raise _Unavailable(f"cannot truncate a {type(model).__name__} by layer index: {err}; pass --assistant "
+                           "with the directory of a small model that shares the target's tokenizer") from err
+    assistant.generation_config = copy.deepcopy(model.generation_config)
+    return assistant.to(model.device).eval()

@@ -1,0 +1,210 @@
+"""Benchmark reports: ``summary.json``, ``summary.md`` and PNG plots (matplotlib, Agg canvas) in the output dir."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .methods import BASELINE
+
+PLAIN_METHODS = (BASELINE, "hf")  # plain decoding: every accepted length is 1, nothing to plot
+
+LEGEND = """\
+Columns (one row per dataset and method; the baseline is `greedy`, plain decoding in the same engine, same dtype
+and temperature, same run; a prompt is all turns of one question):
+
+- **speed-up median [95% CI]**: median over prompts of (method tokens/s) / (greedy tokens/s), with a 95% bootstrap
+  interval from resampling prompts;
+- **speed-up overall [95% CI]**: (method total tokens / total seconds) / (the same for greedy), same interval;
+- **tokens/s**: new tokens (EOS excluded, at most max-new-tokens per turn) per second of wall time, prefill included
+  (our engine's time also includes its incremental detokenization for streaming; `generate` does none);
+- **τ with / without bonus**: mean committed tokens per verification forward (Spec-Bench's `accept_lengths`;
+  plain decoding = 1.00), and the same minus the bonus token (accepted draft tokens per forward, Falcon's τ);
+- **acceptance**: accepted / drafted tokens (our engine only: Hugging Face `generate` does not expose drafts);
+- **identical**: prompts whose tokens equal greedy's exactly, greedy runs only (bf16 verification batches rows and
+  may round differently, so < 100% is expected there; in float32 anything below 100% is a bug);
+- **draft / verify**: shares of wall time spent drafting and verifying (our engine only; the rest is prefill,
+  detokenization and bookkeeping);
+- **peak RSS**: the process's resident memory peak while the method answered (weights of the target included);
+- **drafter params**: parameters of the drafter or draft model (the truncated hf-assisted copy shares the target's
+  tensors, so it costs no extra memory).
+"""
+
+
+def write_report(out: str | Path, summary: dict) -> list[Path]:
+    """Write summary.json, summary.md and the plots; returns the files written."""
+    out = Path(out)
+    files = [out / "summary.json", out / "summary.md"]
+    files[0].write_text(json.dumps(summary, indent=1, default=str))
+    files[1].write_text(markdown(summary))
+    return files + plot(out / "plots", summary["rows"])
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+def markdown(summary: dict) -> str:
+    config, env = summary["config"], summary["environment"]
+    start, end = env["start"], env.get("end", env["start"])
+    lines = [f"# falconspec bench: {config['model']}", "",
+             f"{start['time']} to {end['time']} on {start['cpu'] or start['platform']} ({start['cpu_count']} cores, "
+             f"{start['torch_threads']} torch threads), torch {start['torch']}, transformers {start['transformers']}, "
+             f"falconspec {start['falconspec']}. Load average at start {_load(start)}, at end {_load(end)}.", ""]
+    if max(start["load_average"][0], end["load_average"][0]) > start["cpu_count"]:
+        lines += ["> **Contended machine**: the load average exceeded the core count, so these timings are not "
+                  "results.", ""]
+    lines += [f"max-new-tokens {config['max_new_tokens']}, seed {config['seed']}, device {config['device']}.", ""]
+    for entry in summary["datasets"]:
+        skipped = entry.get("skipped_too_long") or []
+        note = f"; {len(skipped)} skipped as too long for the context: {skipped}" if skipped else ""
+        lines.append(f"- **{entry['name']}**: {entry['prompts']} prompts from `{entry['source']}`{note}")
+    lines.append("")
+    for (dtype, temperature), rows in _by_setting(summary["rows"]).items():
+        mode = "greedy" if temperature == 0 else f"sampling, temperature {temperature:g}"
+        lines += [f"## {dtype}, {mode}", "", _table(rows), ""]
+        lines += _not_run(rows) + [""]
+    return "\n".join(lines + [LEGEND])
+
+
+def _not_run(rows: list[dict]) -> list[str]:
+    """One line per skipped or failed method and reason, naming the datasets it concerns."""
+    groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    for r in rows:
+        if r["status"] != "ok":
+            groups[(r["method"], r["status"], r["reason"])].append(r["dataset"])
+    return [f"- **{method}** {status} ({', '.join(datasets)}): {reason}"
+            for (method, status, reason), datasets in groups.items()]
+
+
+def _load(env: dict) -> str:
+    return " / ".join(f"{x:.2f}" for x in env["load_average"])
+
+
+COLUMNS = ("dataset", "method", "speed-up median [95% CI]", "speed-up overall [95% CI]", "tokens/s",
+           "τ with bonus", "τ without", "acceptance", "identical", "draft / verify", "peak RSS MB",
+           "drafter params")
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r["dataset"], r["method"], r["status"]] + ["–"] * (len(COLUMNS) - 3)
+        else:
+            cells = [r["dataset"], r["method"], *_speedup_cells(r), _num(r["tokens_per_s"], ".1f"),
+                     _num(r["mean_accepted_length"], ".2f"), _num(r["mean_accepted_drafts"], ".2f"),
+                     _pct(r["acceptance_rate"]), _identical(r), _shares(r), _num(r["peak_rss_mb"], ".0f"),
+                     f"{r['drafter_params']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _speedup_cells(row: dict) -> list[str]:
+    if row["method"] == BASELINE:
+        return ["1.00 (baseline)", "1.00 (baseline)"]
+    s = row["speedup"]
+    return [f"{_num(s['median'], '.2f')} [{_num(s['median_ci'][0], '.2f')}, {_num(s['median_ci'][1], '.2f')}]",
+            f"{_num(s['overall'], '.2f')} [{_num(s['overall_ci'][0], '.2f')}, {_num(s['overall_ci'][1], '.2f')}]"]
+
+
+def _identical(row: dict) -> str:
+    same = row["identical_to_greedy"]
+    if row["method"] == BASELINE:
+        return "baseline"
+    if same is None:
+        return "n/a (sampling)"
+    return f"{same['rate']:.0%} ({same['count']}/{row['prompts']})"
+
+
+def _shares(row: dict) -> str:
+    if row["draft_time_share"] is None:
+        return "–"
+    return f"{row['draft_time_share']:.0%} / {row['verify_time_share']:.0%}"
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _by_setting(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["dtype"], row["temperature"])].append(row)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plot(plot_dir: Path, rows: list[dict]) -> list[Path]:
+    """Per (dtype, temperature): speed-up per method per dataset, and the distribution of accepted lengths."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for (dtype, temperature), group in _by_setting(rows).items():
+        ok = [r for r in group if r["status"] == "ok"]
+        tag = f"{dtype}-t{temperature:g}"
+        title = f"{dtype}, " + ("greedy" if temperature == 0 else f"T={temperature:g}")
+        files.append(_speedup_plot(plot_dir / f"speedup-{tag}.png", ok, title))
+        files.append(_accept_plot(plot_dir / f"accept-lengths-{tag}.png", ok, title))
+    return files
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # render with Agg, never through pyplot's global backend
+    return figure
+
+
+def _speedup_plot(path: Path, rows: list[dict], title: str) -> Path:
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    figure = _figure(max(6.0, 1.2 * len(methods) * len(datasets) ** 0.5 + 2), 4.0)
+    ax = figure.add_subplot()
+    width = 0.8 / max(len(datasets), 1)
+    for d, dataset in enumerate(datasets):
+        cells = {r["method"]: r["speedup"] for r in rows if r["dataset"] == dataset}
+        xs = [m + (d - (len(datasets) - 1) / 2) * width for m in range(len(methods))]
+        medians = [cells[m]["median"] if m in cells else math.nan for m in methods]
+        low = [med - cells[m]["median_ci"][0] if m in cells else 0 for m, med in zip(methods, medians)]
+        high = [cells[m]["median_ci"][1] - med if m in cells else 0 for m, med in zip(methods, medians)]
+        ax.bar(xs, medians, width, yerr=[low, high], capsize=3, label=f"{dataset} (median, 95% CI)")
+        overall = [cells[m]["overall"] if m in cells else math.nan for m in methods]
+        ax.plot(xs, overall, "k_", markersize=12, label="overall" if d == 0 else None)
+    ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+    ax.set_xticks(range(len(methods)), methods, rotation=20)
+    ax.set_ylabel("speed-up over greedy")
+    ax.set_title(f"Speed-up per method ({title})")
+    ax.legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _accept_plot(path: Path, rows: list[dict], title: str) -> Path:
+    pooled: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        if r["method"] not in PLAIN_METHODS:
+            for length, count in r["accept_length_histogram"].items():
+                pooled[r["method"]][int(length)] += count
+    figure = _figure(6.5, 4.0)
+    ax = figure.add_subplot()
+    width = 0.8 / max(len(pooled), 1)
+    for i, (method, histogram) in enumerate(pooled.items()):
+        total = sum(histogram.values())
+        lengths = sorted(histogram)
+        xs = [n + (i - (len(pooled) - 1) / 2) * width for n in lengths]
+        ax.bar(xs, [histogram[n] / total for n in lengths], width, label=method)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if not pooled:
+        ax.text(0.5, 0.5, "no drafting method ran", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("tokens committed per verification forward (bonus included)")
+    ax.set_ylabel("share of forwards")
+    ax.set_title(f"Accepted lengths, all datasets ({title})")
+    if pooled:
+        ax.legend(fontsize="small")
+    figure.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,189 @@
+"""Drafting with Falcon's SAR drafter (k tokens per pass; ``name = "falcon"``) or an EAGLE-style head (k=1, "eagle").
+
+The drafter keeps its own KV cache over the committed positions: pair j = (target feature h_j, token x_{j+1}).
+With L committed tokens that is positions 0 .. L-2 (the root x_{L-1} has no target feature yet).
+
+One cycle, k = 2, L committed tokens (P = L-1 cached drafter positions):
+
+1. **Update** (in ``begin`` / ``observe``): the new pairs run through the drafter with their blocks aligned to the
+   END of the chunk, so the last block {P-2, P-1} holds the newest token x_{L-1}. If fewer than k pairs are new
+   (nothing accepted), the last cached pairs are cropped and fed again so that the last block is complete. The
+   last block's outputs o_{P-2}, o_{P-1} predict h_{L-1}, h_L, hence tokens x_L, x_{L+1}: tree depths 1 and 2.
+2. **Expansion** (in ``propose``): a chosen depth-2 node b becomes the next block, at positions P, P+1, with inputs
+   (o_{P-2}, x_L), (o_{P-1}, x_{L+1}): the drafter's own predicted features and the draft tokens on b's path.
+   It attends to every committed position, to the blocks of b's ancestor branches and to its own block, and its
+   outputs give depths 3 and 4. Branches of one pass run together in one forward.
+3. The expansion KV is cropped after the cycle; only committed positions stay cached.
+
+Which nodes are drafted is :mod:`.trees`' business (dynamic EAGLE-2-style top-k, or a static rank-path tree).
+Whatever is proposed, verification keeps the output exactly the target's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..tree import Tree
+from ..verify import Acceptance
+from .base import Drafter
+from .sar_model import SARDrafterModel, additive_mask, check_fits, end_aligned_offset, relaxed_causal_mask
+from .trees import STATIC_TREES, DraftTreeBuilder, check_rank_paths
+
+MAX_STATIC_DEPTH = 32
+
+
+class SARDrafter(Drafter):
+    name = "falcon"
+    needs_hidden_states = True
+
+    def __init__(self, model: SARDrafterModel, target, num_nodes: int = 16, depth: int = 6, top_k: int = 4,
+                 branches: int = 4, static_tree: str | Sequence[Sequence[int]] | None = None):
+        """``num_nodes``: tree size with the root (dynamic policy); ``depth``: deepest draft, rounded up to whole
+        blocks (ceil(depth / k) drafter passes); ``top_k``: candidates per block slot; ``branches``: blocks
+        expanded per pass; ``static_tree``: a name in ``trees.STATIC_TREES`` or rank paths, replacing the dynamic
+        policy (its own depth then bounds ``depth``)."""
+        if num_nodes < 1 or depth < 0 or top_k < 1 or branches < 1:
+            raise ValueError(f"need num_nodes >= 1, depth >= 0, top_k >= 1 and branches >= 1; got num_nodes="
+                             f"{num_nodes}, depth={depth}, top_k={top_k}, branches={branches}")
+        check_fits(model.config, target)
+        self.model = model  # run under no_grad; its train/eval mode is left as it is (a trainer may share it)
+        self.k = model.k
+        self.name = "falcon" if self.k > 1 else "eagle"
+        self.num_nodes, self.depth, self.top_k, self.branches = num_nodes, depth, top_k, branches
+        self.static_paths = None
+        if static_tree is not None:
+            paths = STATIC_TREES.get(static_tree) if isinstance(static_tree, str) else static_tree
+            if paths is None:
+                raise ValueError(f"unknown static tree {static_tree!r}: choose one of {sorted(STATIC_TREES)}")
+            self.static_paths = check_rank_paths(paths, MAX_STATIC_DEPTH)
+            self.depth = max(len(p) for p in self.static_paths)
+        self.device = target.device
+        # the target's frozen tensors: embedding rows are looked up then cast; the head is read in the drafter's dtype
+        self.embedding = target.model.get_input_embeddings().weight.detach()  # [V, H]
+        self.head = model.head_weight(target.lm_head).detach().to(device=self.device, dtype=model.dtype)  # [D, H]
+        self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(self.device)  # [D]
+        self._reset()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32,
+                        **options) -> SARDrafter:
+        """Load a checkpoint directory (see :class:`SARDrafterModel`) for ``target``, running in ``dtype``."""
+        return cls(SARDrafterModel.from_pretrained(directory, target, dtype), target, **options)
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    @property
+    def cache_len(self) -> int:
+        return self.cache.get_seq_length()
+
+    def _reset(self) -> None:
+        self.cache = self.model.new_cache()
+        hidden = self.model.config.hidden_size
+        self.tail_features = torch.empty(0, hidden, device=self.device)  # [<=k, H] the last committed pairs
+        self.tail_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # [<=k]
+        self.block = None  # [k, H] outputs of the last full block: predicted features of the root's block
+
+    # ---------------------------------------------------------------- committed positions
+    @torch.no_grad()
+    def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """input_ids: [L]; hidden_states: [L-1, H] (target features of input_ids[:-1])."""
+        assert hidden_states.shape[0] == input_ids.shape[0] - 1, (hidden_states.shape, input_ids.shape)
+        self._reset()
+        self._update(hidden_states, input_ids[1:])
+
+    @torch.no_grad()
+    def observe(self, acceptance: Acceptance, hidden_states: torch.Tensor) -> None:
+        """hidden_states: [a+1, H], features of the accepted nodes (root first), paired with the committed tokens."""
+        assert hidden_states.shape[0] == len(acceptance.tokens), (hidden_states.shape, acceptance.tokens)
+        self._update(hidden_states, torch.tensor(acceptance.tokens, dtype=torch.long))
+
+    def _update(self, features: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append pairs (features[i], tokens[i]) [n, H], [n] to the cache; keep the last full block's outputs."""
+        features, tokens = features.to(self.device), tokens.to(self.device)
+        refeed = min(max(self.k - tokens.shape[0], 0), self.tail_tokens.shape[0])
+        if refeed:  # too few new pairs for a whole block: recompute the last cached ones with them
+            self.cache.crop(-refeed)
+        kept = self.tail_tokens.shape[0] - refeed
+        features = torch.cat([self.tail_features[kept:], features.to(self.tail_features.dtype)])  # [S, H]
+        tokens = torch.cat([self.tail_tokens[kept:], tokens])  # [S]
+        self.tail_features = torch.cat([self.tail_features[:kept], features])[-self.k:]
+        self.tail_tokens = torch.cat([self.tail_tokens[:kept], tokens])[-self.k:]
+        num = tokens.shape[0]
+        if num == 0:
+            return
+        start = self.cache_len
+        mask = relaxed_causal_mask(num, start, self.k, end_aligned_offset(num, self.k), dtype=self.model.dtype,
+                                   device=self.device)
+        out = self._forward(features, tokens, torch.arange(start, start + num, device=self.device), mask)
+        self.block = out[-self.k:] if num >= self.k else None
+
+    def _forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """One drafter pass on top of the cache. features [S, H], tokens [S], positions [S] -> outputs [S, H]."""
+        embeds = self.model.embed(self.embedding, tokens)
+        return self.model(features[None], embeds[None], positions[None], mask, self.cache)[0]
+
+    # ---------------------------------------------------------------- drafting
+    @torch.no_grad()
+    def propose(self, input_ids: torch.Tensor, max_depth: int) -> Tree:
+        if self.cache_len != input_ids.shape[0] - 1:
+            raise RuntimeError(f"{self.name} drafter out of sync: {self.cache_len} cached positions for "
+                               f"{input_ids.shape[0]} committed tokens; call begin() for a new sequence")
+        root, depth = int(input_ids[-1]), min(self.depth, max_depth)
+        if self.block is None or depth < 1:
+            return Tree.root_only(root)
+        builder = DraftTreeBuilder(root, self.k, self.static_paths,
+                                   None if self.static_paths is not None else self.num_nodes - 1)
+        ranks = builder.ranks_needed or self.top_k
+        frontier = builder.grow(0, *self._top(self.block, ranks)[0])
+        outputs = {0: self.block}  # branch node -> its block's outputs, the input features of its sub-branches
+        prefix_len = self.cache_len
+        owners: list[int] = []  # branch node of each expansion entry in the cache, in cache order
+        try:
+            for step in range(1, math.ceil(depth / self.k)):
+                branches = builder.next_branches(frontier, self.branches)
+                if not branches:
+                    break
+                out = self._expand(builder, branches, outputs, prefix_len + (step - 1) * self.k, owners)
+                frontier = []
+                for branch, block_out, (tokens, logprobs) in zip(branches, out.split(self.k), self._top(out, ranks)):
+                    outputs[branch] = block_out
+                    frontier += builder.grow(branch, tokens, logprobs)
+        finally:
+            self.cache.crop(-(self.cache_len - prefix_len))
+        return builder.build(self.num_nodes, depth)
+
+    def _expand(self, builder: DraftTreeBuilder, branches: list[int], outputs: dict[int, torch.Tensor],
+                first_position: int, owners: list[int]) -> torch.Tensor:
+        """One pass over ``branches`` (k positions each, from ``first_position``) -> outputs [len(branches)*k, H]."""
+        k, prefix_len = self.k, self.cache_len - len(owners)
+        features = torch.cat([outputs[builder.nodes[b].branch] for b in branches])  # [B*k, H]
+        tokens = torch.tensor([t for b in branches for t in builder.block_tokens(b)], device=self.device)
+        positions = first_position + torch.arange(k, device=self.device).repeat(len(branches))
+        # mask: every committed position; earlier expansion blocks of ancestor branches; the own block, fully
+        num = len(branches) * k
+        allowed = torch.zeros(num, prefix_len + len(owners) + num, dtype=torch.bool)
+        allowed[:, :prefix_len] = True
+        for i, branch in enumerate(branches):
+            rows = slice(i * k, (i + 1) * k)
+            above = builder.ancestors(branch)
+            allowed[rows, prefix_len:prefix_len + len(owners)] = torch.tensor([o in above for o in owners],
+                                                                              dtype=torch.bool)
+            allowed[rows, prefix_len + len(owners) + i * k:prefix_len + len(owners) + (i + 1) * k] = True
+        mask = additive_mask(allowed.to(self.device)[None, None], self.model.dtype)
+        owners += [b for b in branches for _ in range(k)]
+        return self._forward(features, tokens, positions, mask)
+
+    def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
+        """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""
+        logprobs = torch.log_softmax(torch.nn.functional.linear(outputs, self.head).float(), dim=-1)  # [B*k, D]
+        values, indices = logprobs.topk(min(m, logprobs.shape[-1]), dim=-1)
+        if self.vocab_ids is not None:
+            indices = self.vocab_ids[indices]
+        values, indices = values.tolist(), indices.tolist()
+        return [(indices[i:i + self.k], values[i:i + self.k]) for i in range(0, len(values), self.k)]

@@ -1,0 +1,335 @@
+"""Falcon's semi-autoregressive (SAR) drafter network: config, module, relaxed causal mask, checkpoints.
+
+API for training and drafting (k = tokens per block; k=1 is an EAGLE-style autoregressive head)
+-------------------------------------------------------------------------------------------------
+Index convention: x_0, x_1, ... are the tokens, h_t the target's last-layer hidden state after the final norm at
+position t (what its LM head reads, so LM_head(h_t) predicts x_{t+1}).
+
+``SARDrafterModel.forward(features, token_embeds, position_ids, attention_mask, past_key_values=None)``
+
+* ``features``       [B, S, H]  f_j: the target's h_j (or, while drafting, the drafter's own prediction of it)
+* ``token_embeds``   [B, S, H]  the target's (frozen) input embedding of x_{j+1}, the token ONE STEP AHEAD of f_j;
+                                 ``model.embed(target_embedding, ids)`` does the lookup and the dtype cast
+* ``position_ids``   [B, S]     j (absolute position of the pair; cached positions come first)
+* ``attention_mask`` [B|1, 1, S, P+S] additive float mask from :func:`relaxed_causal_mask` (P = cached positions)
+* ``past_key_values`` a cache from ``model.new_cache()`` (grown in place by S) or None (training)
+* returns            [B, S, H]  o_j, regressing h_{j+k}; ``model.logits(o, target_lm_head_weight)`` gives
+                                 [B, S, D] logits over the draft vocabulary (D = V, or the reduced draft vocabulary),
+                                 predicting x_{j+k+1}
+
+Training pairs for one sequence of length L (teacher forcing): features h[0:L-1], tokens x[1:L], targets h[k:L]
+for the first L-k positions. Build the mask with ``relaxed_causal_mask(L-1, 0, k, block_offset=...)``; a random
+``block_offset`` per sample (an int tensor [B] in [0, k)) trains every slot alignment; drafting always aligns the
+last block to the end of the chunk (``end_aligned_offset``). ``block_offset`` = how many slots of the first block
+lie before the first position, so 0 = blocks start at position 0 (Falcon's alignment).
+
+Create an untrained drafter with ``SARDrafterModel.for_target(target, k=2, num_layers=2, draft_vocab=ids)``
+(``most_frequent_tokens(counts, size, always=eos_ids)`` picks the ids), save it with ``save_pretrained(dir)`` and
+load it with ``SARDrafterModel.from_pretrained(dir, target)``.
+
+The target's embedding and LM head are never stored here: they are passed in, frozen. A checkpoint directory holds
+``config.json`` (:class:`SARConfig`, including the target's identity) and ``model.safetensors`` (fusion, decoder
+layers and, if any, the ``draft_vocab`` index list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "falconspec-sar"
+
+
+class DrafterMismatchError(ValueError):
+    """A drafter checkpoint does not fit the target it is loaded for."""
+
+
+# ----------------------------------------------------------------------------- relaxed causal mask
+def end_aligned_offset(num_queries: int, k: int) -> int:
+    """The ``block_offset`` that makes the last block end exactly at the last query (``(-S) mod k``)."""
+    return (-num_queries) % k
+
+
+def relaxed_causal_allowed(num_queries: int, num_cached: int = 0, k: int = 2,
+                           block_offset: int | torch.Tensor = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B|1, S, P+S] bool: may query q attend to key j?
+
+    Every cached key (j < P) is visible. Among the S new positions, query q sits in block
+    ``(q + block_offset) // k`` and sees new key j iff j's block is not later than its own: full attention inside a
+    block, causal across blocks. ``block_offset`` in [0, k) is the number of (virtual) slots before the first query
+    in its block, so the first block holds ``k - block_offset`` queries; an int tensor [B] gives one offset per row.
+
+    Worked example, S=5, k=2, P=1 (column 0 is the cached key)::
+
+        block_offset=0 (start-aligned)      block_offset=1 (end-aligned: the last two queries share a block)
+        q0: 1 1 1 0 0 0                      q0: 1 1 0 0 0 0
+        q1: 1 1 1 0 0 0                      q1: 1 1 1 1 0 0
+        q2: 1 1 1 1 1 0                      q2: 1 1 1 1 0 0
+        q3: 1 1 1 1 1 0                      q3: 1 1 1 1 1 1
+        q4: 1 1 1 1 1 1                      q4: 1 1 1 1 1 1
+
+    With k=1 both are the plain causal mask.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
+    if bool(((offset < 0) | (offset >= k)).any()):
+        raise ValueError(f"block_offset must lie in [0, k={k}), got {block_offset}")
+    block = (torch.arange(num_queries, device=device)[None] + offset) // k  # [B|1, S]
+    new = block[:, None, :] <= block[:, :, None]  # [B|1, S(query), S(key)]
+    cached = torch.ones(new.shape[0], num_queries, num_cached, dtype=torch.bool, device=device)
+    return torch.cat([cached, new], dim=-1)
+
+
+def relaxed_causal_mask(num_queries: int, num_cached: int = 0, k: int = 2, block_offset: int | torch.Tensor = 0,
+                        key_padding: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Additive float mask [B|1, 1, S, P+S]: 0 where allowed (see :func:`relaxed_causal_allowed`), dtype min elsewhere.
+
+    ``key_padding`` [B, P+S] bool (True = real token) hides padded keys in a right-padded training batch.
+    """
+    allowed = relaxed_causal_allowed(num_queries, num_cached, k, block_offset, device)
+    if key_padding is not None:
+        allowed = allowed & key_padding.to(device=device, dtype=torch.bool)[:, None, :]
+    return additive_mask(allowed[:, None], dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask -> additive float mask (0 / dtype min) of the same shape."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class SARConfig:
+    hidden_size: int  # the target's hidden size H
+    vocab_size: int  # the target's vocabulary size V (rows of its LM head)
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    k: int = 2  # tokens per block (per forward pass); 1 = EAGLE-style autoregressive head
+    num_layers: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    max_position_embeddings: int = 4096
+    fusion_norm: bool = True  # RMSNorm the embedding and the feature before the Linear(2H -> H) fusion
+    draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
+    target_model_type: str = ""  # identity of the target: config.model_type, model class, name
+    target_architecture: str = ""
+    target_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.num_layers < 0:
+            raise ValueError(f"need k >= 1 and num_layers >= 0, got k={self.k}, num_layers={self.num_layers}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
+
+    def to_llama_config(self) -> LlamaConfig:
+        """The stock Llama config the decoder layers and rotary embedding are built from."""
+        return LlamaConfig(
+            vocab_size=1, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=max(self.num_layers, 1), num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=dict(self.rope_parameters), max_position_embeddings=self.max_position_embeddings,
+            attention_bias=False, attn_implementation="sdpa", bos_token_id=None, eos_token_id=None,
+            pad_token_id=None,
+        )
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "config") -> SARConfig:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a falconspec SAR drafter config (format {data.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise ValueError(f"{source} has unknown keys {unknown}: written by a newer falconspec?")
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def target_identity(target) -> dict:
+    """The facts a drafter checkpoint records about its target (a :class:`~falconspec.target.TargetModel`)."""
+    return {
+        "hidden_size": int(target.hidden_size), "vocab_size": int(target.vocab_size),
+        "target_model_type": str(target.config.model_type), "target_architecture": type(target.model).__name__,
+        "target_name": str(target.name),
+    }
+
+
+# ----------------------------------------------------------------------------- module
+class SARDrafterModel(nn.Module):
+    """Fusion Linear(2H -> H) of [embedding(x_{j+1}), feature f_j], then N Llama decoder layers, no final norm."""
+
+    def __init__(self, config: SARConfig, draft_vocab: Sequence[int] | torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.llama_config = config.to_llama_config()
+        hidden = config.hidden_size
+        norm = (lambda: nn.RMSNorm(hidden, eps=config.rms_norm_eps)) if config.fusion_norm else nn.Identity
+        self.embed_norm, self.feature_norm = norm(), norm()
+        self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(self.llama_config, i) for i in range(config.num_layers))
+        # not a submodule: model.to(bfloat16) must not round the RoPE frequencies (it moves devices by itself)
+        object.__setattr__(self, "rotary", LlamaRotaryEmbedding(self.llama_config))
+        if draft_vocab is not None:
+            ids = check_draft_vocab(draft_vocab, config.vocab_size)
+            config.draft_vocab_size = len(ids)
+            self.register_buffer("draft_vocab", ids)  # [D] target token id of each draft-vocabulary entry
+        elif config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def for_target(cls, target, k: int = 2, num_layers: int = 2, draft_vocab: Sequence[int] | None = None,
+                   **overrides) -> SARDrafterModel:
+        """An untrained drafter shaped like ``target``'s layers (same width, heads, RoPE), fp32 on its device."""
+        tcfg = target.config
+        heads = tcfg.num_attention_heads
+        config = SARConfig(
+            **target_identity(target), k=k, num_layers=num_layers,
+            intermediate_size=tcfg.intermediate_size, num_attention_heads=heads,
+            num_key_value_heads=getattr(tcfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads,
+            rms_norm_eps=float(getattr(tcfg, "rms_norm_eps", 1e-6)),
+            rope_parameters=dict(getattr(tcfg, "rope_parameters", None) or {"rope_type": "default",
+                                                                          "rope_theta": 10000.0}),
+            max_position_embeddings=target.max_context, **overrides,
+        )
+        return cls(config, draft_vocab).to(target.device)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32) -> SARDrafterModel:
+        """Load a checkpoint directory for ``target``; raises :class:`DrafterMismatchError` if it does not fit."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"drafter checkpoint directory {str(directory)!r} does not exist")
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"drafter checkpoint {str(directory)!r} has no {name}: pass the directory "
+                                        "written by SARDrafterModel.save_pretrained (or `falconspec train`)")
+        config = SARConfig.from_json(json.loads((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
+        check_fits(config, target, str(directory))
+        model = cls(config)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return model.to(device=target.device, dtype=dtype).eval()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        return directory
+
+    # ---------------------------------------------------------------- forward
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fuse.weight.dtype
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.llama_config)
+
+    def embed(self, embedding: nn.Embedding | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Look ``ids`` [..] up in the target's embedding (module or weight [V, H]); [.., H] in the drafter's dtype."""
+        weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
+        return nn.functional.embedding(ids.to(weight.device), weight).to(self.dtype)
+
+    def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, past_key_values: DynamicCache | None = None) -> torch.Tensor:
+        """Predicted features o_j ≈ h_{j+k}, [B, S, H] (see the module docstring for the inputs)."""
+        if features.shape != token_embeds.shape or features.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must "
+                             f"both be [B, S, {self.config.hidden_size}]")
+        dtype = self.dtype
+        if attention_mask.dtype != dtype:  # re-derive rather than cast: float32's min overflows in bf16
+            attention_mask = additive_mask(attention_mask == 0, dtype)
+        fused = torch.cat([self.embed_norm(token_embeds.to(dtype)), self.feature_norm(features.to(dtype))], dim=-1)
+        hidden = self.fuse(fused)  # [B, S, H]
+        position_embeddings = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, use_cache=past_key_values is not None,
+                           position_embeddings=position_embeddings)
+        return hidden
+
+    # ---------------------------------------------------------------- the (frozen) head
+    def head_weight(self, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
+        """The rows [D, H] of the target's LM head weight [V, H] the drafter scores (D = V without a draft vocab)."""
+        weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
+        if self.draft_vocab is not None:
+            weight = weight.index_select(0, self.draft_vocab.to(weight.device))
+        return weight
+
+    def logits(self, outputs: torch.Tensor, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
+        """Draft logits [.., D] of predicted features [.., H]; entry i is token ``draft_vocab[i]`` (or i)."""
+        weight = self.head_weight(lm_head)
+        return nn.functional.linear(outputs, weight.to(device=outputs.device, dtype=outputs.dtype))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- checks and helpers
+def check_draft_vocab(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A draft vocabulary as a sorted LongTensor [D] of distinct target token ids in [0, vocab_size)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
+    if ids.numel() == 0:
+        raise ValueError("draft_vocab is empty: pass None to draft over the full vocabulary")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"draft_vocab ids must lie in [0, {vocab_size}), "
+                         f"got min {int(ids.min())} and max {int(ids.max())}")
+    unique = torch.unique(ids)  # sorted
+    if unique.numel() != ids.numel():
+        raise ValueError(f"draft_vocab has {ids.numel() - unique.numel()} duplicate ids")
+    return unique
+
+
+def most_frequent_tokens(counts: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``counts`` [V] (plus ``always``, e.g. EOS), sorted: a draft vocab."""
+    if not 0 < size <= counts.numel():
+        raise ValueError(f"draft vocabulary size must lie in [1, {counts.numel()}], got {size}")
+    forced = torch.as_tensor(list(always), dtype=torch.long)
+    scores = counts.double().clone()
+    scores[forced] = float("inf")
+    return torch.sort(scores.topk(size).indices).values
+
+
+def check_fits(config: SARConfig, target, source: str = "the drafter") -> None:
+    """Raise :class:`DrafterMismatchError` if a drafter with ``config`` cannot run on ``target``."""
+    actual = target_identity(target)
+    for key, what in (("hidden_size", "hidden size"), ("vocab_size", "vocabulary size"),
+                      ("target_model_type", "model type"), ("target_architecture", "architecture")):
+        expected = getattr(config, key)
+        if expected != actual[key]:
+            raise DrafterMismatchError(
+                f"{source} was trained for a target with {what} {expected!r}, but target {actual['target_name']!r} "
+                f"has {what} {actual[key]!r}: load a drafter trained for this target (or train one)"
+            )
+    if config.target_name and config.target_name != actual["target_name"]:
+        log.warning("%s was trained for target %r, loading it for %r (same shape and architecture)",
+                    source, config.target_name, actual["target_name"])

@@ -1,0 +1,208 @@
+"""OpenAI request bodies and their translation into ``SpeculativeGenerator.stream`` arguments.
+
+Types are checked strictly by pydantic (``"0.5"`` is not a temperature); values are checked here, before the
+request is queued, with OpenAI parameter names in the messages, so a streaming request fails with a 400 rather
+than with an error event after a 200. The generator checks everything again.
+
+Defaults follow OpenAI: ``temperature`` 1.0 (send 0 for greedy), ``top_p`` 1.0, ``n`` 1, and no ``max_tokens``
+means "up to the end of the context". ``top_k`` and ``ignore_eos`` are extensions, as in vLLM. OpenAI
+parameters this server does not implement (penalties, logprobs, tools, ...) are refused unless left neutral;
+fields it does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict
+
+from ..target import TargetModel
+from .errors import bad_request
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+
+# parameters refused unless they hold one of these neutral values (or are absent / null)
+UNSUPPORTED = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (False,),
+    "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "echo": (False,), "best_of": (1,), "suffix": ("",), "audio": (),
+    "modalities": (["text"],), "prediction": (),
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class _CommonRequest(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension: 0 or -1 = off
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension: keep generating through EOS (benchmarks)
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    best_of: Any = None
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: str | list[str] | list[int]
+    echo: Any = None
+    suffix: Any = None
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request: the prompt's tokens and the generator arguments."""
+
+    prompt_ids: list[int]  # [prompt_len]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+
+    def stream_kwargs(self) -> dict:
+        """Arguments of ``SpeculativeGenerator.stream`` (the prompt is passed as the ids counted for ``usage``)."""
+        return {"input_ids": self.prompt_ids, "max_new_tokens": self.max_new_tokens, "stop": self.stop,
+                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "ignore_eos": self.ignore_eos}
+
+
+def prepare_chat(req: ChatCompletionRequest, target: TargetModel) -> PreparedRequest:
+    _check_supported(req)
+    if not req.messages:
+        raise bad_request("messages is empty: send at least one {'role': ..., 'content': ...} message", "messages")
+    messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(req.messages)]
+    try:
+        prompt_ids = target.encode(messages=messages)
+    except (ValueError, TemplateError) as err:
+        raise bad_request(f"cannot format messages with the model's chat template: {err}", "messages") from err
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    return _prepare(req, target, prompt_ids, "messages", max_tokens, name)
+
+
+def prepare_completion(req: CompletionRequest, target: TargetModel) -> PreparedRequest:
+    _check_supported(req)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise bad_request(f"prompt holds {len(prompt)} prompts; this server takes one per request: send one "
+                              "request per prompt", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise bad_request("prompt is empty", "prompt")
+        prompt_ids = target.encode(prompt=prompt)
+    else:  # token ids
+        if not prompt:
+            raise bad_request("prompt is empty", "prompt")
+        if any(not 0 <= t < target.vocab_size for t in prompt):
+            raise bad_request(f"prompt token ids must lie in [0, {target.vocab_size})", "prompt")
+        prompt_ids = list(prompt)
+    return _prepare(req, target, prompt_ids, "prompt", req.max_tokens, "max_tokens")
+
+
+# -------------------------------------------------------------------- shared checks
+def _prepare(req: _CommonRequest, target: TargetModel, prompt_ids: list[int], prompt_param: str,
+             max_tokens: int | None, max_tokens_param: str) -> PreparedRequest:
+    if req.n is not None and req.n != 1:
+        raise bad_request(f"n = {req.n} is not supported: this server returns one choice; send n requests", "n")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise bad_request(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}", "temperature")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if not 0 < top_p <= 1:
+        raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    top_k = 0 if req.top_k in (None, -1) else req.top_k
+    if top_k < 0:
+        raise bad_request(f"top_k must be >= 1, or 0 / -1 for no top-k filter, got {top_k}", "top_k")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed < SEED_RANGE[1]:
+        raise bad_request(f"seed must be in [-2**63, 2**64), got {req.seed}", "seed")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stop):
+        raise bad_request("stop strings must be non-empty", "stop")
+
+    context = target.max_context
+    if len(prompt_ids) >= context:
+        raise bad_request(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens: "
+                          "shorten the prompt", prompt_param, "context_length_exceeded")
+    room = context - len(prompt_ids)
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens < 1:
+        raise bad_request(f"{max_tokens_param} must be >= 1, got {max_tokens}", max_tokens_param)
+    elif max_tokens > room:
+        raise bad_request(f"{max_tokens_param} = {max_tokens} does not fit: the prompt has {len(prompt_ids)} tokens "
+                          f"and the context is {context}; ask for at most {room}", max_tokens_param,
+                          "context_length_exceeded")
+    options = req.stream_options
+    return PreparedRequest(prompt_ids, max_tokens, temperature, top_p, top_k, req.seed, stop, req.ignore_eos,
+                           bool(req.stream), bool(options and options.include_usage))
+
+
+def _check_supported(req: _CommonRequest) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(req, name, None)
+        if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
+            raise bad_request(f"{name} is not supported by this server: leave it unset", name, "unsupported_parameter")
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    """A message's text: a string, or the concatenated text of its content parts (text parts only)."""
+    content = message.content
+    if content is None:
+        raise bad_request(f"messages[{index}] has no content (tool calls are not supported)", "messages")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"messages[{index}] has a {part.type!r} content part: only text parts are supported",
+                              "messages")
+        texts.append(part.text)
+    return "".join(texts)

