@@ -62,7 +62,7 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
     rows = {r["method"]: r for r in summary["rows"]}
     assert list(rows) == methods
     assert rows["eagle"]["status"] == "skipped" and "--eagle-drafter" in rows["eagle"]["reason"]
-    assert rows["medusa"]["status"] == "skipped" and "Medusa" in rows["medusa"]["reason"]
+    assert rows["medusa"]["status"] == "skipped" and "--medusa-drafter" in rows["medusa"]["reason"]
     ran = [m for m in methods if rows[m]["status"] == "ok"]
     assert ran == ["greedy", "pld", "hf", "hf-pld", "hf-assisted", "falcon"], [rows[m].get("reason") for m in methods]
     assert rows["falcon"]["drafted_tokens"] > 0 and rows["falcon"]["acceptance_rate"] is not None
@@ -253,6 +253,10 @@ def test_mt_bench_file_resolution(tmp_path, monkeypatch, questions):
     assert data.prompts[0].turns == ("Say hello.", "Now say it again.") and data.prompts[0].category == "writing"
     monkeypatch.setenv(MT_BENCH_ENV, str(questions))
     assert len(load_dataset("mt-bench", limit=1).prompts) == 1
+    first_turns = load_dataset("mt-bench", mt_bench_file="questions.jsonl", max_turns=1)
+    assert [p.turns for p in first_turns.prompts] == [p.turns[:1] for p in data.prompts]
+    with pytest.raises(ValueError, match="number of turns must be >= 1"):
+        load_dataset("mt-bench", max_turns=0)
     monkeypatch.setenv(MT_BENCH_ENV, str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="--mt-bench-file"):
         load_dataset("mt-bench")

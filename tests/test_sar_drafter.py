@@ -21,9 +21,10 @@ def prompts(n, vocab, seed):
 
 
 def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, **options):
+    """Trees larger than the CPU default (16 nodes, depth 6) unless the test says otherwise: more paths to check."""
     torch.manual_seed(seed)
     model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab).to(dtype)
-    return SARDrafter(model, target, **options)
+    return SARDrafter(model, target, **{"num_nodes": 16, "depth": 6, **options})
 
 
 # ----------------------------------------------------------------------------- lossless output, in sync
@@ -57,6 +58,15 @@ def test_greedy_equality_with_options(llama, options):
     for prompt in prompts(5, llama.vocab_size, seed=5):
         expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
         assert spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True).token_ids == expected.token_ids
+
+
+def test_default_budget_follows_the_device_and_dtype(llama):
+    torch.manual_seed(0)
+    drafter = SARDrafter(SARDrafterModel.for_target(llama, k=2), llama)
+    assert (drafter.num_nodes, drafter.depth) == (4, 2), "CPU float32: 4 nodes, one k=2 block deep"
+    ids = torch.tensor(prompts(4, llama.vocab_size, seed=9)[3])
+    drafter.begin(ids, llama.prefill(ids[:-1]))
+    assert drafter.propose(ids, max_depth=10).num_nodes <= 4
 
 
 def test_sampling_runs_and_is_seeded(llama):

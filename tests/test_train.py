@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from falconspec.data import GenDataConfig, generate_dataset
 from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel, relaxed_causal_mask
-from falconspec.testing import save_tiny_model, tiny_target
+from falconspec.testing import tiny_target
 from falconspec.train import (
     TrainConfig, apply_glances, choose_glances, csgd_step, make_batch, rollout, rollout_starts, train,
 )
-
-WORDS = ["red", "green", "blue", "sky", "sea"]
-
 
 def sample(ids, mask, hidden=4):
     ids = torch.tensor(ids)
@@ -108,23 +104,6 @@ def test_rollout_starts_need_greedy_assistant_windows():
     assert rollout_starts(s, 2, 4).tolist() == list(range(5, 16))
     s["target_tokens"][12] = 0  # the target would not say x_13: no window x_{t+1..t+4} may contain it
     assert rollout_starts(s, 2, 4).tolist() == [5, 6, 7, 8, 13, 14, 15]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A tiny target and self-distilled data for it (its greedy answers), plus held-out data."""
-    root = tmp_path_factory.mktemp("train")
-    model_dir = save_tiny_model(root / "tiny")
-    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": " ".join(WORDS[(i + j) % 5] for j in range(3))},
-                                               {"from": "gpt", "value": "-"}]} for i in range(10)]
-    (root / "c.json").write_text(json.dumps(convs))
-    common = dict(model=str(model_dir), source=str(root / "c.json"), mode="self-distilled", max_len=96,
-                  max_new_tokens=40, gen_dtype="float32", shard_size=4)
-    generate_dataset(GenDataConfig(**common, out=str(root / "train"), split="all", limit=8))
-    held = json.loads((root / "c.json").read_text())[8:]
-    (root / "held.json").write_text(json.dumps(held))
-    generate_dataset(GenDataConfig(**{**common, "source": str(root / "held.json")}, out=str(root / "held"), split="all"))
-    return root
 
 
 def test_overfitting_a_few_conversations_lowers_the_loss(tiny_data):

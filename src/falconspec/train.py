@@ -41,9 +41,14 @@ class TrainConfig:
     eval_data: str = _opt("", "gen-data directory of held-out conversations (default: the last --eval-samples of "
                               "--data)")
     model: str = _opt("smollm2-135m", "target model the data was generated with")
+    kind: str = _opt("sar", "sar: a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: EAGLE-style head); medusa: "
+                            "Medusa heads (--medusa-heads)")
     k: int = _opt(2, "tokens per drafter forward: 2 = Falcon SAR drafter, 1 = EAGLE-style head")
+    medusa_heads: int = _opt(4, "number of Medusa heads (--kind medusa)")
     num_layers: int = _opt(1, "drafter decoder layers")
     init_from_target: bool = _opt(False, "initialize the drafter's decoder layers from the target's last layers")
+    init_from: str = _opt("", "start from this trained drafter directory, or falcon/eagle/medusa for the one shipped "
+                              "with --model (its weights and draft vocabulary; a fresh optimizer and schedule)")
     draft_vocab: int = _opt(8192, "draft vocabulary size: most frequent target tokens of the data (0 = full)")
     vocab_corpus: str = _opt("", "also count tokens of the assistant turns of this conversation source ('sharegpt' "
                                  "or a file; training split only) when choosing the draft vocabulary")
@@ -408,6 +413,13 @@ def save_checkpoint(directory: Path, model, state: dict) -> None:
         shutil.rmtree(old)
 
 
+def resolve_init_from(cfg: TrainConfig) -> str:
+    """--init-from as a directory: ``falcon``/``eagle``/``medusa`` name the drafters shipped for a built-in model."""
+    from .drafters import SHIPPED_KINDS, shipped_drafter_dir
+
+    return str(shipped_drafter_dir(cfg.model, cfg.init_from)) if cfg.init_from in SHIPPED_KINDS else cfg.init_from
+
+
 def init_drafter(cfg: TrainConfig, target, train_samples: list[dict], ckpt: Path):
     """The drafter and trainer state to start from: the checkpoint if there is one, else a fresh drafter."""
     from .drafters.sar_model import SARDrafterModel
@@ -418,6 +430,13 @@ def init_drafter(cfg: TrainConfig, target, train_samples: list[dict], ckpt: Path
             raise ValueError(f"{ckpt} holds a drafter with k={model.config.k}, num_layers={model.config.num_layers}: "
                              "resume with the same settings or use a new --out")
         return model, torch.load(ckpt / "state.pt", weights_only=False)
+    if cfg.init_from:
+        model = SARDrafterModel.from_pretrained(resolve_init_from(cfg), target)
+        if (model.config.k, model.config.num_layers) != (cfg.k, cfg.num_layers):
+            raise ValueError(f"--init-from {cfg.init_from} holds a drafter with k={model.config.k}, num_layers="
+                             f"{model.config.num_layers}: pass --k {model.config.k} --num-layers "
+                             f"{model.config.num_layers}")
+        return model, None
     vocab_ids = draft_vocabulary(train_samples, target, cfg)
     torch.manual_seed(cfg.seed)
     model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids)
@@ -430,6 +449,13 @@ def init_drafter(cfg: TrainConfig, target, train_samples: list[dict], ckpt: Path
 def train(cfg: TrainConfig) -> Path | None:
     """Train (or resume) a drafter; returns the final drafter directory (on the main process)."""
     from accelerate import Accelerator
+
+    if cfg.kind not in ("sar", "medusa"):
+        raise ValueError(f"--kind must be sar or medusa, got {cfg.kind!r}")
+    if cfg.kind == "medusa":
+        from .train_medusa import train_medusa
+
+        return train_medusa(cfg)
 
     from .models import load_target
 

@@ -25,7 +25,7 @@ import gzip
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -58,10 +58,21 @@ class Dataset:
     prompts: list[BenchPrompt]
 
 
-def load_dataset(name: str, limit: int | None = None, mt_bench_file: str | None = None) -> Dataset:
-    """The first ``limit`` prompts (file order) of a built-in dataset or a user JSONL file (see the module doc)."""
+def load_dataset(name: str, limit: int | None = None, mt_bench_file: str | None = None,
+                 max_turns: int | None = None) -> Dataset:
+    """The first ``limit`` prompts (file order) of a built-in dataset or a user JSONL file (see the module doc),
+    each cut to its first ``max_turns`` turns (None: all)."""
     if limit is not None and limit < 1:
         raise ValueError(f"the number of prompts must be >= 1, got {limit}")
+    if max_turns is not None and max_turns < 1:
+        raise ValueError(f"the number of turns must be >= 1, got {max_turns}")
+    dataset = _load_dataset(name, limit, mt_bench_file)
+    if max_turns is not None:
+        dataset.prompts[:] = [replace(p, turns=p.turns[:max_turns]) for p in dataset.prompts]
+    return dataset
+
+
+def _load_dataset(name: str, limit: int | None, mt_bench_file: str | None) -> Dataset:
     if name == "mt-bench":
         path = mt_bench_path(mt_bench_file)
         return Dataset(name, str(path), read_prompts_jsonl(path, "mt-bench", limit))

@@ -1,9 +1,9 @@
 """The decoding methods a benchmark compares, behind one interface: token ids in, a :class:`TurnResult` out.
 
 * ``greedy``: plain decoding in our engine (``SpeculativeGenerator`` without a drafter), the speed-up baseline;
-* ``pld``: our prompt-lookup drafter; ``falcon``/``eagle``/``medusa``: trained drafter checkpoints (the SAR
-  drafters ``falcon`` and ``eagle`` run in the target's dtype);
-  ``lookahead``: a lookahead drafter, once ``falconspec.drafters`` has one;
+* ``pld``: our prompt-lookup drafter; ``falcon``/``eagle``/``medusa``: trained drafter checkpoints, run in the
+  target's dtype (default: the ones shipped for a built-in model); ``lookahead``: a lookahead drafter, once
+  ``falconspec.drafters`` has one;
 * ``hf``, ``hf-pld``, ``hf-assisted``: Hugging Face ``generate`` plain, with prompt lookup, and with an assistant
   model (a copy of the target's first layers sharing its weights, or a small model given by path).
 
@@ -33,7 +33,6 @@ ENGINE_METHODS = ("greedy", "pld", "falcon", "eagle", "medusa", "lookahead")
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
 METHOD_NAMES = ENGINE_METHODS[:2] + HF_METHODS + ENGINE_METHODS[2:]
 CHECKPOINT_METHODS = ("falcon", "eagle", "medusa")  # need a trained drafter directory
-SAR_METHODS = ("falcon", "eagle")  # falconspec.drafters.sar checkpoints (k = 2 and k = 1)
 BASELINE = "greedy"
 
 
@@ -212,11 +211,9 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
     if name == "lookahead":
         return EngineMethod(name, target, _engine_drafter("lookahead", "lookahead", target))
     path = Path(options.drafter_dirs.get(name) or shipped_drafter_dir(model, name))
-    if name == "medusa" and not _has_drafter_module(name):
-        raise _Unavailable("falconspec.drafters has no Medusa drafter yet")
     if not path.is_dir():
         raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")
-    options = {"dtype": target.dtype} if name in SAR_METHODS else {}  # SAR drafters run in the target's dtype
+    options = {"dtype": target.dtype}  # trained drafters run in the target's dtype
     return EngineMethod(name, target, _engine_drafter(str(path), name, target, **options))
 
 

@@ -45,6 +45,7 @@ class BenchConfig:
     temperatures: tuple[float, ...] = (0.0,)
     dtypes: tuple[str, ...] = ("float32",)
     num_prompts: int | None = None  # the first N prompts of each dataset; None = all
+    max_turns: int | None = None  # answer only the first N turns of multi-turn prompts; None = all
     seed: int = 0
     device: str = "cpu"
     warmup: int = 1  # warm-up generations per method and setting (not timed, not saved)
@@ -56,6 +57,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.warmup < 0 or (self.num_prompts is not None and self.num_prompts < 1):
             raise ValueError("need max_new_tokens >= 1, warmup >= 0 and num_prompts >= 1")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1 (or None for every turn), got {self.max_turns}")
         if any(not math.isfinite(t) or t < 0 for t in self.temperatures) or not self.temperatures:
             raise ValueError(f"temperatures must be finite numbers >= 0 (0 = greedy), got {list(self.temperatures)}")
         for dtype in self.dtypes:
@@ -76,7 +79,8 @@ def run_bench(config: BenchConfig) -> dict:
     """Run every (dtype, temperature, dataset, method) and return the summary (rows + environment)."""
     out = Path(config.out)
     _check_out(out, config)
-    datasets = [load_dataset(name, config.num_prompts, config.mt_bench_file) for name in config.datasets]
+    datasets = [load_dataset(name, config.num_prompts, config.mt_bench_file, config.max_turns)
+                for name in config.datasets]
     if len({d.name for d in datasets}) != len(datasets):
         raise ValueError(f"two datasets share the name {[d.name for d in datasets]}: rename one of the files")
     summary = {"config": asdict(config), "environment": {"start": environment()}, "rows": [],

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32"], help="one or more of float32, bfloat16, float16")
     parser.add_argument("--num-prompts", type=int, default=None,
                         help=f"first N prompts of each dataset (default all; {QUICK_PROMPTS} with --quick)")
+    parser.add_argument("--max-turns", type=int, default=None,
+                        help="answer only the first N turns of multi-turn prompts (default all; 1 = MT-bench first turns)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_PROMPTS} prompts per dataset, {QUICK_TOKENS} new tokens per turn")
     parser.add_argument("--seed", type=int, default=0, help="base sampling seed (seed + 100 * prompt index + turn)")
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, model=args.model, methods=_split(args.methods), datasets=_split(args.datasets),
         max_new_tokens=_default(args.max_new_tokens, QUICK_TOKENS if args.quick else DEFAULT_TOKENS),
         temperatures=tuple(args.temperature), dtypes=_split(args.dtype),
-        num_prompts=_default(args.num_prompts, QUICK_PROMPTS if args.quick else None), seed=args.seed,
+        num_prompts=_default(args.num_prompts, QUICK_PROMPTS if args.quick else None), max_turns=args.max_turns,
+        seed=args.seed,
         device=args.device,
         warmup=args.warmup, resume=args.resume, mt_bench_file=args.mt_bench_file, options=options,
         progress=not args.no_progress)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Drafter, NoDrafter
+from .base import Drafter, NoDrafter, default_num_nodes
 from .ngram import PromptLookupDrafter
 
-__all__ = ["Drafter", "NoDrafter", "PromptLookupDrafter", "make_drafter", "shipped_drafter_dir"]
+__all__ = ["Drafter", "NoDrafter", "PromptLookupDrafter", "default_num_nodes", "load_checkpoint", "make_drafter",
+           "shipped_drafter_dir"]
 
 MODEL_FREE = {"none": NoDrafter, "pld": PromptLookupDrafter}
-SHIPPED_KINDS = ("falcon", "eagle")  # trained drafters a built-in model may ship with (k=2 SAR, k=1 head)
+SHIPPED_KINDS = ("falcon", "eagle", "medusa")  # trained drafters a built-in model may ship with
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 
 
@@ -23,10 +24,13 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
     """A drafter by name (``none``, ``pld``; ``falcon`` or ``eagle``: the drafter shipped for a built-in target) or
     from a trained drafter checkpoint directory for ``target``.
 
-    ``options`` go to :class:`~falconspec.drafters.sar.SARDrafter` (``dtype``, ``num_nodes``, ``depth``, ...).
+    ``options`` go to the drafter's constructor (``num_nodes``, ``depth``, ...; ``dtype`` for trained drafters).
+    Without ``num_nodes`` the tree size is :func:`~.base.default_num_nodes` for the target's device and dtype.
     """
+    if target is not None and "num_nodes" not in options and name != "none":
+        options["num_nodes"] = default_num_nodes(target.device, target.dtype)
     if name in MODEL_FREE:
-        return MODEL_FREE[name]()
+        return MODEL_FREE[name](**options)
     if name in SHIPPED_KINDS:
         if target is None:
             raise ValueError(f"the {name} drafter needs the target model it drafts for")
@@ -39,9 +43,32 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
     if Path(name).is_dir() or "/" in name:  # a checkpoint path: from_pretrained names what is missing
         if target is None:
             raise ValueError(f"drafter checkpoint {name!r} needs the target model it drafts for")
-        from .sar import SARDrafter
-
-        return SARDrafter.from_pretrained(name, target, **options)
+        return load_checkpoint(name, target, **options)
     raise ValueError(f"unknown drafter {name!r}: choose one of {sorted(MODEL_FREE) + list(SHIPPED_KINDS)} or a drafter "
                      "checkpoint directory "
                      "(a directory with config.json, written by `falconspec train`)")
+
+
+def load_checkpoint(directory: str | Path, target, **options) -> Drafter:
+    """A trained drafter from its checkpoint directory; the ``format`` in its config.json picks the class."""
+    import json
+
+    from .sar_model import CONFIG_FILE
+
+    config = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"drafter checkpoint directory {str(directory)!r} does not exist")
+    if not config.is_file():
+        raise FileNotFoundError(f"drafter checkpoint {str(directory)!r} has no {CONFIG_FILE}: pass the directory "
+                                "written by `falconspec train` (its drafter/ or checkpoint/ folder)")
+    try:
+        kind = json.loads(config.read_text()).get("format")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{config} is not a drafter config: {err}") from err
+    if kind == "falconspec-medusa":
+        from .medusa import MedusaDrafter
+
+        return MedusaDrafter.from_pretrained(directory, target, **options)
+    from .sar import SARDrafter  # SAR configs name their own format; from_config reports any other
+
+    return SARDrafter.from_pretrained(directory, target, **options)

@@ -25,6 +25,20 @@ from ..tree import Tree
 from ..verify import Acceptance
 
 
+def default_num_nodes(device: torch.device | str, dtype: torch.dtype) -> int:
+    """Tree size (root included) to verify per target forward when the caller does not choose one.
+
+    A bigger tree accepts a little more but costs more to verify; what pays depends on the cost curve of one
+    target forward (``benchmarks/verify_cost.py``). On CPU in float32 up to 4 tokens cost about one plain step and
+    6-8 tokens 1.2-1.3x, and on MT-bench the shipped drafters of the built-in model were fastest with 4 nodes
+    (``benchmarks/tree_budget.py``). bfloat16 on CPU is flat up to ~8 tokens. Accelerators verify dozens of
+    tokens for about the price of one (EAGLE-2 verifies ~60 on GPUs).
+    """
+    if torch.device(device).type != "cpu":
+        return 32
+    return 4 if dtype == torch.float32 else 8
+
+
 class Drafter(ABC):
     name: str = "drafter"
     needs_hidden_states: bool = False  # hint: the loop may skip moving features for drafters that ignore them

@@ -22,13 +22,13 @@ class PromptLookupDrafter(Drafter):
     name = "pld"
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2, depth: int = 10, max_matches: int = 4,
-                 max_nodes: int = 16):
+                 num_nodes: int = 4):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
-        if depth < 1 or max_matches < 1 or max_nodes < 2:
-            raise ValueError("depth and max_matches must be >= 1 and max_nodes >= 2")
+        if depth < 1 or max_matches < 1 or num_nodes < 2:
+            raise ValueError("depth and max_matches must be >= 1 and num_nodes >= 2")
         self.max_ngram, self.min_ngram, self.depth = max_ngram, min_ngram, depth
-        self.max_matches, self.max_nodes = max_matches, max_nodes
+        self.max_matches, self.num_nodes = max_matches, num_nodes  # num_nodes: tree size, root included
         self.tokens: list[int] = []
         # n -> n-gram -> positions right after its occurrences (where a continuation starts), oldest first
         self.index: dict[int, dict[tuple[int, ...], list[int]]] = {}
@@ -63,7 +63,7 @@ class PromptLookupDrafter(Drafter):
                         break
                 if len(continuations) == self.max_matches:
                     break
-        return Tree.merge(self.tokens[-1], continuations, max_nodes=self.max_nodes)
+        return Tree.merge(self.tokens[-1], continuations, max_nodes=self.num_nodes)
 
     def observe(self, acceptance: Acceptance, hidden_states: torch.Tensor) -> None:
         self._extend(acceptance.tokens)

@@ -1,0 +1,184 @@
+"""Medusa heads: K small heads on the target's last hidden state, each guessing one token further ahead.
+
+Index convention as in :mod:`.sar_model`: h_t is the target's last-layer feature at position t (LM_head(h_t)
+predicts x_{t+1}). Head i (0-based) maps h_t to a guess of x_{t+2+i}: one residual SiLU block
+``h + SiLU(W h + b)`` per head, then the target's frozen LM head restricted to the draft vocabulary (Medusa-1
+trains a separate vocabulary projection per head; sharing the frozen one keeps each head at H*H + H parameters).
+
+Drafting: the root x_{L-1} is the last committed token and h_{L-2} the newest cached feature, so head i applied
+to h_{L-2} proposes depth i+1 of the tree. All heads run in one pass and are conditionally independent, like one
+block of a SAR drafter with k = K, so :class:`~.trees.DraftTreeBuilder` grows the candidate tree: the best
+``num_nodes - 1`` nodes by cumulative log-probability (a Cartesian product of each head's top tokens). Unlike
+EAGLE and Falcon the heads never see which token the root actually is; that is the gap those drafters close.
+
+A checkpoint directory holds ``config.json`` (:class:`MedusaConfig`, with the target's identity) and
+``model.safetensors`` (the heads and the draft vocabulary index list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..kernels import small_batch_linear, use_small_batch_matmul
+from ..tree import Tree
+from ..verify import Acceptance
+from .base import Drafter, default_num_nodes
+from .sar_model import CONFIG_FILE, WEIGHTS_FILE, check_draft_vocab, check_fits, target_identity
+from .trees import DraftTreeBuilder
+
+FORMAT = "falconspec-medusa"
+
+
+@dataclass
+class MedusaConfig:
+    hidden_size: int  # the target's hidden size H
+    vocab_size: int  # the target's vocabulary size V
+    num_heads: int = 4  # K: tokens guessed per pass (depths 1..K)
+    draft_vocab_size: int = 0  # 0 = the full vocabulary; else the length of the stored index list
+    target_model_type: str = ""
+    target_architecture: str = ""
+    target_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "config") -> MedusaConfig:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a falconspec Medusa config (format {data.get('format')!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise ValueError(f"{source} has unknown keys {unknown}: written by a newer falconspec?")
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+class MedusaHeads(nn.Module):
+    """K residual SiLU blocks over the target feature; logits come from the target's frozen head."""
+
+    def __init__(self, config: MedusaConfig, draft_vocab: Sequence[int] | torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.heads = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(config.num_heads))
+        for head in self.heads:  # start as the identity map: every head first guesses like the target's own head
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        if draft_vocab is not None:
+            ids = check_draft_vocab(draft_vocab, config.vocab_size)
+            config.draft_vocab_size = len(ids)
+            self.register_buffer("draft_vocab", ids)  # [D] target token id of each draft-vocabulary entry
+        elif config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
+
+    @classmethod
+    def for_target(cls, target, num_heads: int = 4, draft_vocab: Sequence[int] | None = None) -> MedusaHeads:
+        return cls(MedusaConfig(**target_identity(target), num_heads=num_heads), draft_vocab).to(target.device)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32) -> MedusaHeads:
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"Medusa checkpoint {str(directory)!r} has no {name}")
+        config = MedusaConfig.from_json(json.loads((directory / CONFIG_FILE).read_text()), str(directory))
+        check_fits(config, target, str(directory))
+        model = cls(config)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return model.to(device=target.device, dtype=dtype).eval()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (directory / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(self.config)},
+                                                        indent=2) + "\n")
+        return directory
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.heads[0].weight.dtype
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [..., H] -> per-head predicted features [..., K, H] (feed them to the frozen head)."""
+        features = features.to(self.dtype)
+        return torch.stack([features + nn.functional.silu(head(features)) for head in self.heads], dim=-2)
+
+    def head_weight(self, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
+        """The rows [D, H] of the target's LM head weight [V, H] the heads score."""
+        weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
+        if self.draft_vocab is not None:
+            weight = weight.index_select(0, self.draft_vocab.to(weight.device))
+        return weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class MedusaDrafter(Drafter):
+    """Proposes a tree from the K heads' top tokens over the newest cached target feature."""
+
+    name = "medusa"
+    needs_hidden_states = True
+
+    def __init__(self, model: MedusaHeads, target, num_nodes: int | None = None, depth: int | None = None,
+                 top_k: int = 4):
+        """``num_nodes``: tree size with the root (default :func:`~.base.default_num_nodes`); ``depth``: heads used
+        (default all); ``top_k``: candidates per head."""
+        num_nodes = default_num_nodes(target.device, target.dtype) if num_nodes is None else num_nodes
+        depth = model.config.num_heads if depth is None else depth
+        if num_nodes < 1 or top_k < 1 or not 0 <= depth <= model.config.num_heads:
+            raise ValueError(f"need num_nodes >= 1, top_k >= 1 and 0 <= depth <= {model.config.num_heads} heads; got "
+                             f"num_nodes={num_nodes}, top_k={top_k}, depth={depth}")
+        check_fits(model.config, target)
+        self.model, self.num_nodes, self.depth, self.top_k = model, num_nodes, depth, top_k
+        if target.device.type == "cpu":
+            use_small_batch_matmul(model)
+        self.head = model.head_weight(target.lm_head).detach().to(device=target.device, dtype=model.dtype)  # [D, H]
+        self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(target.device)  # [D]
+        self.last_feature: torch.Tensor | None = None  # [H] h_{L-2}, the feature that predicted the root
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32,
+                        **options) -> MedusaDrafter:
+        return cls(MedusaHeads.from_pretrained(directory, target, dtype), target, **options)
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """input_ids: [L]; hidden_states: [L-1, H] (features of input_ids[:-1]; empty for a one-token prompt)."""
+        self.last_feature = hidden_states[-1] if hidden_states.shape[0] else None
+
+    def observe(self, acceptance: Acceptance, hidden_states: torch.Tensor) -> None:
+        """hidden_states: [a+1, H]; the last one is the feature of the node that predicted the new root."""
+        self.last_feature = hidden_states[-1]
+
+    @torch.no_grad()
+    def propose(self, input_ids: torch.Tensor, max_depth: int) -> Tree:
+        root = int(input_ids[-1])
+        depth = min(self.depth, max_depth)
+        if self.last_feature is None or depth < 1:
+            return Tree.root_only(root)
+        guesses = self.model(self.last_feature[None])[0, :depth]  # [depth, H]
+        logprobs = torch.log_softmax(small_batch_linear(guesses, self.head).float(), dim=-1)  # [depth, D]
+        values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+        if self.vocab_ids is not None:
+            indices = self.vocab_ids[indices]
+        builder = DraftTreeBuilder(root, depth, max_per_level=self.num_nodes - 1)
+        builder.grow(0, indices.tolist(), values.tolist())
+        return builder.build(self.num_nodes, depth)
