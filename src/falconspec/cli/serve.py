@@ -8,6 +8,8 @@ One request generates at a time; ``--max-queue`` more may wait, further ones get
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from .common import add_model_args, load_model_and_drafter
 
@@ -49,7 +51,25 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     target, drafter = load_model_and_drafter(args)
     app = create_app(SpeculativeGenerator(target, drafter), model_name=args.served_model_name or args.model,
-                     max_queue=args.max_queue)
-    # a streaming generation can be long: do not wait for it forever on Ctrl-C
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+                     max_queue=args.max_queue, worker_thread=False)
+    # HTTP on a helper thread, generation on this (main) thread, the one that loaded the model: see scheduler.py.
+    # A streaming generation can be long: do not wait for it forever on shutdown.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="falconspec-http", daemon=True)
+    http.start()
+    scheduler = app.state.server.scheduler
+    signal.signal(signal.SIGTERM, _interrupt)  # uvicorn installs no handlers off the main thread: stop as on Ctrl-C
+    stop_when_http_ends = threading.Thread(target=lambda: (http.join(), scheduler.stop()), daemon=True)
+    stop_when_http_ends.start()
+    try:
+        scheduler.run_forever()  # returns once the scheduler is stopped (the HTTP server ended)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        scheduler.stop()
+    http.join(10)
+    return 0 if server.started else 1
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -152,16 +152,20 @@ class _CountRequests:
             self.metrics.request_done(endpoint, status)
 
 
-def create_app(generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16) -> FastAPI:
+def create_app(generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16,
+               worker_thread: bool = True) -> FastAPI:
     """An OpenAI-compatible app serving ``generator`` as ``model_name`` (default: the target's name).
 
-    At most ``max_queue`` requests wait behind the one being generated; more get a 429.
+    At most ``max_queue`` requests wait behind the one being generated; more get a 429. With
+    ``worker_thread=False`` the app starts no generation worker: call ``app.state.server.scheduler.run_forever()``
+    from the thread that should generate (see scheduler.py for why ``falconspec serve`` uses the main thread).
     """
     server = OpenAIServer(generator, model_name, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.scheduler.start()
+        if worker_thread:
+            server.scheduler.start()
         yield
         await asyncio.to_thread(server.scheduler.stop)
 

@@ -1,7 +1,11 @@
 """One generation at a time per model: a bounded waiting line in front of one worker thread.
 
-``SpeculativeGenerator`` is not re-entrant and generation is CPU-bound, so a single worker thread runs the
-requests one after the other while the event loop keeps answering HTTP. Admission is decided up front: with
+``SpeculativeGenerator`` is not re-entrant and generation is CPU-bound, so a single worker runs the requests one
+after the other while the event loop keeps answering HTTP. The worker is a thread of its own (``start``) or the
+caller's thread (``run_forever``). ``falconspec serve`` runs it on the main thread, which loaded the model: a second
+thread doing torch work brings a second OpenMP thread team, and once a process has more OpenMP threads than CPUs
+GNU OpenMP stops spin-waiting between parallel regions, which made every few-row product (a verification forward)
+~3x slower on 2 cores (one-token steps use no parallel region and were unaffected). Admission is decided up front: with
 ``max_queue = 2`` one request runs and two wait; a fourth concurrent request is refused (``QueueFullError``,
 a 429 to the client) instead of waiting without bound.
 
@@ -92,6 +96,12 @@ class Scheduler:
             raise RuntimeError("the scheduler is already started")
         self._thread = threading.Thread(target=self._work, name="falconspec-generation", daemon=True)
         self._thread.start()
+
+    def run_forever(self) -> None:
+        """Be the worker in the calling thread until :meth:`stop` (instead of :meth:`start`)."""
+        if self._thread is not None:
+            raise RuntimeError("the scheduler is already started")
+        self._work()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new jobs, fail the waiting ones, cancel the running one and wait for the worker."""
