@@ -4,7 +4,8 @@
 # (finished shards and checkpoints are kept). Run it in the background:
 #   nohup bash recipes/round2.sh data > runs/round2-data.log 2>&1 &
 #   nohup bash recipes/round2.sh train > runs/round2-train.log 2>&1 &
-# Stages: data | train | ship (copies the finished drafters into src/falconspec/assets/drafters/).
+# Stages: data | train | fixed | ship (ship copies the finished drafters into src/falconspec/assets/drafters/).
+# fixed: the "fixed" training mode from scratch (the dataset's own answers, as the paper), for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FS="$PWD/.venv/bin/falconspec"
@@ -17,7 +18,7 @@ COMMON_DATA=(--max-len 256 --max-new-tokens 160 --shard-size 16 --dtype float32 
 COMMON_TRAIN=(--eval-data "$RUNS/data/sd-heldout" --max-len 256 --batch-size 4 --eval-every 100 --save-every 100
               --log-every 10 --eval-samples 48)
 
-case "${1:?usage: round2.sh data|train|ship}" in
+case "${1:?usage: round2.sh data|train|fixed|ship}" in
 data)
   "$FS" -v gen-data --mode self-distilled --split heldout --limit 48 "${COMMON_DATA[@]}" --out "$RUNS/data/sd-heldout"
   OMP_NUM_THREADS=1 "$TORCHRUN" --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint localhost:0 "$FS" -v gen-data \
@@ -33,6 +34,13 @@ train)
   "$FS" -v train --kind medusa --medusa-heads 4 --data "$RUNS/data/sd-train" --out "$RUNS/medusa-r2" \
     --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3 --min-lr 1e-4 --warmup 20 --max-steps 600 "${COMMON_TRAIN[@]}"
   ;;
+fixed)
+  "$FS" -v gen-data --mode fixed --split train --limit 400 --max-len 256 --shard-size 16 --dtype float32 \
+    --out "$RUNS/data/fixed-train"
+  OMP_NUM_THREADS=1 "$FS" -v train --data "$RUNS/data/fixed-train" --out "$RUNS/fixed-r2" --k 2 --draft-vocab 4096 \
+    --vocab-corpus sharegpt --lr 1e-3 --min-lr 1e-4 --warmup 20 --max-steps 400 --eval-data "$RUNS/data/sd-heldout" \
+    --max-len 256 --batch-size 4 --eval-every 50 --save-every 50 --log-every 10 --eval-samples 48
+  ;;
 ship)
   for pair in falcon-r2:falcon eagle-r2:eagle medusa-r2:medusa; do
     run="${pair%%:*}"; kind="${pair##*:}"; src="$RUNS/$run/drafter"; dst="src/falconspec/assets/drafters/smollm2-135m-$kind"
@@ -41,5 +49,5 @@ ship)
     rm -rf "$dst" && mv "$dst.tmp" "$dst" && echo "shipped $src -> $dst"
   done
   ;;
-*) echo "usage: round2.sh data|train|ship" >&2; exit 2 ;;
+*) echo "usage: round2.sh data|train|fixed|ship" >&2; exit 2 ;;
 esac

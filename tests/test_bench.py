@@ -329,3 +329,14 @@ def test_method_names_are_validated():
         expand_method_names(["medusa2"])
     with pytest.raises(ValueError, match="temperatures"):
         BenchConfig(out="x", temperatures=(-1.0,))
+
+
+def test_contention_flag_discounts_the_benchmarks_own_threads():
+    from falconspec.bench.report import contended
+
+    def env(load, threads=2):
+        return {"load_average": [load, load, load], "torch_threads": threads, "cpu_count": 2}
+
+    assert not contended(env(0.3), env(2.1))  # our own two threads on two cores
+    assert contended(env(0.3), env(3.8))  # something else ran alongside
+    assert contended(env(2.5), env(2.1))  # the machine was busy when the run started

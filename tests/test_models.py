@@ -64,7 +64,7 @@ def test_builtin_model_speculative_greedy_equals_plain_greedy():
     messages = [{"role": "user", "content": "Write a Python function that reverses a string, then explain it."}]
     plain = SpeculativeGenerator(target).generate(messages=messages, max_new_tokens=40)
     assert plain.token_ids, "the built-in model produced nothing"
-    for name in ("pld", "falcon", "eagle"):
+    for name in ("pld", "falcon", "eagle", "medusa"):
         drafter = make_drafter(name, target)
         out = SpeculativeGenerator(target, drafter).generate(messages=messages, max_new_tokens=40)
         assert out.token_ids == plain.token_ids, f"{name} changed the greedy output"

@@ -43,16 +43,18 @@ def write_report(out: str | Path, summary: dict) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, legend: bool = True) -> str:
     config, env = summary["config"], summary["environment"]
     start, end = env["start"], env.get("end", env["start"])
     lines = [f"# falconspec bench: {config['model']}", "",
              f"{start['time']} to {end['time']} on {start['cpu'] or start['platform']} ({start['cpu_count']} cores, "
              f"{start['torch_threads']} torch threads), torch {start['torch']}, transformers {start['transformers']}, "
              f"falconspec {start['falconspec']}. Load average at start {_load(start)}, at end {_load(end)}.", ""]
-    if max(start["load_average"][0], end["load_average"][0]) > start["cpu_count"]:
-        lines += ["> **Contended machine**: the load average exceeded the core count, so these timings are not "
-                  "results.", ""]
+    if contended(start, end):
+        lines += ["> **Contended machine**: other processes loaded the CPU during the run (load average beyond the "
+                  "benchmark's own threads), so these timings are not results.", ""]
+    if summary.get("command"):
+        lines += [f"Command: `{summary['command']}`", ""]
     lines += [f"max-new-tokens {config['max_new_tokens']}, seed {config['seed']}, device {config['device']}.", ""]
     for entry in summary["datasets"]:
         skipped = entry.get("skipped_too_long") or []
@@ -63,7 +65,14 @@ def markdown(summary: dict) -> str:
         mode = "greedy" if temperature == 0 else f"sampling, temperature {temperature:g}"
         lines += [f"## {dtype}, {mode}", "", _table(rows), ""]
         lines += _not_run(rows) + [""]
-    return "\n".join(lines + [LEGEND])
+    return "\n".join(lines + ([LEGEND] if legend else []))
+
+
+def contended(start: dict, end: dict) -> bool:
+    """Did other work share the CPU? The 1-minute load average at the end counts the benchmark's own torch threads,
+    so those are subtracted; at the start it shows what ran just before (half the cores or more is too much)."""
+    others_at_end = end["load_average"][0] - end["torch_threads"]
+    return max(start["load_average"][0], others_at_end) >= 0.5 * start["cpu_count"] + 0.5
 
 
 def _not_run(rows: list[dict]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 
 QUICK_PROMPTS, QUICK_TOKENS, DEFAULT_TOKENS = 2, 32, 256
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup, resume=args.resume, mt_bench_file=args.mt_bench_file, options=options,
         progress=not args.no_progress)
     summary = run_bench(config)
+    summary["command"] = shlex.join(["falconspec", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None
     files = write_report(args.out, summary)
     sys.stdout.write(files[1].read_text())
     print("\nwrote " + ", ".join(str(f) for f in files), file=sys.stderr)

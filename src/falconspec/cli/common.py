@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 
-def add_model_args(parser: argparse.ArgumentParser, drafter_default: str = "pld") -> None:
+def add_model_args(parser: argparse.ArgumentParser, drafter_default: str = "auto") -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="built-in alias (smollm2-135m), local model directory or hub id (default: %(default)s)")
     parser.add_argument("--drafter", default=drafter_default,
-                        help="none, pld, falcon or eagle (the drafters shipped for the built-in model), or a trained "
+                        help="auto (the Falcon drafter shipped for the model if there is one, else pld), none, pld, "
+                             "falcon, eagle or medusa (drafters shipped for the built-in model), or a trained "
                              "drafter checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 (lossless on CPU), bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -24,8 +25,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_drafter(args: argparse.Namespace):
-    from ..drafters import make_drafter
+    from ..drafters import make_drafter, shipped_drafter_dir
     from ..models import load_target
 
     target = load_target(args.model, dtype=args.dtype, device=args.device)
-    return target, make_drafter(args.drafter, target)
+    name = args.drafter
+    if name == "auto":
+        name = "falcon" if shipped_drafter_dir(target.name, "falcon").is_dir() else "pld"
+    return target, make_drafter(name, target)

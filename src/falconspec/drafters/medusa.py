@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..kernels import small_batch_linear, use_small_batch_matmul
 from ..tree import Tree
 from ..verify import Acceptance
 from .base import Drafter, default_num_nodes
-from .sar_model import CONFIG_FILE, WEIGHTS_FILE, check_draft_vocab, check_fits, target_identity
+from .sar_model import (
+    CONFIG_FILE, WEIGHTS_FILE, check_fits, draft_head_weight, register_draft_vocab, save_drafter_files, target_identity,
+)
 from .trees import DraftTreeBuilder
 
 FORMAT = "falconspec-medusa"
@@ -75,14 +77,7 @@ class MedusaHeads(nn.Module):
         for head in self.heads:  # start as the identity map: every head first guesses like the target's own head
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        if draft_vocab is not None:
-            ids = check_draft_vocab(draft_vocab, config.vocab_size)
-            config.draft_vocab_size = len(ids)
-            self.register_buffer("draft_vocab", ids)  # [D] target token id of each draft-vocabulary entry
-        elif config.draft_vocab_size:
-            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        else:
-            self.draft_vocab = None
+        register_draft_vocab(self, config, draft_vocab)
 
     @classmethod
     def for_target(cls, target, num_heads: int = 4, draft_vocab: Sequence[int] | None = None) -> MedusaHeads:
@@ -101,13 +96,7 @@ class MedusaHeads(nn.Module):
         return model.to(device=target.device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (directory / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(self.config)},
-                                                        indent=2) + "\n")
-        return directory
+        return save_drafter_files(self, directory, {"format": FORMAT, **dataclasses.asdict(self.config)})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,10 +109,7 @@ class MedusaHeads(nn.Module):
 
     def head_weight(self, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
         """The rows [D, H] of the target's LM head weight [V, H] the heads score."""
-        weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
-        if self.draft_vocab is not None:
-            weight = weight.index_select(0, self.draft_vocab.to(weight.device))
-        return weight
+        return draft_head_weight(lm_head, self.draft_vocab)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

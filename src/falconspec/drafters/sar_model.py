@@ -190,14 +190,7 @@ class SARDrafterModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(self.llama_config, i) for i in range(config.num_layers))
         # not a submodule: model.to(bfloat16) must not round the RoPE frequencies (it moves devices by itself)
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(self.llama_config))
-        if draft_vocab is not None:
-            ids = check_draft_vocab(draft_vocab, config.vocab_size)
-            config.draft_vocab_size = len(ids)
-            self.register_buffer("draft_vocab", ids)  # [D] target token id of each draft-vocabulary entry
-        elif config.draft_vocab_size:
-            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        else:
-            self.draft_vocab = None
+        register_draft_vocab(self, config, draft_vocab)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -235,12 +228,7 @@ class SARDrafterModel(nn.Module):
         return model.to(device=target.device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
-        return directory
+        return save_drafter_files(self, directory, self.config.to_json())
 
     # ---------------------------------------------------------------- forward
     @property
@@ -280,10 +268,7 @@ class SARDrafterModel(nn.Module):
     # ---------------------------------------------------------------- the (frozen) head
     def head_weight(self, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
         """The rows [D, H] of the target's LM head weight [V, H] the drafter scores (D = V without a draft vocab)."""
-        weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
-        if self.draft_vocab is not None:
-            weight = weight.index_select(0, self.draft_vocab.to(weight.device))
-        return weight
+        return draft_head_weight(lm_head, self.draft_vocab)
 
     def logits(self, outputs: torch.Tensor, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
         """Draft logits [.., D] of predicted features [.., H]; entry i is token ``draft_vocab[i]`` (or i)."""
@@ -307,6 +292,39 @@ def check_draft_vocab(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> tor
     if unique.numel() != ids.numel():
         raise ValueError(f"draft_vocab has {ids.numel() - unique.numel()} duplicate ids")
     return unique
+
+
+def register_draft_vocab(module: nn.Module, config, draft_vocab: Sequence[int] | torch.Tensor | None) -> None:
+    """Give ``module`` its ``draft_vocab`` buffer [D] (the target token id of each draft-vocabulary entry) and set
+    ``config.draft_vocab_size``; without ids, a placeholder of ``config.draft_vocab_size`` entries that loading a
+    checkpoint fills in, or None (draft over the full vocabulary)."""
+    if draft_vocab is not None:
+        ids = check_draft_vocab(draft_vocab, config.vocab_size)
+        config.draft_vocab_size = len(ids)
+        module.register_buffer("draft_vocab", ids)
+    elif config.draft_vocab_size:
+        module.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+    else:
+        module.draft_vocab = None
+
+
+def draft_head_weight(lm_head: nn.Module | torch.Tensor, draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    """The rows [D, H] of the target's LM head weight [V, H] a drafter scores (all V without a draft vocabulary)."""
+    weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
+    if draft_vocab is not None:
+        weight = weight.index_select(0, draft_vocab.to(weight.device))
+    return weight
+
+
+def save_drafter_files(module: nn.Module, directory: str | Path, config_json: dict) -> Path:
+    """Write ``model.safetensors`` (the module's state) and ``config.json`` (``config_json``, which names its
+    ``format``) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": config_json["format"]})
+    (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+    return directory
 
 
 def most_frequent_tokens(counts: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.Tensor:
