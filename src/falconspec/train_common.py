@@ -1,0 +1,168 @@
+"""What both drafter trainers share (:mod:`.train`, CSGD for SAR drafters; :mod:`.train_medusa`, Medusa heads):
+the run's settings, the learning-rate schedule, resumable data order, the draft vocabulary, loading gen-data
+shards, atomic checkpoints, the run log and the recipe's description of the data slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _opt(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (``falconspec train`` builds its flags from these fields and their help)."""
+    data: str  # gen-data directory
+    out: str  # run directory
+    eval_data: str = _opt("", "gen-data directory of held-out conversations (default: the last --eval-samples of "
+                              "--data)")
+    model: str = _opt("smollm2-135m", "target model the data was generated with")
+    kind: str = _opt("sar", "sar: a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: EAGLE-style head); medusa: "
+                            "Medusa heads (--medusa-heads)")
+    k: int = _opt(2, "tokens per drafter forward: 2 = Falcon SAR drafter, 1 = EAGLE-style head")
+    medusa_heads: int = _opt(4, "number of Medusa heads (--kind medusa)")
+    num_layers: int = _opt(1, "drafter decoder layers")
+    init_from_target: bool = _opt(False, "initialize the drafter's decoder layers from the target's last layers")
+    init_from: str = _opt("", "start from this trained drafter directory, or falcon/eagle/medusa for the one shipped "
+                              "with --model (its weights and draft vocabulary; a fresh optimizer and schedule)")
+    draft_vocab: int = _opt(8192, "draft vocabulary size: most frequent target tokens of the data (0 = full)")
+    vocab_corpus: str = _opt("", "also count tokens of the assistant turns of this conversation source ('sharegpt' "
+                                 "or a file; training split only) when choosing the draft vocabulary")
+    vocab_corpus_limit: int = _opt(1000, "conversations of --vocab-corpus to count")
+    glance: bool = _opt(True, "CSGD glancing (--no-glance: plain token-shift training, the paper's ablation)")
+    glance_start: float = _opt(0.4, "glance ratio lambda at step 0, decayed linearly")
+    glance_end: float = _opt(0.0, "glance ratio lambda at the last step")
+    max_steps: int = _opt(1000, "optimizer steps")
+    batch_size: int = _opt(4, "sequences per step and process")
+    max_len: int = _opt(512, "tokens per training sequence (longer ones are cut)")
+    lr: float = _opt(3e-4, "peak learning rate")
+    min_lr: float = _opt(3e-5, "learning rate at the end of the cosine decay")
+    warmup: int = _opt(50, "linear warmup steps")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)")
+    dtype: str = _opt("float32", "float32, or bfloat16 autocast (fast only on CPUs/GPUs with native bf16)")
+    reg_weight: float = _opt(1.0, "weight of the SmoothL1 feature regression")
+    dist_weight: float = _opt(0.1, "weight of the distillation loss")
+    kl_weight: float = _opt(0.9, "share of KL(target || drafter) in the distillation loss; the rest is CE to the "
+                                  "target's greedy token")
+    temperature: float = _opt(1.0, "distillation temperature (both distributions)")
+    feature_noise: float = _opt(0.1, "uniform noise U(-x, x) added to input features (train only)")
+    eval_every: int = _opt(100, "held-out evaluation (loss, acc@1..8) every N steps")
+    eval_samples: int = _opt(32, "held-out sequences per evaluation")
+    save_every: int = _opt(200, "checkpoint every N steps")
+    log_every: int = _opt(10, "training log line every N steps")
+    seed: int = _opt(0, "seed for data order, noise and glancing")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min((step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1), 1.0)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def batch_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) -> list[int]:
+    """Sample indices of this process at ``step``: a seeded permutation per epoch, so resuming needs only the step."""
+    per_step = cfg.batch_size * world
+    steps_per_epoch = max(n // per_step, 1)
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    start = i * per_step + rank * cfg.batch_size
+    return [int(perm[(start + j) % n]) for j in range(cfg.batch_size)]
+
+
+def draft_vocabulary(samples: list[dict], target, cfg: TrainConfig) -> torch.Tensor | None:
+    """The ``cfg.draft_vocab`` tokens the target most often produces inside assistant text of the training data,
+    plus (if ``cfg.vocab_corpus``) the tokens of the assistant turns of a larger corpus; EOS is always in."""
+    from .data import load_conversations, sharegpt_split
+    from .drafters.sar_model import most_frequent_tokens
+
+    vocab_size = target.vocab_size
+    if cfg.draft_vocab <= 0 or cfg.draft_vocab >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in samples:
+        produced = s["target_tokens"][:-1].long()[s["loss_mask"][1:].bool()]
+        counts += torch.bincount(produced, minlength=vocab_size)
+    if cfg.vocab_corpus:
+        convs = sharegpt_split(load_conversations(cfg.vocab_corpus, cfg.vocab_corpus_limit), "train")
+        texts = [m["content"] for c in convs for m in c.messages if m["role"] == "assistant"]
+        for ids in target.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab_size)
+    return most_frequent_tokens(counts, cfg.draft_vocab, always=sorted(target.eos_token_ids))
+
+
+def load_data(cfg: TrainConfig, hidden_size: int) -> tuple[list[dict], list[dict], dict]:
+    from .data import ShardDataset
+
+    data = ShardDataset(cfg.data)
+    if data.samples[0]["hidden_states"].shape[-1] != hidden_size:
+        raise ValueError(f"{cfg.data} holds features of size {data.samples[0]['hidden_states'].shape[-1]}, but "
+                         f"target {cfg.model!r} has hidden size {hidden_size}: generate data with this target")
+    train_samples = list(data.samples)
+    if cfg.eval_data:
+        held = ShardDataset(cfg.eval_data)
+        if held.meta.get("model") != data.meta.get("model"):
+            raise ValueError(f"--eval-data was generated with {held.meta.get('model')!r}, --data with "
+                             f"{data.meta.get('model')!r}")
+        overlap = set(held.ids) & set(data.ids)
+        if overlap:
+            raise ValueError(f"--eval-data shares {len(overlap)} conversations with --data (e.g. {min(overlap)!r})")
+        eval_samples = list(held.samples[: cfg.eval_samples])
+    else:
+        if len(train_samples) <= cfg.eval_samples:
+            raise ValueError(f"{cfg.data} has {len(train_samples)} samples: too few to hold out --eval-samples "
+                             f"{cfg.eval_samples}; pass --eval-data or lower --eval-samples")
+        train_samples, eval_samples = train_samples[: -cfg.eval_samples], train_samples[-cfg.eval_samples:]
+    return train_samples, eval_samples, data.meta
+
+
+def save_checkpoint(directory: Path, model, state: dict) -> None:
+    """Drafter files + state.pt, swapped in atomically (a crash mid-save keeps the previous checkpoint)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    torch.save(state, tmp / "state.pt")
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def resolve_init_from(cfg: TrainConfig) -> str:
+    """--init-from as a directory: ``falcon``/``eagle``/``medusa`` name the drafters shipped for a built-in model."""
+    from .drafters import SHIPPED_KINDS, shipped_drafter_dir
+
+    return str(shipped_drafter_dir(cfg.model, cfg.init_from)) if cfg.init_from in SHIPPED_KINDS else cfg.init_from
+
+
+def describe_slice(meta: dict) -> str:
+    """Which conversations a gen-data directory holds, in words (for recipe.json)."""
+    split = {"all": "all conversations", "train": "the train split", "heldout": "the held-out split"}[meta["split"]]
+    first = f"the first {meta['num_conversations']}" if meta.get("limit") else "all"
+    return (f"{first} conversations opening with a user turn, from {split} (falconspec.data.is_heldout, "
+            f"{meta['heldout_percent']}%) of {meta['source']!r} in file order; {meta['mode']} answers; "
+            f"cut to {meta['max_len']} tokens")
+
+
+def log_record(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    log.info("%s", json.dumps(record))
