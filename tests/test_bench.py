@@ -1,5 +1,6 @@
 import argparse
 import gzip
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
     assert rows["greedy"]["mean_accepted_length"] == 1.0 and rows["hf"]["mean_accepted_length"] == 1.0
     assert rows["pld"]["draft_time_share"] is not None and rows["hf-pld"]["draft_time_share"] is None
     assert rows["hf-assisted"]["drafter_params"] > 0
+    weights = hashlib.sha256((falcon / "model.safetensors").read_bytes()).hexdigest()
+    assert rows["falcon"]["drafter"]["weights_sha256"] == weights and rows["pld"]["drafter"] is None
 
     for name in ran:
         lines = (out / "answers" / "questions" / f"{name}-float32-t0.jsonl").read_text().splitlines()
@@ -92,6 +95,7 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
                 assert sum(lengths) >= n
     markdown = (out / "summary.md").read_text()
     assert "**eagle** skipped (questions): no trained eagle drafter" in markdown
+    assert f"drafter **falcon**: `{falcon}` (model.safetensors sha256 {weights[:12]})" in markdown
     for plot in ("speedup-float32-t0.png", "accept-lengths-float32-t0.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

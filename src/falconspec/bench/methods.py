@@ -14,6 +14,7 @@ Every method returns the same token accounting: the new tokens after the prompt,
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import pkgutil
 import time
@@ -26,6 +27,7 @@ import torch
 from ..drafters import make_drafter, shipped_drafter_dir
 from ..generate import SpeculativeGenerator
 from ..target import TargetModel
+from .datasets import display_path
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,16 @@ class Method(ABC):
         """Parameters of the drafter or draft model (0 for model-free methods)."""
         return 0
 
+    def drafter_source(self) -> dict | None:
+        """Which trained drafter ran (checkpoint directory and weights hash), for checkpoint methods."""
+        return None
+
 
 class EngineMethod(Method):
-    def __init__(self, name: str, target: TargetModel, drafter=None):
+    def __init__(self, name: str, target: TargetModel, drafter=None, checkpoint: Path | None = None):
         self.name = name
         self.generator = SpeculativeGenerator(target, drafter)
+        self.checkpoint = checkpoint
 
     def generate(self, input_ids, max_new_tokens, temperature, seed):
         start = time.perf_counter()
@@ -104,6 +111,13 @@ class EngineMethod(Method):
 
     def num_parameters(self) -> int:
         return self.generator.drafter.num_parameters()
+
+    def drafter_source(self) -> dict | None:
+        if self.checkpoint is None:
+            return None
+        weights = self.checkpoint / "model.safetensors"
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        return {"path": display_path(self.checkpoint), "weights_sha256": digest}
 
 
 class _StepRecorder:
@@ -214,7 +228,7 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
     if not path.is_dir():
         raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")
     options = {"dtype": target.dtype}  # trained drafters run in the target's dtype
-    return EngineMethod(name, target, _engine_drafter(str(path), name, target, **options))
+    return EngineMethod(name, target, _engine_drafter(str(path), name, target, **options), checkpoint=path)
 
 
 def _has_drafter_module(kind: str) -> bool:

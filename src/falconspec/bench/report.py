@@ -60,7 +60,7 @@ def markdown(summary: dict, legend: bool = True) -> str:
         skipped = entry.get("skipped_too_long") or []
         note = f"; {len(skipped)} skipped as too long for the context: {skipped}" if skipped else ""
         lines.append(f"- **{entry['name']}**: {entry['prompts']} prompts from `{entry['source']}`{note}")
-    lines.append("")
+    lines += [""] + _drafters(summary["rows"])
     for (dtype, temperature), rows in _by_setting(summary["rows"]).items():
         mode = "greedy" if temperature == 0 else f"sampling, temperature {temperature:g}"
         lines += [f"## {dtype}, {mode}", "", _table(rows), ""]
@@ -83,6 +83,17 @@ def _not_run(rows: list[dict]) -> list[str]:
             groups[(r["method"], r["status"], r["reason"])].append(r["dataset"])
     return [f"- **{method}** {status} ({', '.join(datasets)}): {reason}"
             for (method, status, reason), datasets in groups.items()]
+
+
+def _drafters(rows: list[dict]) -> list[str]:
+    """One line per trained drafter that ran: its checkpoint directory and the start of its weights' sha256."""
+    seen = {}
+    for r in rows:
+        if r.get("drafter"):
+            seen.setdefault(r["method"], r["drafter"])
+    lines = [f"- drafter **{method}**: `{d['path']}` (model.safetensors sha256 {(d['weights_sha256'] or '?')[:12]})"
+             for method, d in seen.items()]
+    return lines + [""] if lines else []
 
 
 def _load(env: dict) -> str:

@@ -197,7 +197,8 @@ class _Setting:
                 rows.append({**setting, "method": name, "status": status, "reason": reasons[name]})
                 continue
             stats = summarize(records[name], records[BASELINE], self.temperature, method.num_parameters())
-            rows.append({**setting, "method": name, "status": "ok", "reason": None, **stats})
+            rows.append({**setting, "method": name, "status": "ok", "reason": None, **stats,
+                         "drafter": method.drafter_source()})
         return rows
 
 
