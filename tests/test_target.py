@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -67,3 +69,21 @@ def test_tree_beyond_context_is_refused():
     target.prefill(torch.arange(4, 14))
     with pytest.raises(ValueError, match="beyond the context"):
         target.forward_tree(Tree.chain(1, [2, 3, 4, 5, 6, 7]))
+
+
+def test_cache_is_passed_under_the_installed_transformers_keyword(any_target):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40): no deprecation use."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from falconspec.drafters.sar_model import SARDrafterModel
+    from falconspec.target import cache_keyword
+
+    assert cache_keyword(LlamaDecoderLayer.forward) in ("cache", "past_key_values")
+    drafter = SARDrafterModel.for_target(any_target, k=2, num_layers=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        any_target.prefill(PROMPT)
+        any_target.forward_tree(TREE)
+        features = torch.zeros(1, 2, any_target.hidden_size)
+        mask = torch.zeros(1, 1, 2, 2)
+        drafter(features, features, torch.arange(2)[None], mask, past_key_values=drafter.new_cache())

@@ -5,6 +5,7 @@ This is the only module that touches the KV cache's internals. One sequence at a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .kernels import use_small_batch_matmul
 from .tree import Tree
+
+
+def cache_keyword(forward) -> str:
+    """The keyword under which a transformers ``forward`` takes its KV cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (deprecated in 5.24, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class TargetModel:
         self.decoder = model.get_decoder()  # the transformer body; its last_hidden_state is post-final-norm
         self.lm_head = model.get_output_embeddings()
         self.cache: DynamicCache = DynamicCache(config=self.config)
+        self._cache_keyword = cache_keyword(self.decoder.forward)
 
     # ---------------------------------------------------------------- facts about the model
     @property
@@ -82,7 +90,8 @@ class TargetModel:
         self.reset()
         if input_ids.numel() == 0:
             return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        out = self.decoder(input_ids=input_ids.to(self.device)[None], past_key_values=self.cache, use_cache=True)
+        out = self.decoder(input_ids=input_ids.to(self.device)[None], use_cache=True,
+                           **{self._cache_keyword: self.cache})
         return out.last_hidden_state[0]
 
     @torch.no_grad()
@@ -99,8 +108,8 @@ class TargetModel:
             input_ids=tree.token_tensor(self.device)[None],
             position_ids=tree.position_ids(prefix_len, self.device)[None],
             attention_mask=mask,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self._cache_keyword: self.cache},
         )
         hidden = out.last_hidden_state[0]
         return TreeOutput(logits=self.lm_head(hidden), hidden_states=hidden)

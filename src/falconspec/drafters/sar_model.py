@@ -47,6 +47,10 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from ..target import cache_keyword
+
+LAYER_CACHE_KEYWORD = cache_keyword(LlamaDecoderLayer.forward)
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -261,8 +265,8 @@ class SARDrafterModel(nn.Module):
         position_embeddings = self.rotary(hidden, position_ids)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=past_key_values, use_cache=past_key_values is not None,
-                           position_embeddings=position_embeddings)
+                           use_cache=past_key_values is not None, position_embeddings=position_embeddings,
+                           **{LAYER_CACHE_KEYWORD: past_key_values})
         return hidden
 
     # ---------------------------------------------------------------- the (frozen) head
