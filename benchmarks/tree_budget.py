@@ -5,7 +5,9 @@ script prints the median and overall speed-up over plain greedy, the mean accept
 how many outputs equal greedy's. The trained drafters are the ones shipped for the built-in model unless given.
 
     python benchmarks/tree_budget.py --first 8 --prompts 10 --max-new-tokens 96 \\
-        --falcon 3:2 4:2 4:4 5:4 --eagle 3:2 4:3 5:4 --pld 3 4 5
+        --falcon 3:2 4:2 4:4 5:4 --eagle 3:2 4:3 5:4 --pld 3 4 5 --lookahead 2:3:1 3:3:2 4:4:2
+
+Lookahead's tree is its window of W x (N-1) nodes plus up to G pool n-grams of N-1 tokens (``--lookahead W:N:G``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import statistics
 
 from falconspec import SpeculativeGenerator
 from falconspec.bench.datasets import load_dataset
-from falconspec.drafters import PromptLookupDrafter, make_drafter
+from falconspec.drafters import LookaheadDrafter, PromptLookupDrafter, make_drafter
 from falconspec.models import load_target
 
 
@@ -39,6 +41,7 @@ def main() -> None:
         parser.add_argument(f"--{kind}", nargs="*", default=[], metavar="NODES:DEPTH")
         parser.add_argument(f"--{kind}-drafter", default=kind, help="checkpoint directory (default: shipped)")
     parser.add_argument("--pld", nargs="*", default=[], metavar="NODES")
+    parser.add_argument("--lookahead", nargs="*", default=[], metavar="W:N:G", help="window, n-gram size, guesses")
     args = parser.parse_args()
 
     target = load_target(args.model, dtype=args.dtype)
@@ -51,6 +54,10 @@ def main() -> None:
             generators[f"{kind} {nodes}:{depth or '-'}"] = SpeculativeGenerator(target, drafter)
     for nodes, _ in budgets(args.pld):
         generators[f"pld {nodes}"] = SpeculativeGenerator(target, PromptLookupDrafter(num_nodes=nodes))
+    for setting in args.lookahead:
+        window, ngram, guesses = (int(v) for v in setting.split(":"))
+        drafter = LookaheadDrafter(window=window, ngram=ngram, guesses=guesses)
+        generators[f"lookahead {setting}"] = SpeculativeGenerator(target, drafter)
 
     warm_up = [{"role": "user", "content": "Hello!"}]
     for generator in generators.values():
@@ -65,7 +72,8 @@ def main() -> None:
     base_rate = sum(len(o.token_ids) for o in base) / sum(o.stats.total_time for o in base)
     print(f"{args.model} {args.dtype}, MT-bench first turns {args.first + 1}-{args.first + len(prompts)}, "
           f"{args.max_new_tokens} new tokens")
-    print("| method nodes:depth | median speed-up | overall | mean accepted length | identical |\n|---|---|---|---|---|")
+    print("| method nodes:depth (lookahead W:N:G) | median speed-up | overall | mean accepted length | identical |")
+    print("|---|---|---|---|---|")
     for name, outs in results.items():
         ratios = [(len(o.token_ids) / o.stats.total_time) / (len(b.token_ids) / b.stats.total_time)
                   for o, b in zip(outs, base)]

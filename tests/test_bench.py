@@ -54,7 +54,7 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
 
     out, falcon = tmp_path / "out", tmp_path / "falcon"
     SARDrafterModel.for_target(tiny_target("llama"), k=2).save_pretrained(falcon)  # untrained: drafts noise
-    methods = ["greedy", "pld", "hf", "hf-pld", "hf-assisted", "falcon", "eagle", "medusa"]
+    methods = ["greedy", "pld", "hf", "hf-pld", "hf-assisted", "falcon", "eagle", "medusa", "lookahead"]
     assert run_cli(["--model", str(model_dir), "--out", str(out), "--methods", *methods, "--datasets",
                     str(questions), "--max-new-tokens", "6", "--assistant", "1", "--falcon-drafter", str(falcon),
                     "--eagle-drafter", str(tmp_path / "missing")]) == 0
@@ -66,7 +66,8 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
     assert rows["eagle"]["status"] == "skipped" and "--eagle-drafter" in rows["eagle"]["reason"]
     assert rows["medusa"]["status"] == "skipped" and "--medusa-drafter" in rows["medusa"]["reason"]
     ran = [m for m in methods if rows[m]["status"] == "ok"]
-    assert ran == ["greedy", "pld", "hf", "hf-pld", "hf-assisted", "falcon"], [rows[m].get("reason") for m in methods]
+    assert ran == ["greedy", "pld", "hf", "hf-pld", "hf-assisted", "falcon", "lookahead"], \
+        [rows[m].get("reason") for m in methods]
     assert rows["falcon"]["drafted_tokens"] > 0 and rows["falcon"]["acceptance_rate"] is not None
     for name in ran[1:]:
         row = rows[name]
@@ -317,11 +318,10 @@ def test_sharegpt_prompts_come_from_the_heldout_split():
 def test_unavailable_methods_are_skipped_with_reasons(llama, tmp_path):
     (tmp_path / "empty").mkdir()
     options = MethodOptions(drafter_dirs={"eagle": str(tmp_path / "empty")}, assistant="5")
-    methods, skipped = build_methods(["falcon", "eagle", "medusa", "lookahead", "hf-assisted"], llama, "tiny",
-                                     options)
+    methods, skipped = build_methods(["falcon", "eagle", "medusa", "hf-assisted"], llama, "tiny", options)
     assert [m.name for m in methods] == ["greedy"], "greedy, the baseline, is always built"
     reasons = {s.method: s.reason for s in skipped}
-    assert set(reasons) == {"falcon", "eagle", "medusa", "lookahead", "hf-assisted"}
+    assert set(reasons) == {"falcon", "eagle", "medusa", "hf-assisted"}
     assert "no trained falcon drafter" in reasons["falcon"] and "--falcon-drafter" in reasons["falcon"]
     assert "cannot load the eagle drafter" in reasons["eagle"]
     assert "1 to 1 of the target's 2 layers" in reasons["hf-assisted"]

@@ -124,6 +124,7 @@ class SpeculativeGenerator:
             # 5. commit, and let the drafter see the result
             start = time.perf_counter()
             ids = torch.cat([ids, torch.tensor(acceptance.tokens, dtype=torch.long)])
+            drafter.observe_forward(tree, out.logits)
             drafter.observe(acceptance, out.hidden_states[acceptance.path])
             stats.draft_time += self._elapsed(start)
             produced += len(acceptance.tokens)

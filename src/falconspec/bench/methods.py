@@ -2,8 +2,8 @@
 
 * ``greedy``: plain decoding in our engine (``SpeculativeGenerator`` without a drafter), the speed-up baseline;
 * ``pld``: our prompt-lookup drafter; ``falcon``/``eagle``/``medusa``: trained drafter checkpoints, run in the
-  target's dtype (default: the ones shipped for a built-in model); ``lookahead``: a lookahead drafter, once
-  ``falconspec.drafters`` has one;
+  target's dtype (default: the ones shipped for a built-in model); ``lookahead``: lookahead decoding (a Jacobi
+  window and an n-gram pool, no training);
 * ``hf``, ``hf-pld``, ``hf-assisted``: Hugging Face ``generate`` plain, with prompt lookup, and with an assistant
   model (a copy of the target's first layers sharing its weights, or a small model given by path).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import pkgutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -223,7 +222,7 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
     if name == "hf-assisted":
         return HFMethod(name, target, draft_model=_assistant(target, options.assistant))
     if name == "lookahead":
-        return EngineMethod(name, target, _engine_drafter("lookahead", "lookahead", target))
+        return EngineMethod(name, target, make_drafter("lookahead", target))
     path = Path(options.drafter_dirs.get(name) or shipped_drafter_dir(model, name))
     if not path.is_dir():
         raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")
@@ -231,15 +230,7 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
     return EngineMethod(name, target, _engine_drafter(str(path), name, target, **options), checkpoint=path)
 
 
-def _has_drafter_module(kind: str) -> bool:
-    from .. import drafters
-
-    return any(kind in module.name for module in pkgutil.iter_modules(drafters.__path__))
-
-
 def _engine_drafter(source: str, kind: str, target: TargetModel, **options):
-    if kind == "lookahead" and not _has_drafter_module(kind):
-        raise _Unavailable("falconspec.drafters has no lookahead drafter yet")
     try:
         return make_drafter(source, target, **options)
     except (ValueError, OSError) as err:

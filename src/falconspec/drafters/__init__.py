@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Drafter, NoDrafter, default_num_nodes
+from .lookahead import LookaheadDrafter
 from .ngram import PromptLookupDrafter
 
-__all__ = ["Drafter", "NoDrafter", "PromptLookupDrafter", "default_num_nodes", "load_checkpoint", "make_drafter",
-           "shipped_drafter_dir"]
+__all__ = ["Drafter", "LookaheadDrafter", "NoDrafter", "PromptLookupDrafter", "default_num_nodes", "load_checkpoint",
+           "make_drafter", "shipped_drafter_dir"]
 
-MODEL_FREE = {"none": NoDrafter, "pld": PromptLookupDrafter}
+MODEL_FREE = {"none": NoDrafter, "pld": PromptLookupDrafter, "lookahead": LookaheadDrafter}
 SHIPPED_KINDS = ("falcon", "eagle", "medusa")  # trained drafters a built-in model may ship with
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 
@@ -21,8 +22,8 @@ def shipped_drafter_dir(model: str, kind: str) -> Path:
 
 
 def make_drafter(name: str, target=None, **options) -> Drafter:
-    """A drafter by name (``none``, ``pld``; ``falcon`` or ``eagle``: the drafter shipped for a built-in target) or
-    from a trained drafter checkpoint directory for ``target``.
+    """A drafter by name (``none``, ``pld``, ``lookahead``; ``falcon``, ``eagle`` or ``medusa``: the drafter shipped
+    for a built-in target) or from a trained drafter checkpoint directory for ``target``.
 
     ``options`` go to the drafter's constructor (``num_nodes``, ``depth``, ...; ``dtype`` for trained drafters).
     Without ``num_nodes`` the tree size is :func:`~.base.default_num_nodes` for the target's device and dtype.

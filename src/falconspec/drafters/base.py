@@ -1,6 +1,6 @@
-"""The drafter interface shared by n-gram lookup, Falcon's SAR drafter, EAGLE-style heads and Medusa heads.
+"""The drafter interface shared by n-gram lookup, lookahead, Falcon's SAR drafter, EAGLE-style heads and Medusa heads.
 
-The decode loop talks to a drafter in three calls:
+The decode loop talks to a drafter in three calls (and one optional hook):
 
 1. ``begin(input_ids, hidden_states)`` once per sequence, after the target's prefill. ``input_ids`` [L] are the
    committed tokens (the last one, the *root*, is not in the target's cache yet); ``hidden_states`` [L-1, H] are
@@ -10,6 +10,9 @@ The decode loop talks to a drafter in three calls:
 3. ``observe(acceptance, hidden_states)`` after verification: ``acceptance.path`` are the accepted tree nodes
    (root first), ``acceptance.tokens`` the committed tokens (accepted drafts + bonus, the bonus being the new
    root), and ``hidden_states`` [a+1, H] the target features of the accepted nodes, which are now cached.
+
+Just before ``observe``, the optional ``observe_forward(tree, logits)`` shows the target's logits [N, vocab] for
+every node of the verified tree; only drafters that learn from rejected nodes need it (lookahead's Jacobi window).
 
 So at every ``propose`` the drafter has seen one feature per cached position and every committed token: the
 (feature h_j, token x_{j+1}) pairs EAGLE and Falcon consume.
@@ -54,6 +57,9 @@ class Drafter(ABC):
     @abstractmethod
     def observe(self, acceptance: Acceptance, hidden_states: torch.Tensor) -> None:
         """Learn the verification result. hidden_states: [len(acceptance.path), hidden]."""
+
+    def observe_forward(self, tree: Tree, logits: torch.Tensor) -> None:
+        """Optional: the target's logits [tree.num_nodes, vocab] for every node of the tree just verified."""
 
     def num_parameters(self) -> int:
         """Trainable parameters the drafter adds on top of the target (0 for model-free drafters)."""
