@@ -80,7 +80,7 @@ class LookaheadDrafter(Drafter):
         return self.window * (self.ngram - 1)
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        # like the authors' code, start from tokens of the prompt at random (seeded: runs are reproducible)
+        # as in the lookahead authors' code, start from tokens of the prompt at random (seeded: runs are reproducible)
         rng, prompt = random.Random(self.seed), input_ids.tolist()
         self.levels = [[rng.choice(prompt) for _ in range(self.window)] for _ in range(self.ngram - 1)]
         self.pool, self.steps = {}, 0
