@@ -96,7 +96,7 @@ class EngineMethod(Method):
     def __init__(self, name: str, target: TargetModel, drafter=None, checkpoint: Path | None = None):
         self.name = name
         self.generator = SpeculativeGenerator(target, drafter)
-        self.checkpoint = checkpoint
+        self._source = None if checkpoint is None else _checkpoint_source(checkpoint)  # hashed once, not per setting
 
     def generate(self, input_ids, max_new_tokens, temperature, seed):
         start = time.perf_counter()
@@ -112,11 +112,13 @@ class EngineMethod(Method):
         return self.generator.drafter.num_parameters()
 
     def drafter_source(self) -> dict | None:
-        if self.checkpoint is None:
-            return None
-        weights = self.checkpoint / "model.safetensors"
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-        return {"path": display_path(self.checkpoint), "weights_sha256": digest}
+        return self._source
+
+
+def _checkpoint_source(checkpoint: Path) -> dict:
+    weights = checkpoint / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"path": display_path(checkpoint), "weights_sha256": digest}
 
 
 class _StepRecorder:
@@ -213,16 +215,14 @@ class _Unavailable(Exception):
 def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -> Method:
     if name == "greedy":
         return EngineMethod(name, target)
-    if name == "pld":
-        return EngineMethod(name, target, make_drafter("pld", target))
+    if name in ("pld", "lookahead"):  # model-free drafters
+        return EngineMethod(name, target, make_drafter(name, target))
     if name == "hf":
         return HFMethod(name, target)
     if name == "hf-pld":
         return HFMethod(name, target, {"prompt_lookup_num_tokens": options.prompt_lookup_tokens})
     if name == "hf-assisted":
         return HFMethod(name, target, draft_model=_assistant(target, options.assistant))
-    if name == "lookahead":
-        return EngineMethod(name, target, make_drafter("lookahead", target))
     path = Path(options.drafter_dirs.get(name) or shipped_drafter_dir(model, name))
     if not path.is_dir():
         raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")

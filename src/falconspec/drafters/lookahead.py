@@ -99,7 +99,7 @@ class LookaheadDrafter(Drafter):
         """One Jacobi step from the target's predictions after the newest level's nodes."""
         nodes = [_find(tree, seq) for seq in self._window_sequences()]
         rows = [n for n in nodes if n is not None]  # the loop cuts nodes beyond the remaining token budget
-        predicted = iter(logits[rows].argmax(-1).tolist()) if rows else iter(())
+        predicted = iter(logits[rows].argmax(-1).tolist())
         newest = [next(predicted) if n is not None else old for n, old in zip(nodes, self.levels[-1])]
         if self.steps >= self.ngram - 2:  # every level above level 0 is a prediction: the columns are N-grams
             for j, node in enumerate(nodes):
