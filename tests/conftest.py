@@ -4,6 +4,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import json  # noqa: E402
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# calibrations of the tests' tiny models go to a throw-away directory, never to the user's cache
+if "FALCONSPEC_CALIBRATION_DIR" not in os.environ:
+    os.environ["FALCONSPEC_CALIBRATION_DIR"] = tempfile.mkdtemp(prefix="falconspec-calibration-")
+    atexit.register(shutil.rmtree, os.environ["FALCONSPEC_CALIBRATION_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

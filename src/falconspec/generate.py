@@ -2,6 +2,8 @@
 
 ``SpeculativeGenerator.stream`` is the one loop; ``generate`` collects it. With no drafter (or ``NoDrafter``)
 every cycle is one plain autoregressive step through the same engine: the baseline speed-ups are measured against.
+A planned drafter (the default) gets its tree budget from a :class:`~.planner.BudgetPlanner` built from this
+machine's calibration; when the planner expects no tree to beat plain decoding, the loop decodes plainly.
 """
 
 from __future__ import annotations
@@ -9,14 +11,16 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .drafters.base import Drafter, NoDrafter
 from .metrics import SpecStats
+from .planner import BudgetPlanner
 from .sampling import SamplingParams
 from .target import TargetModel
+from .tree import Tree
 from .verify import greedy_verify, sample_verify
 
 
@@ -24,6 +28,7 @@ from .verify import greedy_verify, sample_verify
 class StreamChunk:
     text: str  # new text since the previous chunk (may be empty while a possible stop string is held back)
     token_ids: list[int]  # new token ids since the previous chunk
+    token_depths: list[int] = field(default_factory=list)  # per token: draft depth that proposed it, 0 = target's own
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length", on the last chunk only
     stats: SpecStats | None = None  # on the last chunk only
 
@@ -34,24 +39,45 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str
     stats: SpecStats = field(repr=False)
+    token_depths: list[int] = field(default_factory=list, repr=False)  # per token: draft depth, 0 = target's own
 
 
 class SpeculativeGenerator:
     """Lossless speculative generation for one target and one drafter, one sequence at a time."""
 
-    def __init__(self, target: TargetModel, drafter: Drafter | None = None):
+    def __init__(self, target: TargetModel, drafter: Drafter | None = None,
+                 planner: BudgetPlanner | str | None = "auto", matmul_path: str | None = None):
+        """``planner``: for a planned drafter (one built without an explicit budget), ``"auto"`` plans from this
+        machine's calibration (:mod:`.calibrate`: measured once, quick form, then cached); a
+        :class:`~.planner.BudgetPlanner` is used as given; None leaves the drafter's budget as it is.
+        ``matmul_path``: force the product path of few-row forwards (``stock`` or ``few-row``; default: the
+        measured faster one per row count)."""
         self.target = target
         self.drafter = drafter or NoDrafter()
+        self.calibration = None
+        self.planner: BudgetPlanner | None = None
+        if self.drafter.planned and not isinstance(self.drafter, NoDrafter) and planner is not None:
+            if planner == "auto":
+                from .calibrate import Calibration
+
+                self.calibration = Calibration.for_target(target)
+                planner = self.calibration.planner(target, self.drafter, matmul_path)
+            if not isinstance(planner, BudgetPlanner):
+                raise ValueError(f"planner must be 'auto', a BudgetPlanner or None, got {planner!r}")
+            self.planner = planner
+        # called with (tree, accepted node path) after every verification (calibration counts acceptances this way)
+        self.listeners: list[Callable[[Tree, list[int]], None]] = []
         self._busy = threading.Lock()
 
     # ---------------------------------------------------------------- public API
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
-        text, ids, last = [], [], None
+        text, ids, depths, last = [], [], [], None
         for chunk in self.stream(prompt, **kwargs):
             text.append(chunk.text)
             ids.extend(chunk.token_ids)
+            depths.extend(chunk.token_depths)
             last = chunk
-        return GenerationResult("".join(text), ids, last.finish_reason, last.stats)
+        return GenerationResult("".join(text), ids, last.finish_reason, last.stats, depths)
 
     def stream(
         self,
@@ -87,23 +113,32 @@ class SpeculativeGenerator:
 
     # ---------------------------------------------------------------- the decode loop
     def _cycles(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
-                stats: SpecStats) -> Iterator[list[int]]:
-        """Yield the tokens each cycle commits (accepted drafts + bonus) until ``max_new_tokens`` are out."""
-        target, drafter = self.target, self.drafter
+                stats: SpecStats) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield the tokens each cycle commits (accepted drafts + bonus) and the draft depth of each (bonus: 0)."""
+        target, drafter, planner = self.target, self.drafter, self.planner
         generator = None if params.greedy else params.make_generator(target.device)
         ids = torch.tensor(prompt_ids, dtype=torch.long)
+        plan = planner.start() if planner is not None else None
 
         # 0. prefill everything but the last token, which becomes the first tree's root
         start = time.perf_counter()
         hidden = target.prefill(ids[:-1])
-        drafter.begin(ids, hidden)
+        if plan is None or not plan.plain:
+            drafter.begin(ids, hidden)
         stats.prefill_time = self._elapsed(start)
         produced = 0
         while produced < max_new_tokens:
-            # 1. draft a tree; nodes deeper than the remaining budget could never be used
+            # 1. draft a tree within the plan's budget (none when plain decoding is expected to be faster);
+            #    nodes deeper than the remaining budget could never be used
             start = time.perf_counter()
             max_depth = min(max_new_tokens - produced, target.max_context - target.cache_len) - 1
-            tree = drafter.propose(ids, max_depth).truncate(max_depth)
+            plain = plan is not None and plan.plain
+            if plain:
+                tree = Tree.root_only(int(ids[-1]))
+            else:
+                if plan is not None:
+                    drafter.set_budget(plan.num_nodes, plan.depth)
+                tree = drafter.propose(ids, max_depth).truncate(max_depth)
             stats.draft_time += self._elapsed(start)
 
             # 2. one target forward over the whole tree
@@ -121,14 +156,19 @@ class SpeculativeGenerator:
             stats.verify_time += self._elapsed(start)
             stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
 
-            # 5. commit, and let the drafter see the result
+            # 5. commit, let the drafter see the result, and re-plan from it
             start = time.perf_counter()
             ids = torch.cat([ids, torch.tensor(acceptance.tokens, dtype=torch.long)])
-            drafter.observe_forward(tree, out.logits)
-            drafter.observe(acceptance, out.hidden_states[acceptance.path])
+            if not plain:
+                drafter.observe_forward(tree, out.logits)
+                drafter.observe(acceptance, out.hidden_states[acceptance.path])
+                if planner is not None:
+                    plan = planner.observe(tree, acceptance.path)
+            for listener in self.listeners:
+                listener(tree, acceptance.path)
             stats.draft_time += self._elapsed(start)
             produced += len(acceptance.tokens)
-            yield acceptance.tokens
+            yield acceptance.tokens, list(range(1, acceptance.num_accepted + 1)) + [0]
 
     # ---------------------------------------------------------------- text, EOS and stop strings
     def _stream_text(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
@@ -139,15 +179,17 @@ class SpeculativeGenerator:
         stats = SpecStats(prompt_tokens=len(prompt_ids))
         started = time.perf_counter()
         new_ids: list[int] = []
+        depths: list[int] = []
         sent_ids = sent_chars = 0
         finish_reason = "length"
-        for tokens in self._cycles(prompt_ids, max_new_tokens, params, stats):
-            for tok in tokens:
+        for tokens, token_depths in self._cycles(prompt_ids, max_new_tokens, params, stats):
+            for tok, depth in zip(tokens, token_depths):
                 if tok in eos:
                     finish_reason = "stop"
                     break
                 new_ids.append(tok)
-            new_ids = new_ids[:max_new_tokens]
+                depths.append(depth)
+            new_ids, depths = new_ids[:max_new_tokens], depths[:max_new_tokens]
             text = tokenizer.decode(new_ids, skip_special_tokens=True)
             stop_at = min((i for i in (text.find(s, max(0, sent_chars - holdback)) for s in stops) if i >= 0),
                           default=-1)
@@ -159,11 +201,13 @@ class SpeculativeGenerator:
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 ready = min(ready, len(text.rstrip("\ufffd")))
             if ready > sent_chars:
-                yield StreamChunk(text[sent_chars:ready], new_ids[sent_ids:])
+                yield StreamChunk(text[sent_chars:ready], new_ids[sent_ids:], depths[sent_ids:])
                 sent_chars, sent_ids = ready, len(new_ids)
         stats.new_tokens = len(new_ids)
         stats.total_time = time.perf_counter() - started
-        yield StreamChunk(text[sent_chars:], new_ids[sent_ids:], finish_reason, stats)
+        if self.planner is not None:
+            stats.record_plans(self.planner)
+        yield StreamChunk(text[sent_chars:], new_ids[sent_ids:], depths[sent_ids:], finish_reason, stats)
 
     # ---------------------------------------------------------------- checks
     def _prompt_ids(self, prompt, messages, input_ids) -> list[int]:

@@ -17,6 +17,23 @@ class SpecStats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     total_time: float = 0.0
+    # the planner's choices: one entry per change, {"cycle", "num_nodes", "depth", "expected_tokens"}
+    plans: list[dict] = field(default_factory=list)
+    fell_back: bool = False  # the planner expected no tree to beat plain decoding and decoded plainly
+
+    def record_plans(self, planner) -> None:
+        self.plans = [{"cycle": c.cycle, "num_nodes": c.plan.num_nodes, "depth": c.plan.depth,
+                       "expected_tokens": round(c.plan.expected_tokens, 3)} for c in planner.history]
+        self.fell_back = planner.fell_back
+
+    @property
+    def plan_summary(self) -> str:
+        """The plans of this generation, e.g. ``4n/d2 -> 6n/d3 (cycle 5)``; ``fixed`` without a planner."""
+        if not self.plans:
+            return "fixed"
+        parts = [("plain" if p["num_nodes"] == 1 else f"{p['num_nodes']}n/d{p['depth']}")
+                 + (f" (cycle {p['cycle']})" if p["cycle"] else "") for p in self.plans]
+        return " -> ".join(parts)
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.cycles += 1
@@ -59,5 +76,6 @@ class SpecStats:
             f"{self.new_tokens} tokens in {self.total_time:.2f}s ({self.tokens_per_second:.1f} tok/s) | "
             f"{self.cycles} target forwards + prefill | mean accepted length {self.mean_accepted_length:.2f} "
             f"(with bonus), {self.mean_accepted_drafts:.2f} (without) | acceptance {self.acceptance_rate:.1%} of "
-            f"{self.drafted_tokens} drafted | draft {self.draft_time:.2f}s, verify {self.verify_time:.2f}s"
+            f"{self.drafted_tokens} drafted | draft {self.draft_time:.2f}s, verify {self.verify_time:.2f}s | "
+            f"plan {self.plan_summary}"
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .kernels import use_small_batch_matmul
+from .kernels import MatmulPolicy, attach_policy
 from .tree import Tree
 
 
@@ -30,14 +30,12 @@ class TreeOutput:
 class TargetModel:
     """Prefill, verify a token tree on top of the KV cache, and compact the cache to the accepted path."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None,
-                 small_batch_matmul: bool | None = None):
-        """``small_batch_matmul``: route few-row CPU products through :mod:`.kernels` (None = on CPU only)."""
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None):
         self.model = model.eval()
-        if small_batch_matmul is None:
-            small_batch_matmul = model.device.type == "cpu"
-        if small_batch_matmul:
-            use_small_batch_matmul(model)
+        # which product path each row count takes: stock F.linear until calibration measures otherwise (kernels.py);
+        # drafters attach their own layers to the same policy
+        self.matmul_policy = MatmulPolicy()
+        attach_policy(model, self.matmul_policy)
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", None) or model.config.model_type
         self.config = model.config

@@ -4,7 +4,8 @@ Each line holds Spec-Bench's fields (``question_id``, ``category``, ``answer_id`
 ``choices[0]`` with per-turn ``turns``, ``decoding_steps``, ``new_tokens``, ``wall_time`` and the flat
 ``accept_lengths`` list its ``speed.py`` reads), plus ours: ``method``, ``dtype``, ``temperature``,
 ``peak_rss_mb`` and, inside the choice, per-turn ``accept_lengths_per_turn``, ``output_ids``, ``finish_reason``,
-``seed``, ``drafted_tokens``, ``accepted_tokens``, ``draft_time``, ``verify_time`` and ``prefill_time``.
+``seed``, ``drafted_tokens``, ``accepted_tokens``, ``draft_time``, ``verify_time``, ``prefill_time`` and
+``plan_cycles`` (verification cycles per planned budget, e.g. ``{"4n/d2": 30, "plain": 5}``).
 A line is written only once every method has answered that prompt, so a file never holds half a prompt.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from .methods import TurnResult
 
 PER_TURN_EXTRAS = ("finish_reason", "seed", "drafted_tokens", "accepted_tokens", "draft_time", "verify_time",
-                   "prefill_time")
+                   "prefill_time", "plan_cycles")
 
 
 @dataclass
@@ -74,7 +75,7 @@ def from_answer(answer: dict) -> PromptRecord:
     choice = answer["choices"][0]
     turns = []
     for i, text in enumerate(choice["turns"]):
-        extras = {name: choice[name][i] for name in PER_TURN_EXTRAS}
+        extras = {name: choice[name][i] for name in PER_TURN_EXTRAS if name in choice}  # older files lack plans
         turns.append(TurnResult(choice["output_ids"][i], text, choice["wall_time"][i],
                                 choice["accept_lengths_per_turn"][i], **extras))
     return PromptRecord(answer["question_id"], answer["category"], turns, answer.get("peak_rss_mb"))

@@ -52,6 +52,7 @@ class TurnResult:
     draft_time: float | None = None  # seconds spent drafting (our engine only)
     verify_time: float | None = None  # seconds in target forwards over drafts, verification and cache compaction
     prefill_time: float | None = None
+    plan_cycles: dict[str, int] | None = None  # our engine: cycles per planned budget ("4n/d2", "plain", "fixed")
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,13 @@ class MethodOptions:
     drafter_dirs: dict[str, str] = field(default_factory=dict)  # falcon/eagle/medusa -> checkpoint dir
     assistant: str = "6"  # hf-assisted: number of target layers to keep, or an assistant model directory
     prompt_lookup_tokens: int = 10  # hf-pld: prompt_lookup_num_tokens
+    matmul_path: str = "auto"  # our drafters: few-row product path per row count, measured (auto) or forced
+    num_nodes: int | None = None  # our drafters: a fixed tree budget instead of the planner's
+    depth: int | None = None
 
     def __post_init__(self) -> None:
+        if self.matmul_path not in ("auto", "stock", "few-row"):
+            raise ValueError(f"matmul path must be auto, stock or few-row, got {self.matmul_path!r}")
         if self.prompt_lookup_tokens < 1:
             raise ValueError(f"prompt lookup needs >= 1 draft tokens, got {self.prompt_lookup_tokens}")
         if not self.assistant:
@@ -93,9 +99,10 @@ class Method(ABC):
 
 
 class EngineMethod(Method):
-    def __init__(self, name: str, target: TargetModel, drafter=None, checkpoint: Path | None = None):
+    def __init__(self, name: str, target: TargetModel, drafter=None, checkpoint: Path | None = None,
+                 matmul_path: str = "auto"):
         self.name = name
-        self.generator = SpeculativeGenerator(target, drafter)
+        self.generator = SpeculativeGenerator(target, drafter, matmul_path=matmul_path)
         self._source = None if checkpoint is None else _checkpoint_source(checkpoint)  # hashed once, not per setting
 
     def generate(self, input_ids, max_new_tokens, temperature, seed):
@@ -106,13 +113,25 @@ class EngineMethod(Method):
         stats = out.stats
         return TurnResult(out.token_ids, out.text, wall, [a + 1 for a in stats.accepted_per_cycle],
                           out.finish_reason, seed, stats.drafted_tokens, stats.accepted_tokens, stats.draft_time,
-                          stats.verify_time, stats.prefill_time)
+                          stats.verify_time, stats.prefill_time, plan_cycles(stats))
 
     def num_parameters(self) -> int:
         return self.generator.drafter.num_parameters()
 
     def drafter_source(self) -> dict | None:
         return self._source
+
+
+def plan_cycles(stats) -> dict[str, int]:
+    """Verification cycles spent under each planned budget (``fixed`` when no planner ran)."""
+    if not stats.plans:
+        return {"fixed": stats.cycles}
+    counts: dict[str, int] = {}
+    ends = [p["cycle"] for p in stats.plans[1:]] + [stats.cycles]
+    for plan, end in zip(stats.plans, ends):
+        key = "plain" if plan["num_nodes"] == 1 else f"{plan['num_nodes']}n/d{plan['depth']}"
+        counts[key] = counts.get(key, 0) + max(end - plan["cycle"], 0)
+    return {k: v for k, v in counts.items() if v}
 
 
 def _checkpoint_source(checkpoint: Path) -> dict:
@@ -215,8 +234,9 @@ class _Unavailable(Exception):
 def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -> Method:
     if name == "greedy":
         return EngineMethod(name, target)
+    budget = {k: v for k, v in (("num_nodes", options.num_nodes), ("depth", options.depth)) if v is not None}
     if name in ("pld", "lookahead"):  # model-free drafters
-        return EngineMethod(name, target, make_drafter(name, target))
+        return EngineMethod(name, target, make_drafter(name, target, **budget), matmul_path=options.matmul_path)
     if name == "hf":
         return HFMethod(name, target)
     if name == "hf-pld":
@@ -226,8 +246,8 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
     path = Path(options.drafter_dirs.get(name) or shipped_drafter_dir(model, name))
     if not path.is_dir():
         raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")
-    options = {"dtype": target.dtype}  # trained drafters run in the target's dtype
-    return EngineMethod(name, target, _engine_drafter(str(path), name, target, **options), checkpoint=path)
+    drafter = _engine_drafter(str(path), name, target, dtype=target.dtype, **budget)  # in the target's dtype
+    return EngineMethod(name, target, drafter, checkpoint=path, matmul_path=options.matmul_path)
 
 
 def _engine_drafter(source: str, kind: str, target: TargetModel, **options):

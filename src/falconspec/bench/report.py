@@ -27,6 +27,11 @@ and temperature, same run; a prompt is all turns of one question):
   may round differently, so < 100% is expected there; in float32 anything below 100% is a bug);
 - **draft / verify**: shares of wall time spent drafting and verifying (our engine only; the rest is prefill,
   detokenization and bookkeeping);
+- **plan**: the tree budgets the planner chose (nodes with the root / drafting depth; `plain` = it expected no tree
+  to beat plain decoding and decoded plainly; `fixed` = a budget given by hand), by share of verification cycles;
+- **= fp32 greedy / tokens before divergence** (bf16 and fp16 greedy runs): prompts whose every answer token is
+  the float32 model's argmax (teacher-forced, `bench/reference.py`), and the mean tokens per turn before the first
+  token that differs; plain decoding in the same dtype is the row to compare against;
 - **peak RSS**: the process's resident memory peak while the method answered (weights of the target included);
 - **drafter params**: parameters of the drafter or draft model (the truncated hf-assisted copy shares the target's
   tensors, so it costs no extra memory).
@@ -101,22 +106,42 @@ def _load(env: dict) -> str:
 
 
 COLUMNS = ("dataset", "method", "speed-up median [95% CI]", "speed-up overall [95% CI]", "tokens/s",
-           "τ with bonus", "τ without", "acceptance", "identical", "draft / verify", "peak RSS MB",
-           "drafter params")
+           "τ with bonus", "τ without", "acceptance", "identical", "draft / verify", "plan (share of cycles)",
+           "peak RSS MB", "drafter params")
+REFERENCE_COLUMNS = ("= fp32 greedy", "tokens before divergence")
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    reference = any(r.get("fp32_agreement") for r in rows)
+    columns = COLUMNS + (REFERENCE_COLUMNS if reference else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         if r["status"] != "ok":
-            cells = [r["dataset"], r["method"], r["status"]] + ["–"] * (len(COLUMNS) - 3)
+            cells = [r["dataset"], r["method"], r["status"]] + ["–"] * (len(columns) - 3)
         else:
             cells = [r["dataset"], r["method"], *_speedup_cells(r), _num(r["tokens_per_s"], ".1f"),
                      _num(r["mean_accepted_length"], ".2f"), _num(r["mean_accepted_drafts"], ".2f"),
-                     _pct(r["acceptance_rate"]), _identical(r), _shares(r), _num(r["peak_rss_mb"], ".0f"),
-                     f"{r['drafter_params']:,}"]
+                     _pct(r["acceptance_rate"]), _identical(r), _shares(r), _plans(r),
+                     _num(r["peak_rss_mb"], ".0f"), f"{r['drafter_params']:,}"]
+            if reference:
+                cells += _agreement(r.get("fp32_agreement"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _plans(row: dict) -> str:
+    """The planned budgets by share of verification cycles, e.g. ``4n/d2 81%, 6n/d3 19%``."""
+    plans = row.get("plan_cycles")
+    if not plans or row["method"] == BASELINE:
+        return "–"
+    total = sum(plans.values())
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in list(plans.items())[:3])
+
+
+def _agreement(agreement: dict | None) -> list[str]:
+    if not agreement:
+        return ["–", "–"]
+    return [f"{agreement['identical']}/{agreement['prompts']}", _num(agreement["mean_prefix_tokens"], ".1f")]
 
 
 def _speedup_cells(row: dict) -> list[str]:

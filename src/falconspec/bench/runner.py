@@ -27,6 +27,7 @@ from .answers import AnswerKey, PromptRecord, append_answers, read_answers
 from .datasets import BenchPrompt, Dataset, load_dataset
 from .memory import PeakMemory
 from .methods import BASELINE, Method, MethodOptions, Skipped, TurnResult, build_methods, expand_method_names
+from .reference import fp32_agreement, summarize_agreement
 from .stats import summarize
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,17 @@ def run_bench(config: BenchConfig) -> dict:
     summary = {"config": asdict(config), "environment": {"start": environment()}, "rows": [],
                "datasets": [{"name": d.name, "source": d.source, "prompts": len(d.prompts)} for d in datasets]}
     too_long: dict[str, set] = {d.name: set() for d in datasets}
+    reference = None  # the float32 model that bf16/fp16 greedy answers are checked against (reference.py)
     with PeakMemory() as memory:
         for dtype in config.dtypes:
             target = load_target(config.model, dtype=dtype, device=config.device)
             methods, skipped = build_methods(list(config.methods), target, config.model, config.options)
             _write_config(out, config)  # only now: a run that failed to start leaves no directory to --resume
+            if parse_dtype(dtype) != torch.float32 and 0.0 in config.temperatures and reference is None:
+                reference = load_target(config.model, dtype="float32", device=config.device)
             for temperature in config.temperatures:
-                setting = _Setting(config, target, dtype, temperature, memory)
+                check = reference if temperature == 0 and parse_dtype(dtype) != torch.float32 else None
+                setting = _Setting(config, target, dtype, temperature, memory, check)
                 summary["rows"] += setting.run(methods, skipped, datasets, too_long)
             del target, methods, setting
             gc.collect()
@@ -105,8 +110,10 @@ def run_bench(config: BenchConfig) -> dict:
 class _Setting:
     """One (dtype, temperature): warm-up, then every dataset with the interleaved loop."""
 
-    def __init__(self, config: BenchConfig, target: TargetModel, dtype: str, temperature: float, memory: PeakMemory):
+    def __init__(self, config: BenchConfig, target: TargetModel, dtype: str, temperature: float, memory: PeakMemory,
+                 reference: TargetModel | None = None):
         self.config, self.target, self.dtype, self.temperature, self.memory = config, target, dtype, temperature, memory
+        self.reference = reference  # float32 model to check greedy answers against (bf16/fp16 runs)
         self.model_id = Path(config.model).name
 
     def run(self, methods: list[Method], skipped: list[Skipped], datasets: list[Dataset],
@@ -121,7 +128,7 @@ class _Setting:
         rows = []
         for dataset in datasets:
             records = self._run_dataset(dataset, active, failed, too_long[dataset.name])
-            rows += self._rows(dataset.name, methods, records, skipped + failed)
+            rows += self._rows(dataset, methods, records, skipped + failed)
         return rows
 
     def _warm_up(self, methods: list[Method], prompt: BenchPrompt, failed: list[Skipped]) -> list[Method]:
@@ -186,8 +193,8 @@ class _Setting:
                 turns.append(method.generate(ids, self.config.max_new_tokens, self.temperature, seed))
         return PromptRecord(prompt.question_id, prompt.category, turns, self.memory.last_peak_mb)
 
-    def _rows(self, dataset: str, methods: list[Method], records: dict[str, dict], unavailable: list[Skipped]):
-        setting = {"dtype": self.dtype, "temperature": self.temperature, "dataset": dataset}
+    def _rows(self, dataset: Dataset, methods: list[Method], records: dict[str, dict], unavailable: list[Skipped]):
+        setting = {"dtype": self.dtype, "temperature": self.temperature, "dataset": dataset.name}
         reasons = {s.method: s.reason for s in unavailable}
         rows = []
         for name in expand_method_names(list(self.config.methods)):
@@ -197,9 +204,25 @@ class _Setting:
                 rows.append({**setting, "method": name, "status": status, "reason": reasons[name]})
                 continue
             stats = summarize(records[name], records[BASELINE], self.temperature, method.num_parameters())
+            if self.reference is not None:
+                stats["fp32_agreement"] = self._agreement(dataset, records[name])
             rows.append({**setting, "method": name, "status": "ok", "reason": None, **stats,
                          "drafter": method.drafter_source()})
         return rows
+
+    def _agreement(self, dataset: Dataset, records: dict) -> dict:
+        """Agreement of one method's answers with the float32 reference (see reference.py)."""
+        per_prompt = []
+        for prompt in dataset.prompts:
+            record = records.get(prompt.question_id)
+            if record is None:
+                continue
+            checks = []
+            for turn, result in enumerate(record.turns):
+                ids = encode_turn(self.target, prompt, turn, [t.text for t in record.turns[:turn]])
+                checks.append(fp32_agreement(self.reference, ids, result.token_ids, result.finish_reason == "stop"))
+            per_prompt.append(checks)
+        return summarize_agreement(per_prompt)
 
 
 def encode_turn(target: TargetModel, prompt: BenchPrompt, turn: int, answers: list[str]) -> list[int]:

@@ -93,6 +93,10 @@ def summarize(records: dict, baseline: dict, temperature: float, drafter_params:
         same = sum(all(a.token_ids == b.token_ids for a, b in zip(r.turns, g.turns)) for r, g in zip(mine, base))
         identical = {"count": same, "rate": same / len(mine)}
     rss = [r.peak_rss_mb for r in mine if r.peak_rss_mb is not None]
+    plans: dict[str, int] = {}
+    for t in turns:
+        for key, cycles in (t.plan_cycles or {}).items():
+            plans[key] = plans.get(key, 0) + cycles
     return {
         "prompts": len(mine),
         "turns": len(turns),
@@ -110,6 +114,8 @@ def summarize(records: dict, baseline: dict, temperature: float, drafter_params:
         "peak_rss_mb": max(rss) if rss else None,
         "drafter_params": drafter_params,
         "accept_length_histogram": _histogram(lengths),
+        "plan_cycles": dict(sorted(plans.items(), key=lambda kv: -kv[1])) if engine else None,
+        "plain_turns": sum(bool((t.plan_cycles or {}).get("plain")) for t in turns) if engine else None,
     }
 
 

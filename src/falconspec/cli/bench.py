@@ -12,6 +12,8 @@ import importlib.util
 import shlex
 import sys
 
+from .common import add_budget_args
+
 QUICK_PROMPTS, QUICK_TOKENS, DEFAULT_TOKENS = 2, 32, 256
 
 
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
                         help="hf-assisted draft model: N = the target's first N layers (weights shared), or the "
                              "directory of a small model with the target's tokenizer (default: 6)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="hf-pld prompt_lookup_num_tokens")
+    add_budget_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = MethodOptions(
         drafter_dirs={k: v for k in ("falcon", "eagle", "medusa") if (v := getattr(args, f"{k}_drafter"))},
-        assistant=args.assistant, prompt_lookup_tokens=args.prompt_lookup_tokens)
+        assistant=args.assistant, prompt_lookup_tokens=args.prompt_lookup_tokens, matmul_path=args.matmul_path,
+        num_nodes=args.num_nodes, depth=args.depth)
     config = BenchConfig(
         out=args.out, model=args.model, methods=_split(args.methods), datasets=_split(args.datasets),
         max_new_tokens=_default(args.max_new_tokens, QUICK_TOKENS if args.quick else DEFAULT_TOKENS),

@@ -14,6 +14,17 @@ def add_model_args(parser: argparse.ArgumentParser, drafter_default: str = "auto
                              "trained drafter checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 (lossless on CPU), bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    add_budget_args(parser)
+
+
+def add_budget_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-nodes", type=int, default=None,
+                        help="fixed tree size per verification, root included (default: planned from this machine's "
+                             "measured costs, see `falconspec calibrate`)")
+    parser.add_argument("--depth", type=int, default=None, help="fixed drafting depth (default: planned)")
+    parser.add_argument("--matmul-path", choices=("auto", "stock", "few-row"), default="auto",
+                        help="product path of few-row forwards: the measured faster one per row count (auto), or "
+                             "one forced (default: %(default)s)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -32,4 +43,7 @@ def load_model_and_drafter(args: argparse.Namespace):
     name = args.drafter
     if name == "auto":
         name = "falcon" if shipped_drafter_dir(target.name, "falcon").is_dir() else "pld"
-    return target, make_drafter(name, target)
+    budget = {k: v for k in ("num_nodes", "depth") if (v := getattr(args, k, None)) is not None}
+    if budget and name == "none":
+        raise ValueError("--num-nodes and --depth size a drafter's trees: they need a drafter")
+    return target, make_drafter(name, target, **budget)

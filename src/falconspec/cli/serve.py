@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     target, drafter = load_model_and_drafter(args)
-    app = create_app(SpeculativeGenerator(target, drafter), model_name=args.served_model_name or args.model,
+    app = create_app(SpeculativeGenerator(target, drafter, matmul_path=args.matmul_path), model_name=args.served_model_name or args.model,
                      max_queue=args.max_queue, worker_thread=False)
     # HTTP on a helper thread, generation on this (main) thread, the one that loaded the model: see scheduler.py.
     # A streaming generation can be long: do not wait for it forever on shutdown.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Drafter, NoDrafter, default_num_nodes
+from .base import Drafter, NoDrafter
 from .lookahead import LookaheadDrafter
 from .ngram import PromptLookupDrafter
 
-__all__ = ["Drafter", "LookaheadDrafter", "NoDrafter", "PromptLookupDrafter", "default_num_nodes", "load_checkpoint",
+__all__ = ["Drafter", "LookaheadDrafter", "NoDrafter", "PromptLookupDrafter", "load_checkpoint",
            "make_drafter", "shipped_drafter_dir"]
 
 MODEL_FREE = {"none": NoDrafter, "pld": PromptLookupDrafter, "lookahead": LookaheadDrafter}
@@ -26,10 +26,9 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
     for a built-in target) or from a trained drafter checkpoint directory for ``target``.
 
     ``options`` go to the drafter's constructor (``num_nodes``, ``depth``, ...; ``dtype`` for trained drafters).
-    Without ``num_nodes`` the tree size is :func:`~.base.default_num_nodes` for the target's device and dtype.
+    Without ``num_nodes`` and ``depth`` the drafter is planned: the generator sizes its trees from this machine's
+    measured costs (:mod:`..planner`).
     """
-    if target is not None and "num_nodes" not in options and name != "none":
-        options["num_nodes"] = default_num_nodes(target.device, target.dtype)
     if name in MODEL_FREE:
         return MODEL_FREE[name](**options)
     if name in SHIPPED_KINDS:

@@ -16,6 +16,11 @@ every node of the verified tree; only drafters that learn from rejected nodes ne
 
 So at every ``propose`` the drafter has seen one feature per cached position and every committed token: the
 (feature h_j, token x_{j+1}) pairs EAGLE and Falcon consume.
+
+**Budgets.** How big a tree to propose (``num_nodes``, root included) and how deep (``depth``) is decided by the
+generator's budget planner from this machine's measured costs (:mod:`..planner`), through ``set_budget`` before
+each ``propose``. A drafter constructed with an explicit ``num_nodes`` or ``depth`` is not planned
+(``planned = False``) and keeps its budget. ``max_planned_depth`` bounds the depths the planner considers.
 """
 
 from __future__ import annotations
@@ -28,23 +33,24 @@ from ..tree import Tree
 from ..verify import Acceptance
 
 
-def default_num_nodes(device: torch.device | str, dtype: torch.dtype) -> int:
-    """Tree size (root included) to verify per target forward when the caller does not choose one.
-
-    A bigger tree accepts a little more but costs more to verify; what pays depends on the cost curve of one
-    target forward (``benchmarks/verify_cost.py``). On CPU in float32 up to 4 tokens cost about one plain step and
-    6-8 tokens 1.2-1.3x, and on MT-bench the shipped drafters of the built-in model were fastest with 4 nodes
-    (``benchmarks/tree_budget.py``). bfloat16 on CPU is flat up to ~8 tokens. Accelerators verify dozens of
-    tokens for about the price of one (EAGLE-2 verifies ~60 on GPUs).
-    """
-    if torch.device(device).type != "cpu":
-        return 32
-    return 4 if dtype == torch.float32 else 8
+# The budget a planned drafter holds before the planner's first plan (only seen when it is used without a generator).
+# Not a tuned figure: the planner replaces it before the first tree.
+INITIAL_NUM_NODES = 8
 
 
 class Drafter(ABC):
     name: str = "drafter"
     needs_hidden_states: bool = False  # hint: the loop may skip moving features for drafters that ignore them
+    planned: bool = False  # True: the generator's planner sets num_nodes and depth every cycle
+    num_nodes: int = 1
+    depth: int = 0
+    max_planned_depth: int = 1
+
+    def set_budget(self, num_nodes: int, depth: int) -> None:
+        """Propose at most ``num_nodes`` nodes (root included), at most ``depth`` deep, from the next ``propose``."""
+        if num_nodes < 1 or depth < 0:
+            raise ValueError(f"need num_nodes >= 1 and depth >= 0, got num_nodes={num_nodes}, depth={depth}")
+        self.num_nodes, self.depth = int(num_nodes), int(depth)
 
     @abstractmethod
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
@@ -58,6 +64,10 @@ class Drafter(ABC):
     def observe(self, acceptance: Acceptance, hidden_states: torch.Tensor) -> None:
         """Learn the verification result. hidden_states: [len(acceptance.path), hidden]."""
 
+    def plan_sizes(self) -> list[int] | None:
+        """Tree sizes the drafter can fill, for the planner (None: any calibrated size)."""
+        return None
+
     def observe_forward(self, tree: Tree, logits: torch.Tensor) -> None:
         """Optional: the target's logits [tree.num_nodes, vocab] for every node of the tree just verified."""
 
@@ -70,6 +80,7 @@ class NoDrafter(Drafter):
     """Proposes nothing: every cycle is one plain autoregressive step. The baseline in the same engine."""
 
     name = "none"
+    max_planned_depth = 0
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         pass

@@ -36,11 +36,14 @@ from ..verify import Acceptance
 from .base import Drafter
 
 
-# (window, ngram, guesses) by tree budget, smallest first. With the CPU float32 budget of 4 nodes, (1, 2, 2) was the
-# fastest setting on MT-bench here (benchmarks/results/lookahead-settings.md); bigger windows cost more than
-# they gain on this CPU (3:3:2 ran at 0.82x of greedy, 5:5:3 at 0.62x). The larger rungs are for cheaper verification
-# (bf16, accelerators) and are not tuned; the paper uses (15, 5, 15) for 7B models on GPUs.
-SETTINGS_BY_BUDGET = ((1, 2, 1), (1, 2, 2), (2, 3, 1), (3, 4, 2), (5, 4, 3))
+# (window, ngram, guesses) by tree budget, smallest first: the shape lookahead takes for a given number of nodes.
+# Which budget pays is the planner's choice from this machine's measured costs, not this table's. (On the 2-core
+# AMD EPYC these settings were first measured on, 1:2:2 at 4 nodes was the fastest in float32 and wider windows cost
+# more than they gained: benchmarks/results/lookahead-settings.md. The paper uses (15, 5, 15) for 7B models on GPUs.)
+SETTINGS_BY_BUDGET = ((1, 2, 1), (1, 2, 2), (2, 3, 1), (3, 4, 2), (5, 4, 3), (8, 4, 4), (15, 5, 15))
+
+
+RECENT_TOKENS = 256  # committed tokens a restarted window draws its guesses from
 
 
 def tree_nodes(window: int, ngram: int, guesses: int) -> int:
@@ -61,8 +64,14 @@ class LookaheadDrafter(Drafter):
     name = "lookahead"
 
     def __init__(self, window: int | None = None, ngram: int | None = None, guesses: int | None = None,
-                 pool_size: int = 8, seed: int = 0, num_nodes: int = 4):
-        """Settings not given come from the tree budget ``num_nodes`` (root included): :func:`settings_for_budget`."""
+                 pool_size: int = 8, seed: int = 0, num_nodes: int | None = None):
+        """Settings not given come from the tree budget ``num_nodes`` (root included): :func:`settings_for_budget`.
+        With none of them given, the generator's planner chooses the budget (see :mod:`.base`)."""
+        self.planned = num_nodes is None and window is None and ngram is None and guesses is None
+        if num_nodes is None:
+            num_nodes = tree_nodes(*SETTINGS_BY_BUDGET[1])
+        self.num_nodes = num_nodes
+        self.max_planned_depth = max(window + ngram - 2 for window, ngram, _ in SETTINGS_BY_BUDGET)
         if None in (window, ngram, guesses):
             defaults = settings_for_budget(num_nodes)
             window, ngram, guesses = (d if v is None else v for v, d in zip((window, ngram, guesses), defaults))
@@ -70,9 +79,25 @@ class LookaheadDrafter(Drafter):
             raise ValueError(f"lookahead needs window >= 1, ngram >= 2, guesses >= 0 and pool_size >= 1, got "
                              f"window={window}, ngram={ngram}, guesses={guesses}, pool_size={pool_size}")
         self.window, self.ngram, self.guesses, self.pool_size, self.seed = window, ngram, guesses, pool_size, seed
+        self.depth = window + ngram - 2  # the window's deepest node
+        self._recent: list[int] = []  # the last committed tokens, for restarting the window
         self.levels: list[list[int]] = []  # [N-1][W] guessed tokens, level 0 oldest
         self.pool: dict[int, list[tuple[int, ...]]] = {}  # first token -> continuations (N-1 tokens), newest first
         self.steps = 0  # Jacobi steps since begin(); levels hold predictions only after N-2 of them
+
+    def set_budget(self, num_nodes: int, depth: int) -> None:
+        """The largest lookahead shape that fits ``num_nodes`` (``depth`` follows from the shape); a new window shape
+        restarts the Jacobi window from committed tokens, the n-gram pool is kept."""
+        settings = settings_for_budget(max(num_nodes, tree_nodes(*SETTINGS_BY_BUDGET[0])))
+        self.num_nodes = num_nodes
+        if settings != (self.window, self.ngram, self.guesses):
+            self.window, self.ngram, self.guesses = settings
+            self.depth = self.window + self.ngram - 2
+            if self.levels:
+                self._seed_window(self._recent)
+
+    def plan_sizes(self) -> list[int]:
+        return [tree_nodes(*s) for s in SETTINGS_BY_BUDGET]
 
     @property
     def window_nodes(self) -> int:
@@ -80,10 +105,15 @@ class LookaheadDrafter(Drafter):
         return self.window * (self.ngram - 1)
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        self._recent = input_ids.tolist()[-RECENT_TOKENS:]
+        self.pool = {}
+        self._seed_window(self._recent)
+
+    def _seed_window(self, tokens: list[int]) -> None:
         # as in the lookahead authors' code, start from tokens of the prompt at random (seeded: runs are reproducible)
-        rng, prompt = random.Random(self.seed), input_ids.tolist()
-        self.levels = [[rng.choice(prompt) for _ in range(self.window)] for _ in range(self.ngram - 1)]
-        self.pool, self.steps = {}, 0
+        rng = random.Random(self.seed)
+        self.levels = [[rng.choice(tokens) for _ in range(self.window)] for _ in range(self.ngram - 1)]
+        self.steps = 0
 
     def _window_sequences(self) -> list[list[int]]:
         """Root-to-node token paths of the newest level's columns (their prefixes cover the whole window)."""
@@ -116,7 +146,7 @@ class LookaheadDrafter(Drafter):
         del entries[self.pool_size:]
 
     def observe(self, acceptance: Acceptance, hidden_states: torch.Tensor) -> None:
-        pass
+        self._recent = (self._recent + list(acceptance.tokens))[-RECENT_TOKENS:]
 
 
 def _find(tree: Tree, tokens: list[int]) -> int | None:

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..kernels import small_batch_linear, use_small_batch_matmul
+from ..kernels import attach_policy, policy_linear
 from ..tree import Tree
 from ..verify import Acceptance
-from .base import Drafter, default_num_nodes
+from .base import INITIAL_NUM_NODES, Drafter
 from .sar_model import (
     CONFIG_FILE, WEIGHTS_FILE, check_fits, draft_head_weight, register_draft_vocab, save_drafter_files, target_identity,
 )
@@ -123,17 +123,19 @@ class MedusaDrafter(Drafter):
 
     def __init__(self, model: MedusaHeads, target, num_nodes: int | None = None, depth: int | None = None,
                  top_k: int = 4):
-        """``num_nodes``: tree size with the root (default :func:`~.base.default_num_nodes`); ``depth``: heads used
-        (default all); ``top_k``: candidates per head."""
-        num_nodes = default_num_nodes(target.device, target.dtype) if num_nodes is None else num_nodes
+        """``num_nodes``: tree size with the root; ``depth``: heads used; ``top_k``: candidates per head. Without
+        ``num_nodes`` and ``depth`` the generator's planner chooses both (see :mod:`.base`)."""
+        self.planned = num_nodes is None and depth is None
+        self.max_planned_depth = model.config.num_heads
+        num_nodes = INITIAL_NUM_NODES if num_nodes is None else num_nodes
         depth = model.config.num_heads if depth is None else depth
         if num_nodes < 1 or top_k < 1 or not 0 <= depth <= model.config.num_heads:
             raise ValueError(f"need num_nodes >= 1, top_k >= 1 and 0 <= depth <= {model.config.num_heads} heads; got "
                              f"num_nodes={num_nodes}, top_k={top_k}, depth={depth}")
         check_fits(model.config, target)
         self.model, self.num_nodes, self.depth, self.top_k = model, num_nodes, depth, top_k
-        if target.device.type == "cpu":
-            use_small_batch_matmul(model)
+        self.policy = target.matmul_policy  # the product paths calibration measured for this machine
+        attach_policy(model, self.policy)
         self.head = model.head_weight(target.lm_head).detach().to(device=target.device, dtype=model.dtype)  # [D, H]
         self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(target.device)  # [D]
         self.last_feature: torch.Tensor | None = None  # [H] h_{L-2}, the feature that predicted the root
@@ -161,7 +163,7 @@ class MedusaDrafter(Drafter):
         if self.last_feature is None or depth < 1:
             return Tree.root_only(root)
         guesses = self.model(self.last_feature[None])[0, :depth]  # [depth, H]
-        logprobs = torch.log_softmax(small_batch_linear(guesses, self.head).float(), dim=-1)  # [depth, D]
+        logprobs = torch.log_softmax(policy_linear(guesses, self.head, None, self.policy).float(), dim=-1)  # [depth, D]
         values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
         if self.vocab_ids is not None:
             indices = self.vocab_ids[indices]

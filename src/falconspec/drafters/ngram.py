@@ -15,14 +15,22 @@ import torch
 
 from ..tree import Tree
 from ..verify import Acceptance
-from .base import Drafter
+from .base import INITIAL_NUM_NODES, Drafter
+
+MAX_DEPTH = 10  # longest continuation drafted
 
 
 class PromptLookupDrafter(Drafter):
     name = "pld"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, depth: int = 10, max_matches: int = 4,
-                 num_nodes: int = 4):
+    max_planned_depth = MAX_DEPTH
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, depth: int | None = None, max_matches: int = 4,
+                 num_nodes: int | None = None):
+        """Without ``num_nodes`` and ``depth`` the generator's planner chooses both (see :mod:`.base`)."""
+        self.planned = num_nodes is None and depth is None
+        depth = MAX_DEPTH if depth is None else depth
+        num_nodes = INITIAL_NUM_NODES if num_nodes is None else num_nodes
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
         if depth < 1 or max_matches < 1 or num_nodes < 2:

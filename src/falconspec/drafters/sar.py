@@ -27,14 +27,15 @@ from typing import Sequence
 
 import torch
 
-from ..kernels import small_batch_linear, use_small_batch_matmul
+from ..kernels import attach_policy, policy_linear
 from ..tree import Tree
 from ..verify import Acceptance
-from .base import Drafter, default_num_nodes
+from .base import INITIAL_NUM_NODES, Drafter
 from .sar_model import SARDrafterModel, additive_mask, check_fits, end_aligned_offset, relaxed_causal_mask
 from .trees import STATIC_TREES, DraftTreeBuilder, check_rank_paths
 
 MAX_STATIC_DEPTH = 32
+MAX_PLANNED_DEPTH = 8  # deepest the planner considers (4 passes of a k=2 drafter)
 
 
 class SARDrafter(Drafter):
@@ -43,23 +44,25 @@ class SARDrafter(Drafter):
 
     def __init__(self, model: SARDrafterModel, target, num_nodes: int | None = None, depth: int | None = None,
                  top_k: int = 4, branches: int = 4, static_tree: str | Sequence[Sequence[int]] | None = None):
-        """``num_nodes``: tree size with the root (dynamic policy; default :func:`~.base.default_num_nodes`);
-        ``depth``: deepest draft, rounded up to whole blocks (ceil(depth / k) drafter passes; default: half the
-        drafted nodes, at least one block, at most 6: with 4 nodes a k=2 drafter drafts 2 deep in ONE pass, which
-        beat 4 deep in two passes on MT-bench, ``benchmarks/tree_budget.py``); ``top_k``: candidates per block slot; ``branches``: blocks
-        expanded per pass; ``static_tree``: a name in ``trees.STATIC_TREES`` or rank paths, replacing the dynamic
-        policy (its own depth then bounds ``depth``)."""
+        """``num_nodes``: tree size with the root (dynamic policy); ``depth``: deepest draft (ceil(depth / k)
+        drafter passes; default when only ``num_nodes`` is given: half the drafted nodes, at least one block);
+        without both, the generator's planner chooses them every cycle from this machine's measured costs
+        (:mod:`.base`). ``top_k``: candidates per block slot; ``branches``: blocks expanded per pass;
+        ``static_tree``: a name in ``trees.STATIC_TREES`` or rank paths, replacing the dynamic policy (its own
+        depth then bounds ``depth``; a static tree is never planned)."""
+        self.planned = num_nodes is None and depth is None and static_tree is None
+        self.max_planned_depth = MAX_PLANNED_DEPTH
         if num_nodes is None:
-            num_nodes = default_num_nodes(target.device, target.dtype)
+            num_nodes = INITIAL_NUM_NODES
         if depth is None:
-            depth = min(6, max(model.k, math.ceil((num_nodes - 1) / 2)))
+            depth = max(model.k, math.ceil((num_nodes - 1) / 2))
         if num_nodes < 1 or depth < 0 or top_k < 1 or branches < 1:
             raise ValueError(f"need num_nodes >= 1, depth >= 0, top_k >= 1 and branches >= 1; got num_nodes="
                              f"{num_nodes}, depth={depth}, top_k={top_k}, branches={branches}")
         check_fits(model.config, target)
         self.model = model  # run under no_grad; its train/eval mode is left as it is (a trainer may share it)
-        if target.device.type == "cpu":
-            use_small_batch_matmul(model)  # drafting passes are a few rows each
+        self.policy = target.matmul_policy  # drafting passes are a few rows each: the paths calibration measured
+        attach_policy(model, self.policy)
         self.k = model.k
         self.name = "falcon" if self.k > 1 else "eagle"
         self.num_nodes, self.depth, self.top_k, self.branches = num_nodes, depth, top_k, branches
@@ -190,7 +193,7 @@ class SARDrafter(Drafter):
 
     def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""
-        logprobs = torch.log_softmax(small_batch_linear(outputs, self.head).float(), dim=-1)  # [B*k, D]
+        logprobs = torch.log_softmax(policy_linear(outputs, self.head, None, self.policy).float(), dim=-1)  # [B*k, D]
         values, indices = logprobs.topk(min(m, logprobs.shape[-1]), dim=-1)
         if self.vocab_ids is not None:
             indices = self.vocab_ids[indices]

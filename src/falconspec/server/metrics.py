@@ -55,6 +55,12 @@ class ServerMetrics:
                                      namespace=ns, registry=registry, buckets=LATENCY_BUCKETS)
         self.duration = Histogram("request_duration_seconds", "time from admission to the end of generation",
                                   namespace=ns, registry=registry, buckets=LATENCY_BUCKETS)
+        self.plan_nodes = Gauge("planned_tree_nodes", "tree size (root included) the planner chose last; 1 = plain",
+                                namespace=ns, registry=registry)
+        self.plan_depth = Gauge("planned_draft_depth", "drafting depth the planner chose last", namespace=ns,
+                                registry=registry)
+        self.fallbacks = Counter("planner_fallbacks", "generations the planner decoded plainly (no tree expected to "
+                                 "beat plain decoding)", namespace=ns, registry=registry)
         self.running = Gauge("requests_running", "generations in progress (0 or 1)", namespace=ns,
                              registry=registry)
         self.waiting = Gauge("requests_waiting", "admitted requests waiting for the model", namespace=ns,
@@ -93,3 +99,8 @@ class ServerMetrics:
             self.accepted_length.observe(accepted + 1)
         for phase in ("prefill", "draft", "verify"):
             self.seconds.labels(phase).inc(getattr(stats, f"{phase}_time"))
+        if stats.plans:
+            self.plan_nodes.set(stats.plans[-1]["num_nodes"])
+            self.plan_depth.set(stats.plans[-1]["depth"])
+            if stats.fell_back:
+                self.fallbacks.inc()

@@ -1,0 +1,322 @@
+"""Measure the machine: what a verification forward and a drafter pass cost here, cached per machine fingerprint.
+
+Speed-ups depend on the cost curve c(n) of one target forward over n tree nodes, and that curve differs between
+CPUs, BLAS builds, thread counts, dtypes and GPUs (``kernels.py`` has two machines where the best product path
+for the same forward is opposite). So nothing here is assumed; everything is timed on the real model:
+
+* **verification cost**: c(n) for every product path of :mod:`.kernels` (stock ``F.linear`` and, for float32 on
+  CPU, the few-row path), interleaved round by round so drift hits both alike; per n the faster path is kept;
+* **per drafter**: the seconds one cycle spends drafting D levels deep (its update included), and how often its
+  candidates are accepted per (depth, rank): the planner's prior (:mod:`.planner`), from short generations on
+  built-in prompts with a generous fixed tree.
+
+Results are cached as JSON in ``$FALCONSPEC_CALIBRATION_DIR`` (default ``<cache dir>/calibration``), one file per
+fingerprint (CPU model and flags or GPU name, torch version and BLAS, threads, dtype, device, a hash of the model's
+weights). ``FALCONSPEC_CALIBRATION=FILE`` uses a given file instead, ``FALCONSPEC_RECALIBRATE=1`` measures again.
+The quick form (run automatically the first time a target and drafter meet) takes seconds; ``falconspec calibrate``
+runs the full form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .kernels import FEW_ROW, STOCK
+from .planner import MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, interpolate, tree_trials
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8", "neon", "asimd", "sve")
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How much to measure: the quick form runs automatically, the full one with ``falconspec calibrate``."""
+
+    name: str
+    sizes: tuple[int, ...]  # tree sizes timed
+    rounds: int  # timed rounds per size and path (after one warm-up round)
+    prefix: int  # cached tokens under the timed forwards
+    depths: tuple[int, ...]  # drafting depths timed per drafter
+    prompts: int  # calibration prompts per depth
+    tokens: int  # new tokens per calibration prompt
+    tree: int  # nodes of the fixed tree in drafter calibration runs
+
+
+QUICK = Effort("quick", (1, 2, 3, 4, 6, 8, 12, 16), 4, 128, (1, 2, 4), 1, 24, 12)
+FULL = Effort("full", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32), 9, 256, (1, 2, 3, 4, 6, 8), 2, 40, 16)
+
+PROMPTS = ("Explain how a hash map works, with a short example in Python.",
+           "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+           "List five tips for staying productive when working from home, and explain each one.")
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def fingerprint(target) -> dict:
+    """What the costs depend on: device, processor, math library, threads, dtype and the model's weights."""
+    device = target.device
+    info = {"device": device.type, "dtype": str(target.dtype).replace("torch.", ""), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "blas": _blas(), "model": model_hash(target.model)}
+    if device.type == "cuda":
+        info["processor"] = torch.cuda.get_device_name(device)
+    else:
+        info["processor"], info["cpu_flags"] = _cpu()
+    return info
+
+
+def fingerprint_id(info: dict) -> str:
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_hash(module: nn.Module, sample: int = 4096) -> str:
+    """A fast identity of a module's weights: names, shapes, dtypes and an evenly strided sample of each tensor's
+    values (hashing every byte of a 7B model would take minutes; costs depend on shapes, the prior on values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        values = flat[::step][:sample].to("cpu", torch.float32).numpy().tobytes()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(values)
+    return digest.hexdigest()[:16]
+
+
+def _cpu() -> tuple[str, list[str]]:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        if match := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
+            name = match.group(1).strip()
+        if match := re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M):
+            flags = set(match.group(1).split())
+    except OSError:
+        pass
+    return name, sorted(f for f in CPU_FLAGS if f in flags)
+
+
+def _blas() -> str:
+    config = torch.__config__.show()
+    match = re.search(r"BLAS_INFO=(\w+)", config)
+    return (match.group(1) if match else "unknown") + ("+mkldnn" if torch.backends.mkldnn.is_available() else "")
+
+
+def busy() -> bool:
+    """Does other work load the CPU? (1-minute load average beyond this process's threads and half the cores)"""
+    cores = os.cpu_count() or 1
+    return os.getloadavg()[0] - torch.get_num_threads() >= 0.5 * cores + 0.5
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+def calibration_dir() -> Path:
+    if env := os.environ.get("FALCONSPEC_CALIBRATION_DIR"):
+        return Path(env)
+    from .models import cache_dir
+
+    return cache_dir() / "calibration"
+
+
+class Calibration:
+    """The measured costs of one target on one machine, and of the drafters calibrated with it."""
+
+    def __init__(self, data: dict, path: Path | None = None):
+        if data.get("format") != FORMAT:
+            raise ValueError(f"calibration file {path} has format {data.get('format')!r}, this falconspec reads "
+                             f"{FORMAT}: recalibrate (falconspec calibrate, or FALCONSPEC_RECALIBRATE=1)")
+        self.data, self.path = data, path
+
+    @classmethod
+    def for_target(cls, target, effort: Effort = QUICK, recalibrate: bool | None = None) -> Calibration:
+        """The cached calibration of ``target`` on this machine; measured (``effort``) when missing."""
+        if explicit := os.environ.get("FALCONSPEC_CALIBRATION"):
+            path = Path(explicit)
+            if not path.is_file():
+                raise FileNotFoundError(f"FALCONSPEC_CALIBRATION={explicit}: no such file")
+            return cls(json.loads(path.read_text()), path)
+        if recalibrate is None:
+            recalibrate = os.environ.get("FALCONSPEC_RECALIBRATE", "") not in ("", "0")
+        info = fingerprint(target)
+        path = calibration_dir() / f"{fingerprint_id(info)}.json"
+        if path.is_file() and not recalibrate:
+            try:
+                calibration = cls(json.loads(path.read_text()), path)
+                if calibration.measured_on_busy_machine() and not busy():
+                    log.warning("%s was measured while other work loaded the CPU: measuring again", path)
+                elif effort is QUICK or calibration.data["verify"]["effort"] == effort.name:
+                    return calibration
+            except (ValueError, KeyError) as err:
+                log.warning("ignoring unreadable calibration %s: %s", path, err)
+        log.info("calibrating %s on this machine (%s form, once)", target.name, effort.name)
+        calibration = cls({"format": FORMAT, "fingerprint": info, "verify": measure_verify_cost(target, effort),
+                           "drafters": {}}, path)
+        calibration.save()
+        return calibration
+
+    def measured_on_busy_machine(self) -> bool:
+        return bool(self.data["verify"].get("busy"))
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+
+    # ---------------------------------------------------------------- verification
+    @property
+    def sizes(self) -> list[int]:
+        return list(self.data["verify"]["sizes"])
+
+    def path_costs(self, path: str) -> list[float]:
+        return list(self.data["verify"]["seconds"][path])
+
+    def chosen_paths(self, force: str | None = None) -> dict[int, str]:
+        """Per tree size, the product path to use: the measured faster one, or ``force`` (stock / few-row)."""
+        paths = self.data["verify"]["seconds"]
+        if force not in (None, "auto"):
+            if force not in paths:
+                raise ValueError(f"matmul path {force!r} was not measured here (measured: {sorted(paths)})")
+            return {n: force for n in self.sizes}
+        return {n: min(paths, key=lambda p: paths[p][i]) for i, n in enumerate(self.sizes)}
+
+    def few_row_sizes(self, force: str | None = None) -> list[int]:
+        return [n for n, path in self.chosen_paths(force).items() if path == FEW_ROW and n >= 2]
+
+    def verify_curve(self, force: str | None = None) -> list[float]:
+        """Seconds per forward over each of :attr:`sizes` nodes with the chosen paths (n = 1 always stock)."""
+        chosen, paths = self.chosen_paths(force), self.data["verify"]["seconds"]
+        return [paths[STOCK][i] if n == 1 else paths[chosen[n]][i] for i, n in enumerate(self.sizes)]
+
+    # ---------------------------------------------------------------- drafters
+    def drafter_entry(self, target, drafter, effort: Effort = QUICK) -> dict:
+        """The calibration of ``drafter`` with this target; measured and saved when missing."""
+        key = drafter_key(drafter)
+        entry = self.data["drafters"].get(key)
+        if entry is None or (effort is FULL and entry.get("effort") != FULL.name):
+            log.info("calibrating the %s drafter (%s form, once)", drafter.name, effort.name)
+            entry = measure_drafter(target, drafter, effort)
+            self.data["drafters"][key] = entry
+            self.save()
+        return entry
+
+    def planner(self, target, drafter, force_path: str | None = None) -> BudgetPlanner:
+        """A planner for ``drafter`` on this machine; also applies the product paths to the target."""
+        target.matmul_policy.set(self.few_row_sizes(force_path))
+        entry = self.drafter_entry(target, drafter)
+        hits, trials = np.asarray(entry["hits"]), np.asarray(entry["trials"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prior = np.where(trials > 0, (hits + 0.5) / (trials + 1.0), np.nan)
+        depths = entry["depths"]
+        return BudgetPlanner(verify_cost=interpolate(self.sizes, self.verify_curve(force_path)),
+                             draft_cost=interpolate(depths, entry["draft_seconds"]),
+                             profile=AcceptanceProfile(prior), sizes=self.sizes,
+                             max_depth=drafter.max_planned_depth)
+
+    def describe(self, force_path: str | None = None) -> str:
+        """Fingerprint and cost curve, for ``--explain`` and ``falconspec calibrate``."""
+        info = self.data["fingerprint"]
+        lines = [f"machine: {info.get('processor')} ({info['device']}, {info['threads']} threads, {info['blas']}, "
+                 f"torch {info['torch']}, {info['dtype']}; flags {' '.join(info.get('cpu_flags', [])) or '-'})",
+                 f"calibration: {self.path} ({self.data['verify']['effort']} form"
+                 + (", measured on a busy machine" if self.measured_on_busy_machine() else "") + ")",
+                 "verification cost, ms per forward over n nodes (ratio to one plain step; * = path used):"]
+        chosen, paths = self.chosen_paths(force_path), self.data["verify"]["seconds"]
+        one = paths[STOCK][0]
+        lines.append("  n      " + "".join(f"{n:>8}" for n in self.sizes))
+        for path, seconds in paths.items():
+            cells = "".join(f"{s * 1e3:7.1f}{'*' if chosen[n] == path or n == 1 and path == STOCK else ' '}"
+                            for n, s in zip(self.sizes, seconds))
+            lines.append(f"  {path:<7}{cells}")
+            lines.append("  ratio  " + "".join(f"{s / one:7.2f} " for s in seconds))
+        return "\n".join(lines)
+
+
+def drafter_key(drafter) -> str:
+    """A drafter's identity in the cache: its class, name and, for trained drafters, a hash of its weights."""
+    key = f"{type(drafter).__name__}:{drafter.name}"
+    model = getattr(drafter, "model", None)
+    return key + (f":{model_hash(model)}" if isinstance(model, nn.Module) else "")
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+@torch.no_grad()
+def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
+    """Median seconds of one target forward over n chain nodes on a cached prefix, per product path."""
+    from .tree import Tree
+
+    paths = [STOCK] + ([FEW_ROW] if target.device.type == "cpu" and target.dtype == torch.float32 else [])
+    generator = torch.Generator().manual_seed(0)
+    low, high = min(100, target.vocab_size // 4), max(target.vocab_size - 100, target.vocab_size * 3 // 4)
+    prefix_len = min(effort.prefix, target.max_context - max(effort.sizes) - 2)
+    prefix = torch.randint(low, high, (prefix_len + max(effort.sizes),), generator=generator)
+    saved = target.matmul_policy.few_row_sizes
+    times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in effort.sizes} for p in paths}
+    try:
+        target.prefill(prefix[:prefix_len])
+        for round_index in range(effort.rounds + 1):  # round 0 warms up
+            for n in effort.sizes:
+                tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
+                for path in paths:
+                    target.matmul_policy.set(effort.sizes[1:] if path == FEW_ROW else ())
+                    start = time.perf_counter()
+                    target.forward_tree(tree)
+                    if target.device.type == "cuda":
+                        torch.cuda.synchronize(target.device)
+                    elapsed = time.perf_counter() - start
+                    target.compact([], n)
+                    if round_index:
+                        times[path][n].append(elapsed)
+    finally:
+        target.matmul_policy.set(saved)
+        target.reset()
+    return {"effort": effort.name, "prefix": prefix_len, "rounds": effort.rounds, "sizes": list(effort.sizes),
+            "load_average": os.getloadavg()[0], "busy": busy(),
+            "seconds": {p: [statistics.median(times[p][n]) for n in effort.sizes] for p in paths}}
+
+
+def measure_drafter(target, drafter, effort: Effort = QUICK) -> dict:
+    """Draft cost per depth and acceptance counts per (depth, rank), from short generations with a fixed tree."""
+    from .generate import SpeculativeGenerator
+
+    depths = [d for d in effort.depths if d <= drafter.max_planned_depth] or [drafter.max_planned_depth]
+    hits, trials = np.zeros((MAX_DEPTH, MAX_RANK)), np.zeros((MAX_DEPTH, MAX_RANK))
+    seconds = []
+    saved = (drafter.num_nodes, drafter.depth)
+    generator = SpeculativeGenerator(target, drafter, planner=None)
+    generator.listeners.append(lambda tree, path: _count(tree, path, hits, trials))
+    try:
+        for depth in depths:
+            drafter.set_budget(max(effort.tree, depth + 1), depth)
+            draft_time, cycles = 0.0, 0
+            for prompt in PROMPTS[:effort.prompts]:
+                request = ({"messages": [{"role": "user", "content": prompt}]}
+                           if getattr(target.tokenizer, "chat_template", None) else {"prompt": prompt})
+                out = generator.generate(**request, max_new_tokens=effort.tokens, ignore_eos=True)
+                draft_time += out.stats.draft_time
+                cycles += out.stats.cycles
+            seconds.append(draft_time / max(cycles, 1))
+    finally:
+        drafter.set_budget(*saved)
+    return {"effort": effort.name, "name": drafter.name, "depths": depths, "draft_seconds": seconds,
+            "tree": effort.tree, "hits": hits.tolist(), "trials": trials.tolist()}
+
+
+def _count(tree, path, hits: np.ndarray, trials: np.ndarray) -> None:
+    h, t = tree_trials(tree, path)
+    hits += h
+    trials += t

@@ -1,0 +1,257 @@
+"""The budget planner: how big a tree to verify, and how deep to draft, to maximise tokens per second.
+
+Each cycle commits ``1 + accepted`` tokens and costs ``c(n) + d(D)``: one target forward over ``n`` tree nodes
+(the measured cost curve, :mod:`.calibrate`) plus drafting ``D`` levels deep (the drafter's measured cost). The
+planner picks the plan (n, D) with the highest ``(1 + E[accepted | n, D]) / (c(n) + d(D))``, and plain decoding
+(n = 1: one forward, no drafting) when no tree is expected to beat it.
+
+E[accepted] comes from Sequoia's positional acceptance model (Chen et al., 2024): ``p[d][r]`` is the probability
+that the rank-r child at depth d matches the target's token given that its parent was accepted (rank = order among
+siblings, as the drafter proposes them; depth matters because a k=2 SAR drafter's two block slots and every
+further drafter pass differ). A node is accepted with the product of ``p`` along its path, so the expected number
+of accepted drafts of a tree is the sum of its nodes' path probabilities, and the best tree of n nodes under the
+model is the n - 1 most probable nodes (grown best-first, a node's next sibling and first child becoming
+candidates when it is taken).
+
+``p`` starts from a prior (the drafter's calibration run) and is updated after every verification with the
+acceptances of the current generation (a Beta posterior per cell), so the plan follows the text: it grows while
+the drafter is right and shrinks, down to plain decoding, when it is not. Verification stays exact whatever the
+plan: the planner only decides how much to verify.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .tree import Tree
+
+MAX_DEPTH = 12  # depths the acceptance model tracks (deeper nodes share the last row)
+MAX_RANK = 8  # sibling ranks it tracks (the planner never counts on later siblings)
+PRIOR_STRENGTH = 16.0  # the prior weighs as much as this many observed trials per cell
+DECAY_WITHOUT_DATA = 0.5  # a rank with no data anywhere: this share of the rank before it
+
+
+@dataclass(frozen=True)
+class Plan:
+    num_nodes: int  # tree nodes verified per cycle, root included; 1 = plain decoding
+    depth: int  # deepest drafted level; 0 for plain decoding
+    expected_tokens: float  # committed tokens per cycle, bonus included
+    cycle_seconds: float  # expected seconds per cycle
+
+    @property
+    def plain(self) -> bool:
+        return self.num_nodes == 1
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.expected_tokens / self.cycle_seconds
+
+    def describe(self) -> str:
+        shape = "plain decoding" if self.plain else f"{self.num_nodes} nodes, depth {self.depth}"
+        return f"{shape}: E[tokens/forward] {self.expected_tokens:.2f}, {self.tokens_per_second:.1f} tok/s expected"
+
+
+class AcceptanceProfile:
+    """Per (depth, sibling rank) Beta posterior of the probability that a node matches, given its parent did."""
+
+    def __init__(self, prior: np.ndarray | None = None, strength: float = PRIOR_STRENGTH):
+        """``prior``: [depth, rank] probabilities (any shape up to MAX_DEPTH x MAX_RANK; missing cells are filled
+        from shallower depths, then decayed across ranks). None: an uninformed 0.5 at depth 1, rank 0."""
+        self.prior = complete_prior(prior)
+        self.strength = strength
+        self.hits = np.zeros((MAX_DEPTH, MAX_RANK))
+        self.trials = np.zeros((MAX_DEPTH, MAX_RANK))
+
+    def reset(self) -> None:
+        self.hits[:] = 0
+        self.trials[:] = 0
+
+    def observe(self, tree: Tree, accepted_path: Sequence[int]) -> None:
+        """Record one verification: every node whose parent was accepted is a trial at its (depth, rank)."""
+        hits, trials = tree_trials(tree, accepted_path)
+        self.hits += hits
+        self.trials += trials
+
+    def probabilities(self) -> np.ndarray:
+        """[MAX_DEPTH, MAX_RANK] posterior means, made non-increasing across ranks (a drafter's later candidates are
+        its less likely ones; noise must not make rank 3 look better than rank 2) and summing to at most 1 per
+        depth (at most one sibling can match the target's token)."""
+        first = (self.hits[:, :1] + self.strength * self.prior[:, :1]) / (self.trials[:, :1] + self.strength)
+        # later ranks are rarely verified: their prior moves with the top candidate's evidence at the same depth
+        prior = self.prior * np.where(self.prior[:, :1] > 0, first / np.maximum(self.prior[:, :1], 1e-9), 1.0)
+        prior[:, :1] = self.prior[:, :1]
+        p = (self.hits + self.strength * prior) / (self.trials + self.strength)
+        p = np.minimum.accumulate(np.clip(p, 0.0, 1.0), axis=1)
+        return p / np.maximum(p.sum(axis=1, keepdims=True), 1.0)
+
+    def expected_accepted(self, max_nodes: int, max_depth: int) -> np.ndarray:
+        """[max_nodes + 1] E[accepted drafts] of the best tree of n nodes (root included) at most ``max_depth``
+        deep, for n = 0 .. max_nodes (entries 0 and 1 are 0)."""
+        return best_tree_gains(self.probabilities(), max_nodes, max_depth)
+
+
+def complete_prior(prior: np.ndarray | None) -> np.ndarray:
+    """A full [MAX_DEPTH, MAX_RANK] prior from a partial one: NaN or missing depths copy the depth above, missing
+    ranks decay from the rank before."""
+    full = np.full((MAX_DEPTH, MAX_RANK), np.nan)
+    if prior is not None:
+        prior = np.asarray(prior, dtype=float)
+        d, r = min(prior.shape[0], MAX_DEPTH), min(prior.shape[1], MAX_RANK)
+        full[:d, :r] = prior[:d, :r]
+    if np.isnan(full[0, 0]):
+        full[0, 0] = 0.5
+    for depth in range(MAX_DEPTH):
+        for rank in range(MAX_RANK):
+            if not np.isnan(full[depth, rank]):
+                continue
+            if depth > 0 and not np.isnan(full[depth - 1, rank]):
+                full[depth, rank] = full[depth - 1, rank]
+            else:
+                full[depth, rank] = DECAY_WITHOUT_DATA * full[depth, rank - 1]
+    return np.clip(full, 0.0, 1.0)
+
+
+def tree_trials(tree: Tree, accepted_path: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """[MAX_DEPTH, MAX_RANK] hit and trial counts of one verified tree (see :class:`AcceptanceProfile`)."""
+    hits, trials = np.zeros((MAX_DEPTH, MAX_RANK)), np.zeros((MAX_DEPTH, MAX_RANK))
+    accepted = set(accepted_path)
+    for parent in accepted:
+        for rank, child in enumerate(tree.children[parent].values()):  # children in node order = drafter's order
+            cell = (min(tree.depth[child], MAX_DEPTH) - 1, min(rank, MAX_RANK - 1))
+            trials[cell] += 1
+            hits[cell] += child in accepted
+    return hits, trials
+
+
+def best_tree_gains(p: np.ndarray, max_nodes: int, max_depth: int) -> np.ndarray:
+    """Cumulative path probabilities of the best-first tree under the positional model ``p`` [depth, rank]."""
+    gains = np.zeros(max_nodes + 1)
+    if max_depth < 1 or max_nodes < 2:
+        return gains
+    rows, cols = p.shape
+    # heap entries: (-path probability, depth, rank, parent path probability)
+    heap = [(-p[0, 0], 1, 0, 1.0)]
+    total = 0.0
+    for n in range(2, max_nodes + 1):
+        if not heap:
+            gains[n:] = total
+            break
+        neg, depth, rank, parent = heapq.heappop(heap)
+        total += -neg
+        gains[n] = total
+        if rank + 1 < cols:
+            sibling = parent * p[min(depth, rows) - 1, rank + 1]
+            if sibling > 0:
+                heapq.heappush(heap, (-sibling, depth, rank + 1, parent))
+        if depth < max_depth:
+            child = -neg * p[min(depth + 1, rows) - 1, 0]
+            if child > 0:
+                heapq.heappush(heap, (-child, depth + 1, 0, -neg))
+    return gains
+
+
+@dataclass
+class PlanChange:
+    cycle: int
+    plan: Plan
+
+
+@dataclass
+class BudgetPlanner:
+    """Chooses a :class:`Plan` from the cost of verification, the cost of drafting and the acceptance profile.
+
+    ``verify_cost(n)``: seconds of one target forward over n nodes (n = 1: a plain step); ``draft_cost(d)``:
+    seconds of drafting d levels deep, the drafter's update included; ``sizes``: tree sizes to consider (the
+    calibrated ones); ``max_depth``: the deepest the drafter can draft.
+    """
+
+    verify_cost: Callable[[int], float]
+    draft_cost: Callable[[int], float]
+    profile: AcceptanceProfile
+    sizes: Sequence[int]
+    max_depth: int
+    replan_every: int = 1
+    history: list[PlanChange] = field(default_factory=list)
+    fell_back: bool = False
+    _cycle: int = 0
+    _current: Plan | None = None
+
+    def __post_init__(self) -> None:
+        sizes = sorted({int(n) for n in self.sizes if n >= 1} | {1})
+        if self.max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
+        self.sizes = sizes
+        self._verify = {n: float(self.verify_cost(n)) for n in sizes}
+        self._draft = {d: float(self.draft_cost(d)) for d in range(1, self.max_depth + 1)}
+        if any(not math.isfinite(v) or v <= 0 for v in self._verify.values()):
+            raise ValueError(f"verification costs must be positive and finite, got {self._verify}")
+        if any(not math.isfinite(v) or v < 0 for v in self._draft.values()):
+            raise ValueError(f"drafting costs must be >= 0 and finite, got {self._draft}")
+
+    # ---------------------------------------------------------------- per generation
+    def start(self) -> Plan:
+        """Begin a generation from the prior; returns the first plan."""
+        self.profile.reset()
+        self.history, self.fell_back, self._cycle = [], False, 0
+        self._current = None
+        return self._replan()
+
+    @property
+    def current(self) -> Plan:
+        return self._current if self._current is not None else self._replan()
+
+    def observe(self, tree: Tree, accepted_path: Sequence[int]) -> Plan:
+        """Learn one verification and return the plan for the next cycle."""
+        self.profile.observe(tree, accepted_path)
+        self._cycle += 1
+        if self._cycle % self.replan_every == 0:
+            self._replan()
+        return self._current
+
+    def _replan(self) -> Plan:
+        plan = self.best_plan()
+        if self._current is None or (plan.num_nodes, plan.depth) != (self._current.num_nodes, self._current.depth):
+            self.history.append(PlanChange(self._cycle, plan))
+        self._current = plan
+        self.fell_back = plan.plain
+        return plan
+
+    # ---------------------------------------------------------------- the choice
+    def candidates(self) -> list[Plan]:
+        """Every plan considered, plain decoding first."""
+        plans = [Plan(1, 0, 1.0, self._verify[1])]
+        largest = max(self.sizes)
+        for depth in range(1, self.max_depth + 1):
+            gains = self.profile.expected_accepted(largest, depth)
+            for n in self.sizes:
+                if n >= 2 and n - 1 >= depth:  # a tree of n nodes reaches depth n - 1 at most
+                    plans.append(Plan(n, depth, 1.0 + gains[n], self._verify[n] + self._draft[depth]))
+        return plans
+
+    def best_plan(self) -> Plan:
+        """The candidate with the most expected tokens per second (plain decoding wins ties)."""
+        return max(self.candidates(), key=lambda plan: (plan.tokens_per_second, plan.plain))
+
+
+def interpolate(sizes: Sequence[int], values: Sequence[float]) -> Callable[[int], float]:
+    """A cost function from measured points: linear between them, linear extrapolation beyond the last two."""
+    xs, ys = np.asarray(sizes, dtype=float), np.asarray(values, dtype=float)
+    order = np.argsort(xs)
+    xs, ys = xs[order], ys[order]
+    if len(xs) == 0:
+        raise ValueError("a cost curve needs at least one measured point")
+
+    def cost(n: int) -> float:
+        if len(xs) == 1:
+            return float(ys[0])
+        if n > xs[-1]:
+            slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+            return float(ys[-1] + slope * (n - xs[-1]))
+        return float(np.interp(n, xs, ys))
+
+    return cost

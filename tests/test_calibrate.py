@@ -1,0 +1,128 @@
+"""Calibration: measured costs, the per-size path choice, the cache keyed by fingerprint, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from falconspec import SpeculativeGenerator, calibrate
+from falconspec.calibrate import FORMAT, Calibration, Effort, fingerprint, model_hash
+from falconspec.cli import main
+from falconspec.drafters import make_drafter
+from falconspec.testing import save_tiny_model, tiny_target
+
+TINY = Effort("quick", (1, 2, 4), 2, 16, (1, 2), 1, 8, 6)
+
+
+@pytest.fixture()
+def calibration_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FALCONSPEC_CALIBRATION_DIR", str(tmp_path / "calibration"))
+    monkeypatch.delenv("FALCONSPEC_CALIBRATION", raising=False)
+    monkeypatch.delenv("FALCONSPEC_RECALIBRATE", raising=False)
+    return tmp_path / "calibration"
+
+
+def test_calibration_is_measured_once_then_reused(llama, calibration_dir, monkeypatch):
+    first = Calibration.for_target(llama, TINY)
+    assert first.path.parent == calibration_dir and first.path.is_file()
+    data = json.loads(first.path.read_text())
+    assert data["format"] == FORMAT and data["fingerprint"] == fingerprint(llama)
+    assert set(data["verify"]["seconds"]) == {"stock", "few-row"}  # float32 on CPU: both paths timed
+    assert all(len(v) == len(TINY.sizes) and min(v) > 0 for v in data["verify"]["seconds"].values())
+
+    def refuse(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(calibrate, "measure_verify_cost", refuse)
+    monkeypatch.setattr(calibrate, "busy", lambda: True)
+    assert Calibration.for_target(llama, TINY).data == first.data
+    monkeypatch.setenv("FALCONSPEC_RECALIBRATE", "1")
+    with pytest.raises(AssertionError, match="measured again"):
+        Calibration.for_target(llama, TINY)
+
+
+def test_bf16_times_only_the_stock_path(calibration_dir):
+    target = tiny_target("llama", seed=3, dtype=torch.bfloat16)
+    calibration = Calibration.for_target(target, TINY)
+    assert set(calibration.data["verify"]["seconds"]) == {"stock"}
+    assert calibration.few_row_sizes() == []
+
+
+def injected(stock, few_row, sizes=(1, 2, 4)) -> Calibration:
+    return Calibration({"format": FORMAT, "fingerprint": {}, "drafters": {},
+                        "verify": {"effort": "quick", "sizes": list(sizes),
+                                   "seconds": {"stock": list(stock), "few-row": list(few_row)}}})
+
+
+def test_the_faster_path_is_kept_per_size():
+    calibration = injected([0.010, 0.020, 0.012], [0.010, 0.015, 0.030])
+    assert calibration.chosen_paths()[2] == "few-row" and calibration.chosen_paths()[4] == "stock"
+    assert calibration.few_row_sizes() == [2]
+    assert calibration.verify_curve() == [0.010, 0.015, 0.012]
+    assert calibration.few_row_sizes("stock") == [] and calibration.few_row_sizes("few-row") == [2, 4]
+    assert calibration.verify_curve("few-row") == [0.010, 0.015, 0.030]
+    with pytest.raises(ValueError, match="not measured"):
+        calibration.chosen_paths("gpu-magic")
+
+
+def test_planner_applies_the_chosen_paths_to_target_and_drafter(llama, calibration_dir):
+    calibration = injected([0.010, 0.020, 0.012], [0.010, 0.015, 0.030])
+    calibration.path = calibration_dir / "injected.json"
+    drafter = make_drafter("pld", llama)
+    planner = calibration.planner(llama, drafter)
+    assert llama.matmul_policy.few_row_sizes == {2}
+    assert planner.sizes == [1, 2, 4] and calibration.data["drafters"]  # the drafter was calibrated and cached
+    llama.matmul_policy.set(())
+
+
+def test_explicit_calibration_file(llama, calibration_dir, monkeypatch, tmp_path):
+    calibration = Calibration.for_target(llama, TINY)
+    copy = tmp_path / "mine.json"
+    copy.write_text(calibration.path.read_text())
+    monkeypatch.setenv("FALCONSPEC_CALIBRATION", str(copy))
+    assert Calibration.for_target(llama).path == copy
+    monkeypatch.setenv("FALCONSPEC_CALIBRATION", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        Calibration.for_target(llama)
+
+
+def test_a_calibration_of_another_format_is_refused():
+    with pytest.raises(ValueError, match="recalibrate"):
+        Calibration({"format": FORMAT + 1})
+
+
+def test_model_hash_follows_the_weights():
+    a, b = tiny_target("llama", seed=0), tiny_target("llama", seed=0)
+    assert model_hash(a.model) == model_hash(b.model)
+    with torch.no_grad():
+        next(b.model.parameters()).view(-1)[0] += 1.0
+    assert model_hash(a.model) != model_hash(b.model)
+
+
+def test_generator_calibrates_a_planned_drafter_once(llama, calibration_dir, monkeypatch):
+    first = SpeculativeGenerator(llama, make_drafter("pld", llama))
+    assert first.planner is not None and len(first.calibration.data["drafters"]) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(calibrate, "measure_drafter", refuse)
+    monkeypatch.setattr(calibrate, "measure_verify_cost", refuse)
+    second = SpeculativeGenerator(llama, make_drafter("pld", llama))
+    out = second.generate(prompt="abc abc abc", max_new_tokens=12, ignore_eos=True)
+    assert out.token_ids == SpeculativeGenerator(llama).generate(prompt="abc abc abc", max_new_tokens=12,
+                                                                 ignore_eos=True).token_ids
+    assert out.stats.plans  # the planner ran
+    llama.matmul_policy.set(())
+
+
+def test_cli_calibrate_and_explain(tmp_path, calibration_dir, capsys):
+    model = save_tiny_model(tmp_path / "tiny")
+    assert main(["calibrate", "--model", str(model), "--quick", "--drafters", "pld"]) == 0
+    out = capsys.readouterr().out
+    assert "verification cost" in out and "pld: draft ms per cycle" in out
+    assert main(["generate", "--model", str(model), "--drafter", "pld", "--explain", "--max-new-tokens", "8",
+                 "abcabc"]) == 0
+    err = capsys.readouterr().err
+    assert "machine:" in err and "first plan:" in err and "cycle" in err
+    assert main(["generate", "--model", str(model), "--drafter", "none", "--num-nodes", "4", "x"]) == 2

@@ -1,0 +1,153 @@
+"""The budget planner: expected acceptance of the best tree, the choice of plan on injected machines, fallback."""
+
+import itertools
+
+import numpy as np
+import pytest
+from falconspec import SpeculativeGenerator
+from falconspec.drafters import make_drafter
+from falconspec.planner import (MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, best_tree_gains,
+                                complete_prior, interpolate, tree_trials)
+from falconspec.tree import Tree
+
+
+def brute_force_best(p: np.ndarray, n: int, max_depth: int, max_rank: int = 3) -> float:
+    """Max over every parent- and sibling-closed tree of n nodes of the sum of path probabilities."""
+    paths = [path for d in range(1, max_depth + 1) for path in itertools.product(range(max_rank), repeat=d)]
+
+    def value(path):
+        return float(np.prod([p[d, r] for d, r in enumerate(path)]))
+
+    best = 0.0
+    for chosen in itertools.combinations(paths, n - 1):
+        chosen_set = set(chosen)
+        closed = all((len(q) == 1 or q[:-1] in chosen_set) and (q[-1] == 0 or q[:-1] + (q[-1] - 1,) in chosen_set)
+                     for q in chosen)
+        if closed:
+            best = max(best, sum(value(q) for q in chosen))
+    return best
+
+
+@pytest.mark.parametrize("max_depth,max_nodes", [(1, 5), (2, 5), (3, 4)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_best_tree_gains_match_brute_force(max_depth, max_nodes, seed):
+    rng = np.random.default_rng(seed)
+    p = np.sort(rng.uniform(0.05, 0.9, size=(MAX_DEPTH, MAX_RANK)), axis=1)[:, ::-1]  # non-increasing in rank
+    gains = best_tree_gains(p, max_nodes, max_depth)
+    for n in range(2, max_nodes + 1):
+        assert gains[n] == pytest.approx(brute_force_best(p, n, max_depth, max_rank=n - 1))
+
+
+def test_tree_trials_count_children_of_accepted_nodes():
+    # root -> a (rank 0), b (rank 1); a -> c (rank 0); accepted path root, b
+    tree = Tree((0, 1, 2, 3), (-1, 0, 0, 1))
+    hits, trials = tree_trials(tree, [0, 2])
+    assert trials[0, 0] == 1 and trials[0, 1] == 1 and hits[0, 1] == 1 and hits[0, 0] == 0
+    assert trials[1].sum() == 0  # c's parent a was rejected: not a trial
+
+
+def test_prior_is_completed_downwards_and_across_ranks():
+    prior = complete_prior(np.array([[0.8, 0.1], [0.6, np.nan]]))
+    assert prior[0, 0] == 0.8 and prior[1, 1] == pytest.approx(0.1)  # copied from the depth above
+    assert prior[5, 0] == 0.6  # deeper depths copy the deepest measured one
+    assert prior[0, 2] == pytest.approx(0.05)  # decays across ranks without data
+
+
+def chain_profile(p_first: float, p_rest: float = 0.0) -> AcceptanceProfile:
+    prior = np.full((MAX_DEPTH, MAX_RANK), p_rest)
+    prior[:, 0] = p_first
+    return AcceptanceProfile(prior, strength=1e6)
+
+
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def planner_for(costs_ms: dict, draft_ms_per_level: float, profile: AcceptanceProfile,
+                max_depth: int = 8) -> BudgetPlanner:
+    sizes = sorted(costs_ms)
+    verify = interpolate(sizes, [costs_ms[n] / 1e3 for n in sizes])
+    return BudgetPlanner(verify, lambda d: draft_ms_per_level * d / 1e3, profile, SIZES, max_depth)
+
+
+def test_free_rows_verify_the_biggest_tree():
+    planner = planner_for({n: 10.0 for n in SIZES}, 0.0, chain_profile(0.7, 0.2))
+    plan = planner.start()
+    assert plan.num_nodes == 32 and not plan.plain
+
+
+def test_rows_that_cost_twice_a_step_fall_back_to_plain_decoding():
+    costs = {1: 10.0, **{n: 20.0 for n in SIZES if n > 1}}
+    # per depth at most 0.3 + 7 * 0.02 = 0.44 matches, so E[accepted] <= 0.44 / (1 - 0.44) < 1: 2x never pays
+    planner = planner_for(costs, 0.5, chain_profile(0.3, 0.02))
+    assert planner.start().plain and planner.fell_back
+    assert planner.history[0].plan.plain
+
+
+def test_the_issue_machine_picks_the_closed_form_optimum():
+    # the Xeon of issue 11, stock F.linear in float32 (ms), and a perfect-chain drafter accepted 90% per level
+    costs = {1: 30.5, 2: 33.5, 4: 47.8, 8: 55.6, 16: 62.4, 32: 74.2}
+    per_level = 2.0
+    planner = planner_for(costs, per_level, chain_profile(0.9), max_depth=8)
+    verify = interpolate(sorted(costs), [costs[n] for n in sorted(costs)])
+    best = max(((1 + sum(0.9 ** d for d in range(1, depth + 1))) / (verify(n) + per_level * depth), n, depth)
+               for n in SIZES if n >= 2 for depth in range(1, min(n - 1, 8) + 1))
+    plan = planner.start()
+    assert (plan.num_nodes, plan.depth) == (best[1], best[2])
+    assert plan.tokens_per_second * 1e-3 == pytest.approx(best[0])
+    assert not plan.plain
+
+
+def test_the_plan_follows_the_acceptances_of_the_generation():
+    costs = {1: 10.0, 2: 11.0, 4: 12.0, 8: 14.0, 16: 18.0, 32: 26.0}
+    planner = planner_for(costs, 0.5, AcceptanceProfile(np.array([[0.9, 0.3]] * 8), strength=4.0))
+    first = planner.start()
+    assert not first.plain and first.num_nodes >= 4
+    chain = Tree.chain(0, [1, 2, 3])
+    for _ in range(40):  # the drafter is never right
+        plan = planner.observe(chain, [0])
+    assert plan.plain and planner.fell_back
+    assert [c.plan.plain for c in planner.history][-1] and len(planner.history) >= 2
+
+
+def test_costs_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        BudgetPlanner(lambda n: 0.0, lambda d: 0.0, AcceptanceProfile(), SIZES, 4)
+
+
+def test_generator_decodes_plainly_when_the_planner_says_so(llama):
+    costs = {1: 10.0, **{n: 40.0 for n in SIZES if n > 1}}
+    planner = planner_for(costs, 1.0, chain_profile(0.5, 0.1))
+    drafter = make_drafter("pld", llama)
+    assert drafter.planned
+    request = dict(prompt="one two one two one two one", max_new_tokens=24, ignore_eos=True)
+    plain = SpeculativeGenerator(llama).generate(**request)
+    out = SpeculativeGenerator(llama, drafter, planner=planner).generate(**request)
+    assert out.token_ids == plain.token_ids
+    assert out.stats.drafted_tokens == 0 and out.stats.fell_back
+    assert out.stats.plans[0]["num_nodes"] == 1
+
+
+def test_generator_follows_an_injected_plan_and_stays_exact(llama):
+    costs = {n: 10.0 for n in SIZES}  # rows are free: the biggest tree
+    planner = planner_for(costs, 0.0, chain_profile(0.9, 0.5))
+    drafter = make_drafter("pld", llama, min_ngram=1)
+    request = dict(prompt="abc abc abc abc abc", max_new_tokens=32, ignore_eos=True)
+    plain = SpeculativeGenerator(llama).generate(**request)
+    generator = SpeculativeGenerator(llama, drafter, planner=planner)
+    seen = []
+    generator.listeners.append(lambda tree, path: seen.append(tree.num_nodes))
+    out = generator.generate(**request)
+    assert out.token_ids == plain.token_ids
+    assert out.stats.plans[0]["num_nodes"] == 32 and not out.stats.fell_back
+    assert (drafter.num_nodes, drafter.depth) == (32, planner.current.depth)  # the drafter got the plan's budget
+    assert max(seen) <= 32
+    assert len(out.token_depths) == len(out.token_ids)
+    assert sum(d > 0 for d in out.token_depths) == out.stats.accepted_tokens
+
+
+def test_explicit_budget_is_not_planned(llama):
+    drafter = make_drafter("pld", llama, num_nodes=3)
+    generator = SpeculativeGenerator(llama, drafter)
+    assert not drafter.planned and generator.planner is None
+    out = generator.generate(prompt="abab abab abab", max_new_tokens=16, ignore_eos=True)
+    assert out.stats.plans == [] and out.stats.plan_summary == "fixed"
