@@ -564,7 +564,7 @@ def test_a_10_mb_body_is_cut_off_while_health_stays_fast(server):
             while sent < 10_000_000:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
                 sent += len(piece)
-                time.sleep(0.002)
+                time.sleep(0.02)  # ~0.35 s to reach the limit: /health is asked meanwhile
             sock.sendall(b"0\r\n\r\n")
         sent_all.set()
 

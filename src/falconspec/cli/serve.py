@@ -39,8 +39,8 @@ def register(subparsers) -> None:
                         help="most tokens one request may generate, and what a request without max_tokens gets "
                              "(default: a quarter of the context, at most 2048)")
     limits.add_argument("--request-timeout", type=float, default=300.0,
-                        help="seconds from a request's arrival (queue wait included) until it is given up: 504, or "
-                             "an error event on a stream; 0 = none (default: %(default)s)")
+                        help="seconds from a request's admission (queue wait included) until it is given up: 504, "
+                             "or an error event on a stream; 0 = none (default: %(default)s)")
     limits.add_argument("--max-body-bytes", type=int, default=None,
                         help="largest request body; larger ones get 413 before they are read (default: 32 bytes per "
                              "context token, at least 1 MiB)")
