@@ -132,7 +132,7 @@ class TargetModel:
     @property
     def chat_roles(self) -> frozenset[str]:
         """Message roles the chat template takes: system, user and assistant, plus tool if the template names it."""
-        template = getattr(self.tokenizer, "chat_template", None) or ""
+        template = str(getattr(self.tokenizer, "chat_template", None) or "")  # a dict of named templates too
         tool = re.search(r"""['"]tool['"]""", template) is not None
         return frozenset({"system", "user", "assistant"} | ({"tool"} if tool else set()))
 
