@@ -5,7 +5,9 @@ This is the only module that touches the KV cache's internals. One sequence at a
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -125,8 +127,26 @@ class TargetModel:
             layer.values = layer.values.index_select(-2, keep)
 
     # ---------------------------------------------------------------- text
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a plain-text prompt, or of chat messages through the tokenizer's own chat template."""
+    @property
+    def chat_roles(self) -> frozenset[str]:
+        """Message roles the chat template takes: system, user and assistant, plus tool if the template names it."""
+        template = str(getattr(self.tokenizer, "chat_template", None) or "")  # a dict of named templates too
+        tool = re.search(r"""['"]tool['"]""", template) is not None
+        return frozenset({"system", "user", "assistant"} | ({"tool"} if tool else set()))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's string length: a text of n characters has at least n / max_token_chars tokens."""
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=1) or 1
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None, *,
+               special_tokens_in_content: bool = False) -> list[int]:
+        """Token ids of a plain-text prompt, or of chat messages through the tokenizer's own chat template.
+
+        In chat messages, special tokens (``<|im_start|>`` ...) written in the content are text, not control tokens,
+        unless ``special_tokens_in_content`` (only the template writes control tokens, as in vLLM and the OpenAI API;
+        messages without special tokens encode exactly as without this rule). A plain prompt is encoded as given.
+        """
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
         if messages is not None:
@@ -137,8 +157,25 @@ class TargetModel:
                     raise ValueError(f"each message needs string 'role' and 'content' fields, got {m!r}")
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError(f"model {self.name!r} has no chat template: pass a plain prompt instead")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            options = {}
+            if not special_tokens_in_content and self._has_added_tokens(m["content"] for m in messages):
+                if not _SANITIZES_CONTROL_TOKENS:
+                    raise ValueError("message content holds special tokens, and this transformers version cannot "
+                                     "encode them as text (sanitize_control_tokens needs transformers >= 5.24)")
+                options["sanitize_control_tokens"] = True  # transformers encodes them as text
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False, **options)
             return list(ids)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def _has_added_tokens(self, texts) -> bool:
+        """Whether any text holds an added token (the special ones, and the rest, which transformers sanitizes too
+        when the template writes them)."""
+        added = list(self.tokenizer.added_tokens_encoder)
+        return any(token in text for text in texts for token in added)
+
+
+_SANITIZES_CONTROL_TOKENS = "sanitize_control_tokens" in inspect.signature(
+    PreTrainedTokenizerBase.apply_chat_template).parameters

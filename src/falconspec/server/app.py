@@ -1,14 +1,20 @@
 """The FastAPI app: OpenAI-compatible routes over one ``SpeculativeGenerator``.
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /health`` and ``GET /metrics`` (Prometheus). Requests are validated and tokenized on the event loop,
-then queued for the worker thread (see scheduler.py); a client that disconnects cancels its generation.
+``GET /health`` and ``GET /metrics`` (Prometheus). Requests pass ``Guard`` (guard.py: Host, API key, body size,
+read timeout, last-resort 500), are validated and tokenized on a tokenizer thread (long prompts never block the event
+loop), then queued for the generation worker (see scheduler.py). A client that disconnects cancels its generation;
+so does its deadline (``request_timeout``) and a shutdown, which end an open stream with an error event and
+``data: [DONE]``. Limits and security options: settings.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -17,10 +23,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..generate import SpeculativeGenerator
 from .errors import APIError, install_error_handlers
+from .guard import Guard
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, PreparedRequest, prepare_chat, prepare_completion
 from .responses import ResponseBuilder, sse
-from .scheduler import Job, QueueFullError, Scheduler
+from .scheduler import Job, QueueFullError, RequestTimeoutError, Scheduler, ShuttingDownError
+from .settings import ServerSettings
+
+log = logging.getLogger("falconspec.server")
 
 DISCONNECT_POLL_SECONDS = 0.25
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
@@ -30,8 +40,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class OpenAIServer:
     """The state behind the routes: one generator, its scheduler and its metrics."""
 
-    def __init__(self, generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16):
+    def __init__(self, generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16,
+                 settings: ServerSettings | None = None):
         self.generator = generator
+        self.settings = (settings or ServerSettings()).resolve(generator.target.max_context)
         self.model_name = model_name or generator.target.name
         self.drafter_name = generator.drafter.name
         self.metrics = ServerMetrics(self.model_name, self.drafter_name)
@@ -39,6 +51,9 @@ class OpenAIServer:
         self.metrics.track_queue(lambda: self.scheduler.num_running, lambda: self.scheduler.num_waiting)
         self.created = int(time.time())
         self._watchers: set[asyncio.Task] = set()
+        # one thread: requests are tokenized one at a time, off the event loop (a tokenizer is not meant to be
+        # driven from several threads at once: transformers sets backend flags per call)
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="falconspec-tokenize")
 
     # ---------------------------------------------------------------- plain routes
     def model_card(self) -> dict:
@@ -57,12 +72,16 @@ class OpenAIServer:
     # ---------------------------------------------------------------- generation
     async def complete(self, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
         self.check_model(body.model)
-        target = self.generator.target
+        request_id = request.state.request_id
+        target, settings = self.generator.target, self.settings
         if isinstance(body, ChatCompletionRequest):
-            kind, prepared = "chat", prepare_chat(body, target)
+            kind = "chat"
+            prepare = functools.partial(prepare_chat, body, target, settings.max_tokens_limit,
+                                        settings.allow_special_tokens_in_content)
         else:
-            kind, prepared = "completion", prepare_completion(body, target)
-        job = self._submit(prepared)
+            kind, prepare = "completion", functools.partial(prepare_completion, body, target, settings.max_tokens_limit)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, prepare)
+        job = self._submit(prepared, request_id)
         self._watch_disconnect(request, job)
         builder = ResponseBuilder(kind, self.model_name, self.drafter_name)
         if prepared.stream:
@@ -73,21 +92,29 @@ class OpenAIServer:
             async for chunk in self.scheduler.results(job):
                 text.append(chunk.text)
                 last = chunk
+        except asyncio.CancelledError:
+            log.info("request %s: cancelled while generating", request_id)
+            raise
         except Exception as err:
-            raise _generation_error(err) from err
+            raise _generation_error(err, request_id) from err
         if last is None or last.finish_reason is None:  # cancelled: the client has gone away
             raise APIError(499, "the request was cancelled before it finished", code="cancelled")
         return JSONResponse(builder.full("".join(text), last.finish_reason, last.stats))
 
-    def _submit(self, prepared: PreparedRequest) -> Job:
+    def _submit(self, prepared: PreparedRequest, request_id: str) -> Job:
         try:
-            return self.scheduler.submit(prepared.stream_kwargs())
+            return self.scheduler.submit(prepared.stream_kwargs(), request_id, self.settings.request_timeout)
+        except ShuttingDownError as err:
+            raise _generation_error(err, request_id) from err
         except QueueFullError as err:
             raise APIError(429, str(err), type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from err
 
     async def _events(self, job: Job, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
-        """The SSE stream: chat role opener, text chunks, the final chunk with statistics, ``[DONE]``."""
+        """The SSE stream: chat role opener, text chunks, the final chunk, the usage chunk if asked for, ``[DONE]``.
+
+        ``usage`` comes once: on the ``include_usage`` chunk (``choices: []``) if asked for, else on the final chunk.
+        """
         if builder.kind == "chat":
             yield sse(builder.chunk(role=True))
         try:
@@ -95,12 +122,22 @@ class OpenAIServer:
                 if chunk.text:
                     yield sse(builder.chunk(chunk.text))
                 if chunk.finish_reason is not None:
-                    yield sse(builder.chunk(finish_reason=chunk.finish_reason, stats=chunk.stats))
+                    yield sse(builder.chunk(finish_reason=chunk.finish_reason, stats=chunk.stats,
+                                            with_usage=not include_usage))
                     if include_usage:
                         yield sse(builder.usage_chunk(chunk.stats))
+        except asyncio.CancelledError:  # the connection is going away: nothing more can be sent
+            log.info("request %s: stream cancelled", job.request_id)
+            raise
         except Exception as err:  # the status line is sent already: report in the stream, as vLLM does
-            yield sse(_generation_error(err).body())
+            log.info("request %s: stream ended with an error event (%s)", job.request_id, type(err).__name__)
+            yield sse(_generation_error(err, job.request_id).body())
         yield sse("[DONE]")
+
+    def shutdown(self) -> None:
+        """End every generation (blocking; any thread): waiting requests and the running one get a 503 (an error
+        event and ``[DONE]`` on a stream), and no new request is admitted."""
+        self.scheduler.stop()
 
     def _watch_disconnect(self, request: Request, job: Job) -> None:
         """Cancel ``job`` if its client disconnects (checked every DISCONNECT_POLL_SECONDS until it is done)."""
@@ -117,13 +154,18 @@ class OpenAIServer:
         task.add_done_callback(self._watchers.discard)
 
 
-def _generation_error(err: Exception) -> APIError:
+def _generation_error(err: Exception, request_id: str) -> APIError:
+    """The answer for a failed generation; an unexpected error's text stays in the log (scheduler.py logs it)."""
+    if isinstance(err, ShuttingDownError):
+        return APIError(503, str(err), type="server_error", code="server_shutting_down")
     if isinstance(err, QueueFullError):
         return APIError(503, str(err), type="server_error", code="unavailable")
-    if isinstance(err, ValueError):
+    if isinstance(err, RequestTimeoutError):
+        return APIError(504, str(err), type="server_error", code="request_timeout")
+    if isinstance(err, ValueError):  # the generator's argument checks
         return APIError(400, str(err))
-    return APIError(500, f"generation failed ({type(err).__name__}): {err}", type="server_error",
-                    code="generation_failed")
+    return APIError(500, f"generation failed (request id {request_id}); the details are in the server log",
+                    type="server_error", code="generation_failed")
 
 
 class _CountRequests:
@@ -153,26 +195,32 @@ class _CountRequests:
 
 
 def create_app(generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16,
-               worker_thread: bool = True) -> FastAPI:
+               worker_thread: bool = True, settings: ServerSettings | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``generator`` as ``model_name`` (default: the target's name).
 
-    At most ``max_queue`` requests wait behind the one being generated; more get a 429. With
-    ``worker_thread=False`` the app starts no generation worker: call ``app.state.server.scheduler.run_forever()``
-    from the thread that should generate (see scheduler.py for why ``falconspec serve`` uses the main thread).
+    At most ``max_queue`` requests wait behind the one being generated; more get a 429. ``settings``: limits and
+    security options (default ``ServerSettings()``). With ``worker_thread=False`` the app starts no generation
+    worker: call ``app.state.server.scheduler.run_forever()`` from the thread that should generate (see
+    scheduler.py for why ``falconspec serve`` uses the main thread). Run it with ``guard.make_server`` to get the
+    header read timeout and streams that end cleanly on shutdown.
     """
-    server = OpenAIServer(generator, model_name, max_queue)
+    server = OpenAIServer(generator, model_name, max_queue, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if worker_thread:
             server.scheduler.start()
         yield
-        await asyncio.to_thread(server.scheduler.stop)
+        await asyncio.to_thread(server.shutdown)
+        server._tokenizer_thread.shutdown(wait=False)
 
+    docs = server.settings.docs
     app = FastAPI(title="falconspec", description="OpenAI-compatible speculative decoding server",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.server = server
-    app.add_middleware(_CountRequests, metrics=server.metrics)
+    app.add_middleware(Guard, settings=server.settings)
+    app.add_middleware(_CountRequests, metrics=server.metrics)  # added last, so outermost: counts Guard's answers too
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions")

@@ -1,7 +1,8 @@
 """OpenAI-shaped errors: every failure answers ``{"error": {"message", "type", "param", "code"}}``.
 
 FastAPI's own errors (422 validation errors, 404 unknown path, 405 wrong method) are reshaped too; request
-validation errors become 400s, as in the OpenAI API.
+validation errors become 400s, as in the OpenAI API. Unexpected exceptions are answered by ``Guard`` (guard.py) with
+a generic 500 and a request id: their text goes to the log, never to the client.
 """
 
 from __future__ import annotations
@@ -65,8 +66,3 @@ def install_error_handlers(app: FastAPI) -> None:
                  405: (f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")}
         message, code = known.get(err.status_code, (str(err.detail), None))
         return APIError(err.status_code, message, code=code, headers=err.headers).response()
-
-    @app.exception_handler(Exception)  # Starlette re-raises it afterwards, so uvicorn logs the traceback
-    async def _internal(request: Request, err: Exception) -> JSONResponse:
-        return APIError(500, f"internal server error ({type(err).__name__}): {err}", type="server_error",
-                        code="internal_error").response()

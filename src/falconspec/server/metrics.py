@@ -30,7 +30,8 @@ class ServerMetrics:
             {"model": model, "drafter": drafter})
         self.requests = Counter("requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
                                 namespace=ns, registry=registry)
-        self.finished = Counter("requests_finished", "generations by outcome: stop, length, cancelled, error",
+        self.finished = Counter("requests_finished",
+                                "generations by outcome: stop, length, cancelled, timeout, shutdown, error",
                                 ["outcome"], namespace=ns, registry=registry)
         self.prompt_tokens = Counter("prompt_tokens", "prompt tokens of completed generations", namespace=ns,
                                      registry=registry)

@@ -4,10 +4,16 @@ Types are checked strictly by pydantic (``"0.5"`` is not a temperature); values 
 request is queued, with OpenAI parameter names in the messages, so a streaming request fails with a 400 rather
 than with an error event after a 200. The generator checks everything again.
 
-Defaults follow OpenAI: ``temperature`` 1.0 (send 0 for greedy), ``top_p`` 1.0, ``n`` 1, and no ``max_tokens``
-means "up to the end of the context". ``top_k`` and ``ignore_eos`` are extensions, as in vLLM. OpenAI
+Defaults follow OpenAI: ``temperature`` 1.0 (send 0 for greedy; below 1e-5 is greedy too), ``top_p`` 1.0, ``n`` 1.
+No ``max_tokens`` means the server's ``max_tokens_limit`` (``--max-tokens-limit``), or the rest of the context if
+that is shorter; a larger ``max_tokens`` is refused. ``top_k`` and ``ignore_eos`` are extensions, as in vLLM. OpenAI
 parameters this server does not implement (penalties, logprobs, tools, ...) are refused unless left neutral;
 fields it does not know are ignored.
+
+Chat roles are system, user and assistant (``developer``, OpenAI's newer name for system, is taken as system), and
+tool if the chat template knows it. Special tokens in message content are text, not control tokens, unless the server
+allows them (``--allow-special-tokens-in-content``); a plain completions prompt is encoded as given. Text must be
+valid Unicode: a lone surrogate (``"\\ud800"`` in JSON) is refused with a 400.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..target import TargetModel
 from .errors import bad_request
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 # parameters refused unless they hold one of these neutral values (or are absent / null)
 UNSUPPORTED = {
@@ -112,21 +119,32 @@ class PreparedRequest:
                 "ignore_eos": self.ignore_eos}
 
 
-def prepare_chat(req: ChatCompletionRequest, target: TargetModel) -> PreparedRequest:
+def prepare_chat(req: ChatCompletionRequest, target: TargetModel, max_tokens_limit: int,
+                 special_tokens_in_content: bool = False) -> PreparedRequest:
+    """Validate and tokenize a chat request (blocking: the server calls it off the event loop)."""
     _check_supported(req)
     if not req.messages:
         raise bad_request("messages is empty: send at least one {'role': ..., 'content': ...} message", "messages")
-    messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(req.messages)]
+    roles = target.chat_roles
+    messages = []
+    for i, m in enumerate(req.messages):
+        role = ROLE_ALIASES.get(m.role, m.role)
+        if role not in roles:
+            raise bad_request(f"messages[{i}] has role {m.role!r}; this model's chat template takes "
+                              f"{', '.join(sorted(roles))}", "messages", "invalid_role")
+        messages.append({"role": role, "content": _check_text(_message_text(m, i), f"messages[{i}].content")})
+    _check_chars(target, sum(len(m["content"]) for m in messages), "messages")
     try:
-        prompt_ids = target.encode(messages=messages)
+        prompt_ids = target.encode(messages=messages, special_tokens_in_content=special_tokens_in_content)
     except (ValueError, TemplateError) as err:
         raise bad_request(f"cannot format messages with the model's chat template: {err}", "messages") from err
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    return _prepare(req, target, prompt_ids, "messages", max_tokens, name)
+    return _prepare(req, target, prompt_ids, "messages", max_tokens, name, max_tokens_limit)
 
 
-def prepare_completion(req: CompletionRequest, target: TargetModel) -> PreparedRequest:
+def prepare_completion(req: CompletionRequest, target: TargetModel, max_tokens_limit: int) -> PreparedRequest:
+    """Validate and tokenize a completions request (blocking: the server calls it off the event loop)."""
     _check_supported(req)
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -137,6 +155,7 @@ def prepare_completion(req: CompletionRequest, target: TargetModel) -> PreparedR
     if isinstance(prompt, str):
         if not prompt.strip():
             raise bad_request("prompt is empty", "prompt")
+        _check_chars(target, len(_check_text(prompt, "prompt")), "prompt")
         prompt_ids = target.encode(prompt=prompt)
     else:  # token ids
         if not prompt:
@@ -144,12 +163,12 @@ def prepare_completion(req: CompletionRequest, target: TargetModel) -> PreparedR
         if any(not 0 <= t < target.vocab_size for t in prompt):
             raise bad_request(f"prompt token ids must lie in [0, {target.vocab_size})", "prompt")
         prompt_ids = list(prompt)
-    return _prepare(req, target, prompt_ids, "prompt", req.max_tokens, "max_tokens")
+    return _prepare(req, target, prompt_ids, "prompt", req.max_tokens, "max_tokens", max_tokens_limit)
 
 
 # -------------------------------------------------------------------- shared checks
 def _prepare(req: _CommonRequest, target: TargetModel, prompt_ids: list[int], prompt_param: str,
-             max_tokens: int | None, max_tokens_param: str) -> PreparedRequest:
+             max_tokens: int | None, max_tokens_param: str, max_tokens_limit: int) -> PreparedRequest:
     if req.n is not None and req.n != 1:
         raise bad_request(f"n = {req.n} is not supported: this server returns one choice; send n requests", "n")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -166,6 +185,10 @@ def _prepare(req: _CommonRequest, target: TargetModel, prompt_ids: list[int], pr
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise bad_request("stop strings must be non-empty", "stop")
+    for s in stop:
+        _check_text(s, "stop")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
     context = target.max_context
     if len(prompt_ids) >= context:
@@ -173,16 +196,39 @@ def _prepare(req: _CommonRequest, target: TargetModel, prompt_ids: list[int], pr
                           "shorten the prompt", prompt_param, "context_length_exceeded")
     room = context - len(prompt_ids)
     if max_tokens is None:
-        max_tokens = room
+        max_tokens = min(room, max_tokens_limit)
     elif max_tokens < 1:
         raise bad_request(f"{max_tokens_param} must be >= 1, got {max_tokens}", max_tokens_param)
     elif max_tokens > room:
         raise bad_request(f"{max_tokens_param} = {max_tokens} does not fit: the prompt has {len(prompt_ids)} tokens "
                           f"and the context is {context}; ask for at most {room}", max_tokens_param,
                           "context_length_exceeded")
+    elif max_tokens > max_tokens_limit:
+        raise bad_request(f"{max_tokens_param} = {max_tokens} is above this server's limit of {max_tokens_limit} "
+                          "tokens per request (--max-tokens-limit)", max_tokens_param, "max_tokens_limit_exceeded")
     options = req.stream_options
     return PreparedRequest(prompt_ids, max_tokens, temperature, top_p, top_k, req.seed, stop, req.ignore_eos,
                            bool(req.stream), bool(options and options.include_usage))
+
+
+def _check_text(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode (encodable as UTF-8); JSON's ``"\\ud800"`` decodes to a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad_request(f"{param} is not valid Unicode: it holds a lone surrogate (U+{ord(text[err.start]):04X}) at "
+                          f"character {err.start}; send UTF-8 text", param.split("[")[0], "invalid_unicode") from None
+    return text
+
+
+def _check_chars(target: TargetModel, chars: int, param: str) -> None:
+    """Refuse a text surely longer than the context before tokenizing it: no token is longer than
+    ``target.max_token_chars`` characters."""
+    context = target.max_context
+    if chars >= context * target.max_token_chars:
+        raise bad_request(f"the prompt has {chars} characters, so at least {chars // target.max_token_chars} tokens; "
+                          f"the model's context is {context} tokens: shorten the prompt", param,
+                          "context_length_exceeded")
 
 
 def _check_supported(req: _CommonRequest) -> None:

@@ -1,8 +1,9 @@
 """OpenAI response bodies and stream chunks, plus falconspec's per-request ``speculative`` field.
 
 Chat: ``chat.completion`` / ``chat.completion.chunk`` objects; completions: ``text_completion``. The last chunk
-of a stream (the one with ``finish_reason``) carries ``usage`` and ``speculative``; with
-``stream_options.include_usage`` an extra OpenAI usage chunk with no choices follows it.
+of a stream (the one with ``finish_reason``) carries ``speculative``, and ``usage`` unless
+``stream_options.include_usage`` asked for OpenAI's usage chunk (no choices, just ``usage``) after it: usage comes
+exactly once either way.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class ResponseBuilder:
         return body
 
     def chunk(self, text: str | None = None, *, role: bool = False, finish_reason: str | None = None,
-              stats: SpecStats | None = None) -> dict:
-        """One stream chunk: new ``text``, the chat ``role`` opener, or the final chunk (``finish_reason``)."""
+              stats: SpecStats | None = None, with_usage: bool = True) -> dict:
+        """One stream chunk: new ``text``, the chat ``role`` opener, or the final chunk (``finish_reason``, with
+        ``speculative`` and, if ``with_usage``, ``usage`` from ``stats``)."""
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -69,15 +71,15 @@ class ResponseBuilder:
             body = self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
                                                        "finish_reason": finish_reason}])
         if stats is not None:
-            body["usage"] = usage(stats)
+            if with_usage:
+                body["usage"] = usage(stats)
             body["speculative"] = speculative(stats, self.drafter)
         return body
 
     def usage_chunk(self, stats: SpecStats) -> dict:
-        """OpenAI's ``stream_options.include_usage`` chunk: no choices, just usage (and our statistics)."""
+        """OpenAI's ``stream_options.include_usage`` chunk: no choices, just usage."""
         body = self._envelope("chat.completion.chunk" if self.kind == "chat" else "text_completion", [])
         body["usage"] = usage(stats)
-        body["speculative"] = speculative(stats, self.drafter)
         return body
 
 

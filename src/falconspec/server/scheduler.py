@@ -10,8 +10,10 @@ GNU OpenMP stops spin-waiting between parallel regions, which made every few-row
 a 429 to the client) instead of waiting without bound.
 
 The worker hands each ``StreamChunk`` to the request's coroutine through an ``asyncio.Queue`` on the event loop.
-Cancelling a job (its client went away) removes it from the waiting line, or, if it is running, stops the
-generation after the cycle in progress and frees the worker for the next request.
+Cancelling a job (its client went away, or its deadline passed) removes it from the waiting line, or, if it is
+running, stops the generation after the cycle in progress and frees the worker for the next request. A job past its
+deadline (``request_timeout`` seconds after admission) ends with ``RequestTimeoutError``; on shutdown the running
+job ends with ``ShuttingDownError`` and the waiting ones are refused with it. Every cancellation is logged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ class QueueFullError(RuntimeError):
     """Every running and waiting slot is taken."""
 
 
+class ShuttingDownError(QueueFullError):
+    """The server is stopping: the job was refused, or stopped before it finished."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """The job's deadline passed before it finished."""
+
+
 class JobObserver(Protocol):
     """What the scheduler reports while it works (implemented by ``ServerMetrics``)."""
 
@@ -52,8 +62,11 @@ class Job:
 
     stream_kwargs: dict
     loop: asyncio.AbstractEventLoop
+    request_id: str = "-"
+    timeout: float | None = None  # seconds from submission
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamChunk, Exception, then _FINISHED
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reason: str = "cancelled"  # why it was cancelled: "cancelled" (client gone), "timeout" or "shutdown"
     done: threading.Event = field(default_factory=threading.Event)  # set once the worker is through with it
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -104,27 +117,37 @@ class Scheduler:
         self._work()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new jobs, fail the waiting ones, cancel the running one and wait for the worker."""
+        """Refuse new jobs, fail the waiting ones, stop the running one (``ShuttingDownError``) and wait for the
+        worker. Safe to call more than once, from any thread."""
         with self._cond:
+            first = not self._stopping
             self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
-            if self._running is not None:
-                self._running.cancelled.set()
+            running = self._running
+            if running is not None:
+                running.reason = "shutdown"
+                running.cancelled.set()
             self._cond.notify_all()
+        if first:
+            log.info("scheduler stopping: %s, %d waiting request(s) refused",
+                     f"stopping request {running.request_id}" if running else "nothing running", len(waiting))
         for job in waiting:
-            job.push(QueueFullError("the server is shutting down"))
+            job.push(ShuttingDownError("the server is shutting down"))
             job.push(_FINISHED)
             job.done.set()
+            self._report_finished(job, "shutdown", None)
         if self._thread is not None:
             self._thread.join(timeout)
 
     # ---------------------------------------------------------------- the request side (event loop)
-    def submit(self, stream_kwargs: dict) -> Job:
-        """Admit a job or raise ``QueueFullError``. Call from the event loop: the job reports back to it."""
-        job = Job(stream_kwargs, asyncio.get_running_loop())
+    def submit(self, stream_kwargs: dict, request_id: str = "-", timeout: float | None = None) -> Job:
+        """Admit a job or raise ``QueueFullError``. Call from the event loop: the job reports back to it.
+
+        ``timeout``: seconds from now until the job is given up (``RequestTimeoutError``); None = no deadline."""
+        job = Job(stream_kwargs, asyncio.get_running_loop(), request_id, timeout)
         with self._cond:
             if self._stopping:
-                raise QueueFullError("the server is shutting down")
+                raise ShuttingDownError("the server is shutting down")
             in_flight = self.num_running + len(self._waiting)
             if in_flight >= 1 + self.max_queue:
                 raise QueueFullError(
@@ -135,22 +158,40 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
         """Give up on a job: drop it from the waiting line, or stop it after the current cycle."""
+        if job.done.is_set() or job.cancelled.is_set():
+            return
+        job.reason = reason
         job.cancelled.set()
         with self._cond:
-            if job in self._waiting:
+            waiting = job in self._waiting
+            if waiting:
                 self._waiting.remove(job)
                 job.push(_FINISHED)
                 job.done.set()
-                self._report_finished(job, "cancelled", None)
+                self._report_finished(job, reason, None)
+        log.info("request %s %s while %s", job.request_id, "timed out" if reason == "timeout" else reason,
+                 "waiting" if waiting else "generating (it stops after the current cycle)")
 
     async def results(self, job: Job) -> AsyncIterator[StreamChunk]:
-        """The job's chunks as the worker produces them; leaving early (or being cancelled) cancels the job."""
+        """The job's chunks as the worker produces them; leaving early (or being cancelled) cancels the job.
+
+        Raises ``RequestTimeoutError`` once the job's deadline has passed (and cancels the job)."""
         finished = False
+        deadline = None if job.timeout is None else job.submitted + job.timeout
         try:
             while True:
-                item = await job.events.get()
+                if deadline is None:
+                    item = await job.events.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.perf_counter()))
+                    except asyncio.TimeoutError:
+                        self.cancel(job, "timeout")
+                        raise RequestTimeoutError(
+                            f"the request did not finish within {job.timeout:g} s of its arrival (queue wait "
+                            "included; --request-timeout)") from None
                 if item is _FINISHED:
                     finished = True
                     return
@@ -191,10 +232,15 @@ class Scheduler:
                 first = False
                 if chunk.finish_reason is not None:
                     outcome, stats = chunk.finish_reason, chunk.stats
-                elif job.cancelled.is_set():  # checked between cycles: the client is gone
+                elif job.cancelled.is_set():  # checked between cycles: the client is gone, or time is up
+                    outcome = job.reason
+                    log.info("request %s: generation stopped (%s)", job.request_id, job.reason)
+                    if job.reason == "shutdown":
+                        job.push(ShuttingDownError("the server is shutting down: the generation was stopped "
+                                                   "before it finished"))
                     break
         except Exception as err:  # reported to the request; the worker carries on with the next job
-            log.exception("generation failed")
+            log.exception("request %s: generation failed", job.request_id)
             outcome = "error"
             job.push(err)
         finally:
