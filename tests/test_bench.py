@@ -16,6 +16,7 @@ from falconspec.bench.runner import BenchConfig, run_bench
 from falconspec.bench.answers import PromptRecord
 from falconspec.bench.methods import HFMethod
 from falconspec.bench.stats import bootstrap_ci, speedup, summarize
+from falconspec import SpeculativeGenerator
 from falconspec.cli import bench as bench_cli
 from falconspec.testing import save_tiny_model, tiny_target
 
@@ -57,7 +58,7 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
     methods = ["greedy", "pld", "hf", "hf-pld", "hf-assisted", "falcon", "eagle", "medusa", "lookahead"]
     assert run_cli(["--model", str(model_dir), "--out", str(out), "--methods", *methods, "--datasets",
                     str(questions), "--max-new-tokens", "6", "--assistant", "1", "--falcon-drafter", str(falcon),
-                    "--eagle-drafter", str(tmp_path / "missing")]) == 0
+                    "--eagle-drafter", str(tmp_path / "missing"), "--num-nodes", "4"]) == 0
     assert "| questions | pld |" in capsys.readouterr().out
 
     summary = json.loads((out / "summary.json").read_text())
@@ -94,11 +95,40 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
             for ids, n, lengths in zip(choice["output_ids"], choice["new_tokens"], choice["accept_lengths_per_turn"]):
                 assert len(ids) == n <= 6 and 2 not in ids, "EOS (id 2) is never counted"
                 assert sum(lengths) >= n
+    assert list(rows["falcon"]["plan_cycles"]) == ["fixed"]  # --num-nodes: a fixed budget, no planner
     markdown = (out / "summary.md").read_text()
     assert "**eagle** skipped (questions): no trained eagle drafter" in markdown
     assert f"drafter **falcon**: `{falcon}` (model.safetensors sha256 {weights[:12]})" in markdown
     for plot in ("speedup-float32-t0.png", "accept-lengths-float32-t0.png"):
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bf16_rows_are_checked_against_fp32_and_record_the_plan(model_dir, questions, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(["--model", str(model_dir), "--out", str(out), "--methods", "greedy", "pld", "--datasets",
+                    str(questions), "--max-new-tokens", "6", "--dtype", "bfloat16", "--matmul-path", "stock"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    for name in ("greedy", "pld"):
+        agreement = rows[name]["fp32_agreement"]
+        assert agreement["prompts"] == 2 and 0 <= agreement["identical"] <= 2
+        assert 0 <= agreement["mean_prefix_tokens"] <= 6
+    plans = rows["pld"]["plan_cycles"]
+    assert plans and all(k == "plain" or "n/d" in k for k in plans)  # planned budgets, by cycles
+    assert sum(plans.values()) == sum(rows["pld"]["accept_length_histogram"].values())
+    markdown = (out / "summary.md").read_text()
+    assert "= fp32 greedy" in markdown and "plan (share of cycles)" in markdown
+
+
+def test_fp32_agreement_finds_the_first_divergence(llama):
+    from falconspec.bench.reference import fp32_agreement
+
+    prompt = [5, 6, 7, 8]
+    answer = SpeculativeGenerator(llama).generate(input_ids=prompt, max_new_tokens=10, ignore_eos=True).token_ids
+    assert fp32_agreement(llama, prompt, answer, stopped_at_eos=False).identical
+    wrong = answer[:4] + [(answer[4] + 1) % llama.vocab_size] + answer[5:]
+    result = fp32_agreement(llama, prompt, wrong, stopped_at_eos=False)
+    assert not result.identical and result.prefix_tokens == 4
 
 
 def test_resume_continues_and_refuses_other_settings(model_dir, questions, tmp_path):

@@ -60,13 +60,18 @@ def test_greedy_equality_with_options(llama, options):
         assert spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True).token_ids == expected.token_ids
 
 
-def test_default_budget_follows_the_device_and_dtype(llama):
+def test_a_drafter_without_a_budget_is_planned(llama):
     torch.manual_seed(0)
-    drafter = SARDrafter(SARDrafterModel.for_target(llama, k=2), llama)
-    assert (drafter.num_nodes, drafter.depth) == (4, 2), "CPU float32: 4 nodes, one k=2 block deep"
+    model = SARDrafterModel.for_target(llama, k=2)
+    assert SARDrafter(model, llama).planned
+    assert not SARDrafter(model, llama, num_nodes=6).planned and not SARDrafter(model, llama, depth=2).planned
+    assert not SARDrafter(model, llama, static_tree="k2-16").planned
+    drafter = SARDrafter(model, llama)
+    drafter.set_budget(4, 2)  # what the generator's planner does before every propose
     ids = torch.tensor(prompts(4, llama.vocab_size, seed=9)[3])
     drafter.begin(ids, llama.prefill(ids[:-1]))
-    assert drafter.propose(ids, max_depth=10).num_nodes <= 4
+    tree = drafter.propose(ids, max_depth=10)
+    assert tree.num_nodes <= 4 and tree.max_depth <= 2
 
 
 def test_sampling_runs_and_is_seeded(llama):
@@ -174,7 +179,8 @@ def test_exact_features_are_accepted(k, static):
     truth = TruthModel(model.config, target)
     truth.load_state_dict(model.state_dict())
     chain = [[0] * d for d in range(1, 7)]
-    drafter = SARDrafter(truth, target, static_tree=chain if static else None)
+    budget = {"static_tree": chain} if static else {"num_nodes": 16, "depth": 6}
+    drafter = SARDrafter(truth, target, **budget)
     plain, spec = SpeculativeGenerator(target), SpeculativeGenerator(target, drafter)
     for prompt in prompts(6, target.vocab_size, seed=11)[3:]:
         expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)

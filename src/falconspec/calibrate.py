@@ -222,10 +222,10 @@ class Calibration:
         with np.errstate(invalid="ignore", divide="ignore"):
             prior = np.where(trials > 0, (hits + 0.5) / (trials + 1.0), np.nan)
         depths = entry["depths"]
+        sizes = [n for n in (drafter.plan_sizes() or self.sizes) if n <= 2 * max(self.sizes)]  # little extrapolation
         return BudgetPlanner(verify_cost=interpolate(self.sizes, self.verify_curve(force_path)),
                              draft_cost=interpolate(depths, entry["draft_seconds"]),
-                             profile=AcceptanceProfile(prior), sizes=self.sizes,
-                             max_depth=drafter.max_planned_depth)
+                             profile=AcceptanceProfile(prior), sizes=sizes, max_depth=drafter.max_planned_depth)
 
     def describe(self, force_path: str | None = None) -> str:
         """Fingerprint and cost curve, for ``--explain`` and ``falconspec calibrate``."""

@@ -133,25 +133,24 @@ def best_tree_gains(p: np.ndarray, max_nodes: int, max_depth: int) -> np.ndarray
     gains = np.zeros(max_nodes + 1)
     if max_depth < 1 or max_nodes < 2:
         return gains
-    rows, cols = p.shape
-    # heap entries: (-path probability, depth, rank, parent path probability)
-    heap = [(-p[0, 0], 1, 0, 1.0)]
+    cols = p.shape[1]
+    # plain floats (this runs every cycle), one row per depth up to max_depth (deeper depths share the last row)
+    table = [row + [0.0] for row in p.tolist()]
+    table += [table[-1]] * (max_depth + 1 - len(table))
+    heap = [(-table[0][0], 1, 0, 1.0)]  # (-path probability, depth, rank, parent's path probability)
     total = 0.0
     for n in range(2, max_nodes + 1):
         if not heap:
             gains[n:] = total
             break
         neg, depth, rank, parent = heapq.heappop(heap)
-        total += -neg
+        total -= neg
         gains[n] = total
-        if rank + 1 < cols:
-            sibling = parent * p[min(depth, rows) - 1, rank + 1]
-            if sibling > 0:
-                heapq.heappush(heap, (-sibling, depth, rank + 1, parent))
-        if depth < max_depth:
-            child = -neg * p[min(depth + 1, rows) - 1, 0]
-            if child > 0:
-                heapq.heappush(heap, (-child, depth + 1, 0, -neg))
+        sibling = parent * table[depth - 1][rank + 1] if rank + 1 < cols else 0.0
+        if sibling > 0:
+            heapq.heappush(heap, (-sibling, depth, rank + 1, parent))
+        if depth < max_depth and table[depth][0] > 0:
+            heapq.heappush(heap, (neg * table[depth][0], depth + 1, 0, -neg))
     return gains
 
 
@@ -175,7 +174,7 @@ class BudgetPlanner:
     profile: AcceptanceProfile
     sizes: Sequence[int]
     max_depth: int
-    replan_every: int = 1
+    replan_every: int = 4  # cycles between re-plans (a re-plan costs ~0.5 ms of Python on a 2-core CPU)
     history: list[PlanChange] = field(default_factory=list)
     fell_back: bool = False
     _cycle: int = 0
@@ -226,8 +225,13 @@ class BudgetPlanner:
         """Every plan considered, plain decoding first."""
         plans = [Plan(1, 0, 1.0, self._verify[1])]
         largest = max(self.sizes)
-        for depth in range(1, self.max_depth + 1):
-            gains = self.profile.expected_accepted(largest, depth)
+        p = self.profile.probabilities()
+        previous = None
+        for depth in range(1, min(self.max_depth, largest - 1) + 1):
+            gains = best_tree_gains(p, largest, depth)
+            if previous is not None and np.array_equal(gains, previous):
+                break  # no tree of the sizes considered reaches this deep: deeper plans only cost more drafting
+            previous = gains
             for n in self.sizes:
                 if n >= 2 and n - 1 >= depth:  # a tree of n nodes reaches depth n - 1 at most
                     plans.append(Plan(n, depth, 1.0 + gains[n], self._verify[n] + self._draft[depth]))

@@ -25,7 +25,8 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
     """A drafter by name (``none``, ``pld``, ``lookahead``; ``falcon``, ``eagle`` or ``medusa``: the drafter shipped
     for a built-in target) or from a trained drafter checkpoint directory for ``target``.
 
-    ``options`` go to the drafter's constructor (``num_nodes``, ``depth``, ...; ``dtype`` for trained drafters).
+    ``options`` go to the drafter's constructor (``num_nodes``, ``depth``, ...; ``dtype`` for trained drafters,
+    by default the target's).
     Without ``num_nodes`` and ``depth`` the drafter is planned: the generator sizes its trees from this machine's
     measured costs (:mod:`..planner`).
     """
@@ -43,6 +44,7 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
     if Path(name).is_dir() or "/" in name:  # a checkpoint path: from_pretrained names what is missing
         if target is None:
             raise ValueError(f"drafter checkpoint {name!r} needs the target model it drafts for")
+        options.setdefault("dtype", target.dtype)
         return load_checkpoint(name, target, **options)
     raise ValueError(f"unknown drafter {name!r}: choose one of {sorted(MODEL_FREE) + list(SHIPPED_KINDS)} or a drafter "
                      "checkpoint directory "
