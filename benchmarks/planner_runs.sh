@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
 # The runs the README's results cite (issue 11: calibration and the budget planner), one after the other on a quiet
-# machine. Each bench resumes when re-run. Usage: bash benchmarks/planner_runs.sh [fp32|paths|bf16 ...]
+# machine. Each bench resumes when re-run. Usage: bash benchmarks/planner_runs.sh [fp32] [paths] [bf16]
+# DRAFTER@N is the drafter with a fixed N-node tree: the hand-tuned default before the planner (4 nodes in float32).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FS=".venv/bin/falconspec"
 OUT=benchmarks/results
-runs=("${@:-fp32 paths bf16}")
-for run in ${runs[@]}; do
+PROMPTS="${PROMPTS:-16}"
+for run in "${@:-fp32 paths bf16}"; do
   case "$run" in
-    fp32)  # MT-bench 80, both turns, every engine drafter under the planner
+    fp32)  # MT-bench, both turns: the planner against the hand-tuned 4-node budgets, in one interleaved run
       $FS calibrate --model smollm2-135m
-      $FS bench --methods greedy pld falcon eagle medusa lookahead --datasets mt-bench --max-new-tokens 64 \
-        --out $OUT/mt-bench-80-planner --no-progress --resume ;;
-    paths)  # each product path forced in turn, 10 MT-bench first turns
+      $FS bench --methods greedy falcon eagle pld falcon@4 eagle@4 pld@4 --datasets mt-bench --max-new-tokens 64 \
+        --num-prompts "$PROMPTS" --out $OUT/mt-bench-$PROMPTS-planner --no-progress --resume ;;
+    paths)  # each product path forced in turn, MT-bench first turns
       for path in auto stock few-row; do
-        $FS bench --methods greedy pld falcon eagle --datasets mt-bench --max-turns 1 --num-prompts 10 \
-          --max-new-tokens 64 --matmul-path $path --out $OUT/mt-bench-10-path-$path --no-progress --resume
+        $FS bench --methods greedy falcon eagle --datasets mt-bench --max-turns 1 --num-prompts 8 \
+          --max-new-tokens 64 --matmul-path $path --out $OUT/mt-bench-8-path-$path --no-progress --resume
       done ;;
-    bf16)  # MT-bench 80 in bf16, answers checked against the fp32 model
-      $FS calibrate --model smollm2-135m --dtype bfloat16 --drafters falcon eagle pld
-      $FS bench --methods greedy pld falcon eagle --datasets mt-bench --max-new-tokens 64 --dtype bfloat16 \
-        --out $OUT/mt-bench-80-bf16-planner --no-progress --resume ;;
+    bf16)  # bf16, answers checked against the fp32 model
+      $FS calibrate --model smollm2-135m --dtype bfloat16 --drafters falcon eagle pld --quick
+      $FS bench --methods greedy falcon eagle pld --datasets mt-bench --max-new-tokens 64 --dtype bfloat16 \
+        --max-turns 1 --num-prompts "$PROMPTS" --out $OUT/mt-bench-$PROMPTS-bf16-planner --no-progress --resume ;;
     *) echo "unknown run $run (fp32, paths, bf16)"; exit 2 ;;
   esac
 done

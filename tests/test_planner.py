@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from falconspec import SpeculativeGenerator
 from falconspec.drafters import make_drafter
+from falconspec.drafters.base import Drafter
 from falconspec.planner import (MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, best_tree_gains,
                                 complete_prior, interpolate, tree_trials)
 from falconspec.tree import Tree
@@ -53,10 +54,10 @@ def test_prior_is_completed_downwards_and_across_ranks():
     assert prior[0, 2] == pytest.approx(0.05)  # decays across ranks without data
 
 
-def chain_profile(p_first: float, p_rest: float = 0.0) -> AcceptanceProfile:
+def chain_profile(p_first: float, p_rest: float = 0.0, strength: float = 1e6) -> AcceptanceProfile:
     prior = np.full((MAX_DEPTH, MAX_RANK), p_rest)
     prior[:, 0] = p_first
-    return AcceptanceProfile(prior, strength=1e6)
+    return AcceptanceProfile(prior, strength=strength)
 
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -151,3 +152,51 @@ def test_explicit_budget_is_not_planned(llama):
     assert not drafter.planned and generator.planner is None
     out = generator.generate(prompt="abab abab abab", max_new_tokens=16, ignore_eos=True)
     assert out.stats.plans == [] and out.stats.plan_summary == "fixed"
+
+
+class FollowedTruth(Drafter):
+    """Proposes the plain greedy continuation as a chain, within the planner's budget; cheap to follow."""
+
+    name = "truth"
+    planned = cheap_to_follow = True
+    max_planned_depth = 6
+
+    def __init__(self, full_ids):
+        self.full_ids, self.proposed = list(full_ids), 0
+
+    def begin(self, input_ids, hidden_states):
+        pass
+
+    def propose(self, input_ids, max_depth):
+        self.proposed += 1
+        n = input_ids.shape[0]
+        return Tree.chain(int(input_ids[-1]), self.full_ids[n:n + min(self.depth, self.num_nodes - 1)])
+
+    def observe(self, acceptance, hidden_states):
+        pass
+
+
+def test_a_cheap_drafter_is_probed_while_plain_and_switched_back_on(llama):
+    prompt = [5, 9, 13, 17]
+    plain = SpeculativeGenerator(llama).generate(input_ids=prompt, max_new_tokens=60, ignore_eos=True)
+    costs = {1: 10.0, 2: 11.0, 4: 12.0, 8: 14.0, 16: 18.0, 32: 26.0}
+    planner = planner_for(costs, 0.1, chain_profile(0.02, 0.01, strength=8), max_depth=6)  # prior: never right
+    planner.probe = True
+    drafter = FollowedTruth(prompt + plain.token_ids)
+    out = SpeculativeGenerator(llama, drafter, planner=planner).generate(input_ids=prompt, max_new_tokens=60,
+                                                                         ignore_eos=True)
+    assert out.token_ids == plain.token_ids
+    plans = [p["num_nodes"] for p in out.stats.plans]
+    assert plans[0] == 1 and plans[-1] > 1, plans  # plain at first; the probes showed the drafter is right
+    assert out.stats.accepted_tokens > 20 and out.stats.fell_back
+
+
+def test_an_expensive_drafter_is_not_probed(llama):
+    prompt = [5, 9, 13, 17]
+    plain = SpeculativeGenerator(llama).generate(input_ids=prompt, max_new_tokens=30, ignore_eos=True)
+    planner = planner_for({1: 10.0, 2: 11.0, 32: 26.0}, 0.1, chain_profile(0.02, 0.01), max_depth=6)
+    drafter = FollowedTruth(prompt + plain.token_ids)
+    drafter.cheap_to_follow = False
+    out = SpeculativeGenerator(llama, drafter, planner=planner).generate(input_ids=prompt, max_new_tokens=30,
+                                                                         ignore_eos=True)
+    assert out.token_ids == plain.token_ids and drafter.proposed == 0 and out.stats.drafted_tokens == 0

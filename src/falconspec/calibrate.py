@@ -59,7 +59,7 @@ class Effort:
 
 
 QUICK = Effort("quick", (1, 2, 3, 4, 6, 8, 12, 16), 4, 128, (1, 2, 4), 1, 24, 12)
-FULL = Effort("full", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32), 9, 256, (1, 2, 3, 4, 6, 8), 2, 40, 16)
+FULL = Effort("full", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32), 7, 256, (1, 2, 4, 6), 2, 24, 12)
 
 PROMPTS = ("Explain how a hash map works, with a short example in Python.",
            "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -225,7 +225,8 @@ class Calibration:
         sizes = [n for n in (drafter.plan_sizes() or self.sizes) if n <= 2 * max(self.sizes)]  # little extrapolation
         return BudgetPlanner(verify_cost=interpolate(self.sizes, self.verify_curve(force_path)),
                              draft_cost=interpolate(depths, entry["draft_seconds"]),
-                             profile=AcceptanceProfile(prior), sizes=sizes, max_depth=drafter.max_planned_depth)
+                             profile=AcceptanceProfile(prior), sizes=sizes, max_depth=drafter.max_planned_depth,
+                             probe=drafter.cheap_to_follow)
 
     def describe(self, force_path: str | None = None) -> str:
         """Fingerprint and cost curve, for ``--explain`` and ``falconspec calibrate``."""

@@ -123,22 +123,24 @@ class SpeculativeGenerator:
         # 0. prefill everything but the last token, which becomes the first tree's root
         start = time.perf_counter()
         hidden = target.prefill(ids[:-1])
-        if plan is None or not plan.plain:
+        # the drafter follows the text while it drafts; one that is cheap to follow also while decoding plainly
+        follow = planner is None or not plan.plain or planner.probe
+        if follow:
             drafter.begin(ids, hidden)
         stats.prefill_time = self._elapsed(start)
         produced = 0
         while produced < max_new_tokens:
-            # 1. draft a tree within the plan's budget (none when plain decoding is expected to be faster);
-            #    nodes deeper than the remaining budget could never be used
+            # 1. draft a tree within the plan's budget; none when plain decoding is expected to be faster, but for
+            #    an occasional probe; nodes deeper than the remaining budget could never be used
             start = time.perf_counter()
             max_depth = min(max_new_tokens - produced, target.max_context - target.cache_len) - 1
-            plain = plan is not None and plan.plain
-            if plain:
-                tree = Tree.root_only(int(ids[-1]))
-            else:
-                if plan is not None:
-                    drafter.set_budget(plan.num_nodes, plan.depth)
+            budget = planner.probe_plan() if plan is not None and plan.plain else plan
+            if planner is None or budget is not None:
+                if budget is not None:
+                    drafter.set_budget(budget.num_nodes, budget.depth)
                 tree = drafter.propose(ids, max_depth).truncate(max_depth)
+            else:
+                tree = Tree.root_only(int(ids[-1]))
             stats.draft_time += self._elapsed(start)
 
             # 2. one target forward over the whole tree
@@ -159,11 +161,12 @@ class SpeculativeGenerator:
             # 5. commit, let the drafter see the result, and re-plan from it
             start = time.perf_counter()
             ids = torch.cat([ids, torch.tensor(acceptance.tokens, dtype=torch.long)])
-            if not plain:
+            if follow:
                 drafter.observe_forward(tree, out.logits)
                 drafter.observe(acceptance, out.hidden_states[acceptance.path])
-                if planner is not None:
-                    plan = planner.observe(tree, acceptance.path)
+            if planner is not None:
+                plan = planner.observe(tree, acceptance.path)
+                follow = follow and (not plan.plain or planner.probe)  # else plain for the rest of the generation
             for listener in self.listeners:
                 listener(tree, acceptance.path)
             stats.draft_time += self._elapsed(start)

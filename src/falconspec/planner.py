@@ -34,6 +34,7 @@ MAX_DEPTH = 12  # depths the acceptance model tracks (deeper nodes share the las
 MAX_RANK = 8  # sibling ranks it tracks (the planner never counts on later siblings)
 PRIOR_STRENGTH = 16.0  # the prior weighs as much as this many observed trials per cell
 DECAY_WITHOUT_DATA = 0.5  # a rank with no data anywhere: this share of the rank before it
+PROBE_EVERY = 8  # while decoding plainly, a drafter that is cheap to follow is tried once every this many cycles
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,11 @@ class BudgetPlanner:
     sizes: Sequence[int]
     max_depth: int
     replan_every: int = 4  # cycles between re-plans (a re-plan costs ~0.5 ms of Python on a 2-core CPU)
+    probe: bool = False  # while plain, try the best tree every PROBE_EVERY cycles (drafters cheap to follow)
     history: list[PlanChange] = field(default_factory=list)
     fell_back: bool = False
     _cycle: int = 0
+    _plain_cycles: int = 0
     _current: Plan | None = None
 
     def __post_init__(self) -> None:
@@ -196,7 +199,7 @@ class BudgetPlanner:
     def start(self) -> Plan:
         """Begin a generation from the prior; returns the first plan."""
         self.profile.reset()
-        self.history, self.fell_back, self._cycle = [], False, 0
+        self.history, self.fell_back, self._cycle, self._plain_cycles = [], False, 0, 0
         self._current = None
         return self._replan()
 
@@ -206,18 +209,30 @@ class BudgetPlanner:
 
     def observe(self, tree: Tree, accepted_path: Sequence[int]) -> Plan:
         """Learn one verification and return the plan for the next cycle."""
-        self.profile.observe(tree, accepted_path)
         self._cycle += 1
-        if self._cycle % self.replan_every == 0:
+        if self._current is not None and self._current.plain and tree.num_nodes == 1:
+            self._plain_cycles += 1
+            return self._current
+        self.profile.observe(tree, accepted_path)
+        if self._cycle % self.replan_every == 0 or self._current is None or self._current.plain:
             self._replan()
         return self._current
+
+    def probe_plan(self) -> Plan | None:
+        """While decoding plainly: the best tree plan on the cycles when a probe is due (None otherwise)."""
+        if not self.probe or self._current is None or not self._current.plain:
+            return None
+        if (self._plain_cycles + 1) % PROBE_EVERY:
+            return None
+        trees = [plan for plan in self.candidates() if not plan.plain]
+        return max(trees, key=lambda plan: plan.tokens_per_second) if trees else None
 
     def _replan(self) -> Plan:
         plan = self.best_plan()
         if self._current is None or (plan.num_nodes, plan.depth) != (self._current.num_nodes, self._current.depth):
             self.history.append(PlanChange(self._cycle, plan))
         self._current = plan
-        self.fell_back = plan.plain
+        self.fell_back = self.fell_back or plan.plain
         return plan
 
     # ---------------------------------------------------------------- the choice

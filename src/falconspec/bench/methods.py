@@ -14,6 +14,7 @@ Every method returns the same token accounting: the new tokens after the prompt,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -204,13 +205,26 @@ class HFMethod(Method):
 
 
 # ---------------------------------------------------------------------------------------------- building
+def split_budget(name: str) -> tuple[str, int | None]:
+    """``falcon@4`` -> (``falcon``, 4): one of our drafters with a fixed tree of 4 nodes instead of the planner's."""
+    base, _, nodes = name.partition("@")
+    if not nodes:
+        return base, None
+    if base not in ENGINE_METHODS[1:] or not nodes.isdigit() or int(nodes) < 2:
+        raise ValueError(f"{name!r}: a fixed budget is DRAFTER@NODES for one of {', '.join(ENGINE_METHODS[1:])} "
+                         "with NODES >= 2")
+    return base, int(nodes)
+
+
 def expand_method_names(names: list[str]) -> list[str]:
-    """Validate names (``all`` = every method); the baseline ``greedy`` is always included, first."""
+    """Validate names (``all`` = every method; ``falcon@4`` = falcon with a fixed 4-node tree); the baseline
+    ``greedy`` is always included, first."""
     out: list[str] = []
     for name in names:
         for n in (METHOD_NAMES if name == "all" else [name]):
-            if n not in METHOD_NAMES:
-                raise ValueError(f"unknown method {n!r}: choose from all, {', '.join(METHOD_NAMES)}")
+            if split_budget(n)[0] not in METHOD_NAMES:
+                raise ValueError(f"unknown method {n!r}: choose from all, {', '.join(METHOD_NAMES)} (a drafter may "
+                                 "take a fixed tree size, e.g. falcon@4)")
             if n not in out:
                 out.append(n)
     return [BASELINE] + [n for n in out if n != BASELINE]
@@ -232,6 +246,12 @@ class _Unavailable(Exception):
 
 
 def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -> Method:
+    kind, fixed_nodes = split_budget(name)
+    if fixed_nodes is not None:
+        options = dataclasses.replace(options, num_nodes=fixed_nodes)
+        method = _build(kind, target, model, options)
+        method.name = name
+        return method
     if name == "greedy":
         return EngineMethod(name, target)
     budget = {k: v for k, v in (("num_nodes", options.num_nodes), ("depth", options.depth)) if v is not None}

@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
         drafter = make_drafter(name, target)
         entry = calibration.drafter_entry(target, drafter, effort)
         ms = ", ".join(f"d{d} {s * 1e3:.1f}" for d, s in zip(entry["depths"], entry["draft_seconds"]))
-        first = entry["hits"][0][0] / max(entry["trials"][0][0], 1)
-        print(f"{name}: draft ms per cycle by depth: {ms}; depth-1 top candidate accepted {first:.0%}")
+        hits, trials = entry["hits"][0][0], entry["trials"][0][0]
+        accepted = f"{hits / trials:.0%} of {trials:.0f}" if trials else "never proposed on the calibration prompts"
+        print(f"{name}: draft ms per cycle by depth: {ms}; depth-1 top candidate accepted {accepted}")
     print(calibration.describe())
     print(f"calibrated in {time.perf_counter() - start:.1f} s")
     if args.json:

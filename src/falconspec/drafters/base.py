@@ -21,6 +21,8 @@ So at every ``propose`` the drafter has seen one feature per cached position and
 generator's budget planner from this machine's measured costs (:mod:`..planner`), through ``set_budget`` before
 each ``propose``. A drafter constructed with an explicit ``num_nodes`` or ``depth`` is not planned
 (``planned = False``) and keeps its budget. ``max_planned_depth`` bounds the depths the planner considers.
+A drafter whose ``observe`` is free (``cheap_to_follow``: n-gram lookup, lookahead, Medusa) keeps observing while the
+planner decodes plainly, and is probed every few cycles.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Drafter(ABC):
     name: str = "drafter"
     needs_hidden_states: bool = False  # hint: the loop may skip moving features for drafters that ignore them
     planned: bool = False  # True: the generator's planner sets num_nodes and depth every cycle
+    # True when observe() costs next to nothing (no model pass): while the planner decodes plainly, such a drafter
+    # keeps following the text and is probed now and then, so it can be switched back on when it would pay
+    cheap_to_follow: bool = False
     num_nodes: int = 1
     depth: int = 0
     max_planned_depth: int = 1

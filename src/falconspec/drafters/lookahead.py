@@ -62,6 +62,7 @@ def settings_for_budget(num_nodes: int) -> tuple[int, int, int]:
 
 class LookaheadDrafter(Drafter):
     name = "lookahead"
+    cheap_to_follow = True
 
     def __init__(self, window: int | None = None, ngram: int | None = None, guesses: int | None = None,
                  pool_size: int = 8, seed: int = 0, num_nodes: int | None = None):

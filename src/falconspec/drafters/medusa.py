@@ -119,6 +119,7 @@ class MedusaDrafter(Drafter):
     """Proposes a tree from the K heads' top tokens over the newest cached target feature."""
 
     name = "medusa"
+    cheap_to_follow = True
     needs_hidden_states = True
 
     def __init__(self, model: MedusaHeads, target, num_nodes: int | None = None, depth: int | None = None,

@@ -22,6 +22,7 @@ MAX_DEPTH = 10  # longest continuation drafted
 
 class PromptLookupDrafter(Drafter):
     name = "pld"
+    cheap_to_follow = True
 
     max_planned_depth = MAX_DEPTH
 
