@@ -339,11 +339,11 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
 
 
 def regenerate(model, tokenizer, convs: list[Conversation], max_len: int, max_new_tokens: int, batch_size: int,
-               max_turns: int = 0, cache: str = "dynamic") -> tuple[list[TokenSample], GenStats]:
+               max_turns: int = 0, cache: str = "dynamic", on_batch=None) -> tuple[list[TokenSample], GenStats]:
     """Every user turn of ``convs`` answered by the target (greedy) with its own earlier answers in the history.
     Conversations whose first prompt does not fit yield no sample."""
     dialogues = [Dialogue(c, max_turns) for c in convs]
-    stats = answer_dialogues(model, tokenizer, dialogues, max_len, max_new_tokens, batch_size, cache)
+    stats = answer_dialogues(model, tokenizer, dialogues, max_len, max_new_tokens, batch_size, cache, on_batch)
     return [d.sample for d in dialogues if d.sample.spans], stats
 
 
@@ -554,8 +554,13 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
             break
         chunk = todo[lo: lo + cfg.shard_size]
         shard_start = time.perf_counter()
+        def on_batch(part: GenStats) -> None:
+            rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
+            progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> {part.answer_tokens} "
+                     f"answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
+
         samples, stats = regenerate(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
-                                    cfg.max_turns, cfg.cache)
+                                    cfg.max_turns, cfg.cache, on_batch)
         rel = f"shards/{cfg.split}-{index:05d}.npz"
         sha = write_token_shard(out / rel, samples, target.vocab_size)
         total.add(stats)
