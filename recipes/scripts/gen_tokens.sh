@@ -9,6 +9,8 @@ set -e
 cd "$(dirname "$0")/../.."
 FS=${FALCONSPEC:-falconspec}
 COMMON=(--mode self-distilled --format tokens --out recipes/data/sharegpt-sd --max-len 1024 --max-new-tokens 256
-        --shard-size 64 --batch-size 32)
-$FS gen-data "${COMMON[@]}" --split heldout --limit "${HELDOUT_LIMIT:-256}" "$@"
-$FS gen-data "${COMMON[@]}" --split train "$@"
+        --batch-size 32)
+# shards of 64 held-out conversations (the first ones land sooner), 128 train conversations (fuller batches in the
+# later turns, which fewer conversations reach)
+$FS gen-data "${COMMON[@]}" --split heldout --limit "${HELDOUT_LIMIT:-256}" --shard-size 64 "$@"
+$FS gen-data "${COMMON[@]}" --split train --shard-size 128 "$@"

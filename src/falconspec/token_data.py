@@ -299,7 +299,7 @@ def greedy_batch(model, prompts: list[list[int]], budgets: list[int], eos: list[
 def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, max_new_tokens: int,
                      batch_size: int, cache: str = "dynamic", on_batch=None) -> GenStats:
     """Answer every pending turn of ``dialogues``, turn by turn: each round collects the next prompt of every
-    conversation, sorts them by length and generates them in batches of ``batch_size``."""
+    conversation, sorts them by length and generates them in even batches of at most ``batch_size``."""
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     stats = GenStats()
@@ -316,8 +316,9 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
         if not round_:
             return stats
         round_.sort(key=lambda dp: len(dp[1]))
-        for i in range(0, len(round_), batch_size):
-            batch = round_[i: i + batch_size]
+        per_batch = -(-len(round_) // -(-len(round_) // batch_size))  # even batches: 40 prompts -> 20 + 20
+        for i in range(0, len(round_), per_batch):
+            batch = round_[i: i + per_batch]
             prompts = [p for _, p in batch]
             budgets = [min(max_new_tokens, max_len - len(p)) for p in prompts]
             before, start = _continued, time.perf_counter()
@@ -472,7 +473,7 @@ def _check_identity(manifest: dict, identity: dict, out: Path) -> None:
 
 def native_bf16(device: str = "cpu") -> bool:
     """Whether bf16 matmuls are fast here: CUDA, or a CPU with AVX-512 BF16 or AMX (without them bf16 on CPU runs
-    tens of times slower than fp32)."""
+    slower than fp32)."""
     if device != "cpu":
         return True
     try:
