@@ -1,0 +1,16 @@
+#!/bin/bash
+# Grow the self-distilled token dataset recipes/data/sharegpt-sd: the held-out split first (the first
+# $HELDOUT_LIMIT held-out conversations, default 256), then the whole train split. Resumable and growing: re-run it,
+# on any machine, to continue (conversations already in manifest.json are skipped, new shards are appended).
+# Runs from any clone (paths are relative to the repository). Extra arguments go to both gen-data calls, e.g.
+#   recipes/scripts/gen_tokens.sh --max-seconds 3600
+# On a shared CPU prefer one thread: OMP_NUM_THREADS=1 (two threads fighting other jobs ran ~4x slower here).
+set -e
+cd "$(dirname "$0")/../.."
+FS=${FALCONSPEC:-falconspec}
+COMMON=(--mode self-distilled --format tokens --out recipes/data/sharegpt-sd --max-len 1024 --max-new-tokens 256
+        --batch-size 32)
+# shards of 64 held-out conversations (the first ones land sooner), 128 train conversations (fuller batches in the
+# later turns, which fewer conversations reach)
+$FS gen-data "${COMMON[@]}" --split heldout --limit "${HELDOUT_LIMIT:-256}" --shard-size 64 "$@"
+$FS gen-data "${COMMON[@]}" --split train --shard-size 128 "$@"

