@@ -200,3 +200,25 @@ def test_an_expensive_drafter_is_not_probed(llama):
     out = SpeculativeGenerator(llama, drafter, planner=planner).generate(input_ids=prompt, max_new_tokens=30,
                                                                          ignore_eos=True)
     assert out.token_ids == plain.token_ids and drafter.proposed == 0 and out.stats.drafted_tokens == 0
+
+
+def test_evidence_is_carried_to_the_next_generation_capped():
+    profile = AcceptanceProfile(np.array([[0.8, 0.2]]), strength=16.0)
+    chain = Tree.chain(0, [1, 2])
+    for _ in range(100):  # never right
+        profile.observe(chain, [0])
+    during = profile.probabilities()[0, 0]
+    profile.reset()  # a new generation starts from the prior and at most CARRY_TRIALS of the old evidence
+    assert profile.trials.sum() == 0 and profile.carried_trials[0, 0] == pytest.approx(32.0)
+    after = profile.probabilities()[0, 0]
+    assert during < after < 0.8 * 16 / (16 + 32) + 1e-9
+
+
+def test_a_fallback_that_would_be_final_waits_for_evidence():
+    costs = {1: 10.0, 2: 11.0, 4: 12.0, 8: 14.0}
+    planner = planner_for(costs, 0.5, chain_profile(0.6, 0.1, strength=2.0), max_depth=3)
+    assert not planner.start().plain
+    chain = Tree.chain(0, [1, 2, 3])
+    plans = [planner.observe(chain, [0]) for _ in range(12)]
+    assert not any(p.plain for p in plans[:7])  # fewer than MIN_FALLBACK_TRIALS trials: keep drafting
+    assert plans[-1].plain

@@ -13,9 +13,13 @@ of accepted drafts of a tree is the sum of its nodes' path probabilities, and th
 model is the n - 1 most probable nodes (grown best-first, a node's next sibling and first child becoming
 candidates when it is taken).
 
-``p`` starts from a prior (the drafter's calibration run) and is updated after every verification with the
+``p`` starts from a prior (the drafter's calibration run), plus what earlier generations of the same planner saw
+(capped at ``CARRY_TRIALS`` per cell: the workload's acceptance), and is updated after every verification with the
 acceptances of the current generation (a Beta posterior per cell), so the plan follows the text: it grows while
-the drafter is right and shrinks, down to plain decoding, when it is not. Verification stays exact whatever the
+the drafter is right and shrinks, down to plain decoding, when it is not. Once plain, a drafter that needs a model
+pass to follow the text is left alone for the rest of the generation (following it would cost that pass every
+step), so that fallback waits for ``MIN_FALLBACK_TRIALS`` of this generation's own evidence; one that is free to follow (n-gram lookup, lookahead, Medusa) is probed with the best tree every
+``PROBE_EVERY`` cycles, and switched back on when the probes say it pays. Verification stays exact whatever the
 plan: the planner only decides how much to verify.
 """
 
@@ -34,6 +38,8 @@ MAX_DEPTH = 12  # depths the acceptance model tracks (deeper nodes share the las
 MAX_RANK = 8  # sibling ranks it tracks (the planner never counts on later siblings)
 PRIOR_STRENGTH = 16.0  # the prior weighs as much as this many observed trials per cell
 DECAY_WITHOUT_DATA = 0.5  # a rank with no data anywhere: this share of the rank before it
+CARRY_TRIALS = 32.0  # evidence carried from earlier generations weighs at most this many trials per cell
+MIN_FALLBACK_TRIALS = 8  # a drafter that cannot be probed falls back mid-generation only on this much evidence
 PROBE_EVERY = 8  # while decoding plainly, a drafter that is cheap to follow is tried once every this many cycles
 
 
@@ -65,10 +71,19 @@ class AcceptanceProfile:
         from shallower depths, then decayed across ranks). None: an uninformed 0.5 at depth 1, rank 0."""
         self.prior = complete_prior(prior)
         self.strength = strength
-        self.hits = np.zeros((MAX_DEPTH, MAX_RANK))
+        self.hits = np.zeros((MAX_DEPTH, MAX_RANK))  # this generation
         self.trials = np.zeros((MAX_DEPTH, MAX_RANK))
+        self.carried_hits = np.zeros((MAX_DEPTH, MAX_RANK))  # earlier generations, at most CARRY_TRIALS per cell
+        self.carried_trials = np.zeros((MAX_DEPTH, MAX_RANK))
 
     def reset(self) -> None:
+        """Start a generation: what the last one saw joins the carried evidence (the workload's acceptance), capped
+        so that the new generation's own acceptances still move the estimate within a few cycles."""
+        self.carried_hits += self.hits
+        self.carried_trials += self.trials
+        scale = np.minimum(1.0, CARRY_TRIALS / np.maximum(self.carried_trials, 1e-9))
+        self.carried_hits *= scale
+        self.carried_trials *= scale
         self.hits[:] = 0
         self.trials[:] = 0
 
@@ -82,11 +97,12 @@ class AcceptanceProfile:
         """[MAX_DEPTH, MAX_RANK] posterior means, made non-increasing across ranks (a drafter's later candidates are
         its less likely ones; noise must not make rank 3 look better than rank 2) and summing to at most 1 per
         depth (at most one sibling can match the target's token)."""
-        first = (self.hits[:, :1] + self.strength * self.prior[:, :1]) / (self.trials[:, :1] + self.strength)
+        hits, trials = self.hits + self.carried_hits, self.trials + self.carried_trials
+        first = (hits[:, :1] + self.strength * self.prior[:, :1]) / (trials[:, :1] + self.strength)
         # later ranks are rarely verified: their prior moves with the top candidate's evidence at the same depth
         prior = self.prior * np.where(self.prior[:, :1] > 0, first / np.maximum(self.prior[:, :1], 1e-9), 1.0)
         prior[:, :1] = self.prior[:, :1]
-        p = (self.hits + self.strength * prior) / (self.trials + self.strength)
+        p = (hits + self.strength * prior) / (trials + self.strength)
         p = np.minimum.accumulate(np.clip(p, 0.0, 1.0), axis=1)
         return p / np.maximum(p.sum(axis=1, keepdims=True), 1.0)
 
@@ -229,6 +245,9 @@ class BudgetPlanner:
 
     def _replan(self) -> Plan:
         plan = self.best_plan()
+        if (plan.plain and not self.probe and self._current is not None and not self._current.plain
+                and self.profile.trials[0, 0] < MIN_FALLBACK_TRIALS):
+            plan = self._current  # a fallback would be final for this generation: wait for more evidence
         if self._current is None or (plan.num_nodes, plan.depth) != (self._current.num_nodes, self._current.depth):
             self.history.append(PlanChange(self._cycle, plan))
         self._current = plan
