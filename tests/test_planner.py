@@ -7,8 +7,8 @@ import pytest
 from falconspec import SpeculativeGenerator
 from falconspec.drafters import make_drafter
 from falconspec.drafters.base import Drafter
-from falconspec.planner import (MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, best_tree_gains,
-                                complete_prior, interpolate, tree_trials)
+from falconspec.planner import (MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, best_tree_gains, interpolate,
+                                tree_trials)
 from falconspec.tree import Tree
 
 
@@ -47,11 +47,18 @@ def test_tree_trials_count_children_of_accepted_nodes():
     assert trials[1].sum() == 0  # c's parent a was rejected: not a trial
 
 
-def test_prior_is_completed_downwards_and_across_ranks():
-    prior = complete_prior(np.array([[0.8, 0.1], [0.6, np.nan]]))
-    assert prior[0, 0] == 0.8 and prior[1, 1] == pytest.approx(0.1)  # copied from the depth above
-    assert prior[5, 0] == 0.6  # deeper depths copy the deepest measured one
-    assert prior[0, 2] == pytest.approx(0.05)  # decays across ranks without data
+def test_open_prior_cells_borrow_from_the_estimates_above_and_before():
+    profile = AcceptanceProfile(np.array([[0.8, 0.1], [np.nan, np.nan]]), strength=16.0)
+    p = profile.probabilities()
+    assert p[0, 0] == pytest.approx(0.8) and p[1, 0] == pytest.approx(0.8)  # depth 2 follows depth 1
+    assert p[0, 2] == pytest.approx(0.05)  # an open rank: half of what ranks 0 and 1 leave, at most half of rank 1
+    assert p[1, 1] == pytest.approx(0.1)
+    chain = Tree.chain(0, [1, 2])
+    for _ in range(48):  # depth 1 is never right: the untried depth 2 is expected to fail too
+        profile.observe(chain, [0])
+    p = profile.probabilities()
+    assert p[0, 0] == pytest.approx(0.8 * 16 / 64) and p[1, 0] == pytest.approx(p[0, 0])
+    assert AcceptanceProfile().probabilities()[0, 0] == 0.5  # no calibration at all
 
 
 def chain_profile(p_first: float, p_rest: float = 0.0, strength: float = 1e6) -> AcceptanceProfile:

@@ -40,6 +40,7 @@ from .planner import MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, inte
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+MIN_PRIOR_TRIALS = 20  # calibration trials a (depth, rank) cell needs to set the planner's prior
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
 
@@ -219,8 +220,8 @@ class Calibration:
         target.matmul_policy.set(self.few_row_sizes(force_path))
         entry = self.drafter_entry(target, drafter)
         hits, trials = np.asarray(entry["hits"]), np.asarray(entry["trials"])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            prior = np.where(trials > 0, (hits + 0.5) / (trials + 1.0), np.nan)
+        # a cell calibration saw too little of is left open (NaN): the planner borrows it from the cells above
+        prior = np.where(trials >= MIN_PRIOR_TRIALS, (hits + 0.5) / np.maximum(trials + 1.0, 1.0), np.nan)
         depths = entry["depths"]
         sizes = [n for n in (drafter.plan_sizes() or self.sizes) if n <= 2 * max(self.sizes)]  # little extrapolation
         return BudgetPlanner(verify_cost=interpolate(self.sizes, self.verify_curve(force_path)),

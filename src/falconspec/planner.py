@@ -37,7 +37,8 @@ from .tree import Tree
 MAX_DEPTH = 12  # depths the acceptance model tracks (deeper nodes share the last row)
 MAX_RANK = 8  # sibling ranks it tracks (the planner never counts on later siblings)
 PRIOR_STRENGTH = 16.0  # the prior weighs as much as this many observed trials per cell
-DECAY_WITHOUT_DATA = 0.5  # a rank with no data anywhere: this share of the rank before it
+DECAY_WITHOUT_DATA = 0.5  # a rank calibration saw too little of: this share of the probability its elders leave
+UNINFORMED = 0.5  # depth 1, rank 0 with no calibration at all
 CARRY_TRIALS = 32.0  # evidence carried from earlier generations weighs at most this many trials per cell
 MIN_FALLBACK_TRIALS = 8  # a drafter that cannot be probed falls back mid-generation only on this much evidence
 PROBE_EVERY = 8  # while decoding plainly, a drafter that is cheap to follow is tried once every this many cycles
@@ -67,9 +68,15 @@ class AcceptanceProfile:
     """Per (depth, sibling rank) Beta posterior of the probability that a node matches, given its parent did."""
 
     def __init__(self, prior: np.ndarray | None = None, strength: float = PRIOR_STRENGTH):
-        """``prior``: [depth, rank] probabilities (any shape up to MAX_DEPTH x MAX_RANK; missing cells are filled
-        from shallower depths, then decayed across ranks). None: an uninformed 0.5 at depth 1, rank 0."""
-        self.prior = complete_prior(prior)
+        """``prior``: [depth, rank] probabilities from calibration, any shape up to MAX_DEPTH x MAX_RANK; NaN (or
+        missing) where calibration saw too little. Such cells borrow, at every re-plan, the current estimate of the
+        depth above (rank 0) or a share of the rank before: a drafter whose first level turns out right is expected
+        to stay right deeper down until the deeper levels are tried, and are then judged on their own."""
+        self.prior = np.full((MAX_DEPTH, MAX_RANK), np.nan)
+        if prior is not None:
+            prior = np.asarray(prior, dtype=float)
+            d, r = min(prior.shape[0], MAX_DEPTH), min(prior.shape[1], MAX_RANK)
+            self.prior[:d, :r] = np.clip(prior[:d, :r], 0.0, 1.0)
         self.strength = strength
         self.hits = np.zeros((MAX_DEPTH, MAX_RANK))  # this generation
         self.trials = np.zeros((MAX_DEPTH, MAX_RANK))
@@ -97,40 +104,27 @@ class AcceptanceProfile:
         """[MAX_DEPTH, MAX_RANK] posterior means, made non-increasing across ranks (a drafter's later candidates are
         its less likely ones; noise must not make rank 3 look better than rank 2) and summing to at most 1 per
         depth (at most one sibling can match the target's token)."""
-        hits, trials = self.hits + self.carried_hits, self.trials + self.carried_trials
-        first = (hits[:, :1] + self.strength * self.prior[:, :1]) / (trials[:, :1] + self.strength)
-        # later ranks are rarely verified: their prior moves with the top candidate's evidence at the same depth
-        prior = self.prior * np.where(self.prior[:, :1] > 0, first / np.maximum(self.prior[:, :1], 1e-9), 1.0)
-        prior[:, :1] = self.prior[:, :1]
-        p = (hits + self.strength * prior) / (trials + self.strength)
-        p = np.minimum.accumulate(np.clip(p, 0.0, 1.0), axis=1)
-        return p / np.maximum(p.sum(axis=1, keepdims=True), 1.0)
+        hits = (self.hits + self.carried_hits).tolist()
+        trials = (self.trials + self.carried_trials).tolist()
+        known = self.prior.tolist()
+        p = [[0.0] * MAX_RANK for _ in range(MAX_DEPTH)]
+        for d in range(MAX_DEPTH):
+            for r in range(MAX_RANK):
+                prior = known[d][r]
+                if prior != prior:  # NaN: rank 0 borrows the estimate above; a later rank a share of what is left
+                    prior = ((p[d - 1][0] if d else UNINFORMED) if r == 0
+                             else DECAY_WITHOUT_DATA * min(p[d][r - 1], max(0.0, 1.0 - sum(p[d][:r]))))
+                elif r and known[d][0] > 0:  # later ranks are rarely verified: they move with the top candidate
+                    prior *= p[d][0] / known[d][0]
+                p[d][r] = min(max((hits[d][r] + self.strength * prior) / (trials[d][r] + self.strength), 0.0),
+                              p[d][r - 1] if r else 1.0)
+        out = np.asarray(p)
+        return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
 
     def expected_accepted(self, max_nodes: int, max_depth: int) -> np.ndarray:
         """[max_nodes + 1] E[accepted drafts] of the best tree of n nodes (root included) at most ``max_depth``
         deep, for n = 0 .. max_nodes (entries 0 and 1 are 0)."""
         return best_tree_gains(self.probabilities(), max_nodes, max_depth)
-
-
-def complete_prior(prior: np.ndarray | None) -> np.ndarray:
-    """A full [MAX_DEPTH, MAX_RANK] prior from a partial one: NaN or missing depths copy the depth above, missing
-    ranks decay from the rank before."""
-    full = np.full((MAX_DEPTH, MAX_RANK), np.nan)
-    if prior is not None:
-        prior = np.asarray(prior, dtype=float)
-        d, r = min(prior.shape[0], MAX_DEPTH), min(prior.shape[1], MAX_RANK)
-        full[:d, :r] = prior[:d, :r]
-    if np.isnan(full[0, 0]):
-        full[0, 0] = 0.5
-    for depth in range(MAX_DEPTH):
-        for rank in range(MAX_RANK):
-            if not np.isnan(full[depth, rank]):
-                continue
-            if depth > 0 and not np.isnan(full[depth - 1, rank]):
-                full[depth, rank] = full[depth - 1, rank]
-            else:
-                full[depth, rank] = DECAY_WITHOUT_DATA * full[depth, rank - 1]
-    return np.clip(full, 0.0, 1.0)
 
 
 def tree_trials(tree: Tree, accepted_path: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
