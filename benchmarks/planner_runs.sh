@@ -18,10 +18,11 @@ for run in "${@:-fp32 paths bf16}"; do
         $FS bench --methods greedy falcon eagle --datasets mt-bench --max-turns 1 --num-prompts 8 \
           --max-new-tokens 64 --matmul-path $path --out $OUT/mt-bench-8-path-$path --no-progress --resume
       done ;;
-    bf16)  # bf16, answers checked against the fp32 model
+    bf16)  # bf16, answers checked against the fp32 model (a CPU without native bf16 runs it slowly: fewer prompts)
       $FS calibrate --model smollm2-135m --dtype bfloat16 --drafters falcon eagle pld --quick
-      $FS bench --methods greedy falcon eagle pld --datasets mt-bench --max-new-tokens 64 --dtype bfloat16 \
-        --max-turns 1 --num-prompts "$PROMPTS" --out $OUT/mt-bench-$PROMPTS-bf16-planner --no-progress --resume ;;
+      $FS bench --methods greedy falcon eagle pld --datasets mt-bench --max-new-tokens 32 --dtype bfloat16 \
+        --max-turns 1 --num-prompts "${BF16_PROMPTS:-6}" --out $OUT/mt-bench-${BF16_PROMPTS:-6}-bf16-planner \
+        --no-progress --resume ;;
     *) echo "unknown run $run (fp32, paths, bf16)"; exit 2 ;;
   esac
 done
