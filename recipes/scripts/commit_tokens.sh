@@ -13,7 +13,7 @@ mapfile -t FILES < <($PY -c 'import json,sys; m=json.load(open(sys.argv[1])); [p
 git add -- "${FILES[@]}"
 BLOB=$(git hash-object -w "$SNAP")
 git update-index --add --cacheinfo 100644,"$BLOB","$D/manifest.json"
-SUMMARY=$($PY -c 'import json,sys; t=json.load(open(sys.argv[1]))["totals"]; print("; ".join(f"{k}: {v[\"shards\"]} shards, {v[\"answers\"]} answers, {v[\"answer_tokens\"]} answer tokens" for k, v in t.items()))' "$SNAP")
+SUMMARY=$($PY -c 'import json,sys; t=json.load(open(sys.argv[1]))["totals"]; print("; ".join("%s: %d shards, %d answers, %d answer tokens" % (k, v["shards"], v["answers"], v["answer_tokens"]) for k, v in t.items()))' "$SNAP")
 rm -f "$SNAP"
 git commit -q -m "${1:-Token data: $SUMMARY}"   # the index: the snapshot, not the working-tree manifest
 git log --oneline -1
