@@ -90,7 +90,7 @@ def test_lookahead_output_equals_plain_greedy(arch, settings):
 
 
 def test_lookahead_by_name_and_bad_settings(llama):
-    drafter = make_drafter("lookahead", llama)  # the CPU float32 tree budget: 4 nodes
+    drafter = make_drafter("lookahead", llama)  # planned; until the first plan it holds the 4-node shape
     assert isinstance(drafter, LookaheadDrafter) and drafter.num_parameters() == 0
     assert (drafter.window, drafter.ngram, drafter.guesses) == settings_for_budget(4) == (1, 2, 2)
     assert make_drafter("lookahead", llama, window=2).window == 2

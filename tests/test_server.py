@@ -42,9 +42,14 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("server") / "tiny", max_positions=CONTEXT)
 
 
+# A fixed tree budget everywhere: the planner's choices depend on timing and on earlier generations, and these tests
+# compare the server's speculative stats with an offline run's.
+BUDGET = 4
+
+
 @pytest.fixture(scope="module")
 def offline(model_dir):
-    return SpeculativeGenerator(load_target(str(model_dir)), make_drafter("pld"))
+    return SpeculativeGenerator(load_target(str(model_dir)), make_drafter("pld", num_nodes=BUDGET))
 
 
 def free_port() -> int:
@@ -59,7 +64,7 @@ def server(model_dir, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
     cmd = [sys.executable, "-c", "import sys; from falconspec.cli import main; sys.exit(main())", "serve",
-           "--model", str(model_dir), "--drafter", "pld", "--served-model-name", MODEL, "--host", "127.0.0.1",
+           "--model", str(model_dir), "--drafter", "pld", "--num-nodes", str(BUDGET), "--served-model-name", MODEL, "--host", "127.0.0.1",
            "--port", str(port), "--max-queue", "8", "--max-tokens-limit", str(LONG), "--log-level", "warning"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -91,7 +96,7 @@ SERVERS: dict = {}  # base URL of an in-process server -> its uvicorn config
 @contextlib.contextmanager
 def thread_server(model_dir, max_queue=8, **settings):
     """The app in a uvicorn thread of this process, on a free loopback port; ``settings``: ``ServerSettings``."""
-    generator = SpeculativeGenerator(load_target(str(model_dir)), make_drafter("pld"))
+    generator = SpeculativeGenerator(load_target(str(model_dir)), make_drafter("pld", num_nodes=BUDGET))
     app = create_app(generator, model_name=MODEL, max_queue=max_queue, settings=ServerSettings(**settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -712,7 +717,7 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_done(model_dir, tmp_p
     port = free_port()
     log_path = tmp_path / "serve.log"
     cmd = [sys.executable, "-c", "import sys; from falconspec.cli import main; sys.exit(main())", "serve",
-           "--model", str(model_dir), "--drafter", "pld", "--served-model-name", MODEL, "--port", str(port),
+           "--model", str(model_dir), "--drafter", "pld", "--num-nodes", str(BUDGET), "--served-model-name", MODEL, "--port", str(port),
            "--max-tokens-limit", str(LONG), "--log-level", "info"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
