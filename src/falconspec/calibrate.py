@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .kernels import FEW_ROW, STOCK
-from .planner import MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPlanner, interpolate, tree_trials
+from .planner import AcceptanceProfile, BudgetPlanner, interpolate
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fingerprint(target) -> dict:
     if device.type == "cuda":
         info["processor"] = torch.cuda.get_device_name(device)
     else:
-        info["processor"], info["cpu_flags"] = _cpu()
+        info["processor"], info["cpu_flags"] = cpu_info()
     return info
 
 
@@ -97,7 +97,8 @@ def model_hash(module: nn.Module, sample: int = 4096) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cpu() -> tuple[str, list[str]]:
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and the instruction-set flags of :data:`CPU_FLAGS` it has."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -182,9 +183,6 @@ class Calibration:
     @property
     def sizes(self) -> list[int]:
         return list(self.data["verify"]["sizes"])
-
-    def path_costs(self, path: str) -> list[float]:
-        return list(self.data["verify"]["seconds"][path])
 
     def chosen_paths(self, force: str | None = None) -> dict[int, str]:
         """Per tree size, the product path to use: the measured faster one, or ``force`` (stock / few-row)."""
@@ -296,11 +294,11 @@ def measure_drafter(target, drafter, effort: Effort = QUICK) -> dict:
     from .generate import SpeculativeGenerator
 
     depths = [d for d in effort.depths if d <= drafter.max_planned_depth] or [drafter.max_planned_depth]
-    hits, trials = np.zeros((MAX_DEPTH, MAX_RANK)), np.zeros((MAX_DEPTH, MAX_RANK))
+    counts = AcceptanceProfile()  # only its hit and trial counts are used
     seconds = []
     saved = (drafter.num_nodes, drafter.depth)
     generator = SpeculativeGenerator(target, drafter, planner=None)
-    generator.listeners.append(lambda tree, path: _count(tree, path, hits, trials))
+    generator.listeners.append(counts.observe)
     try:
         for depth in depths:
             drafter.set_budget(max(effort.tree, depth + 1), depth)
@@ -315,10 +313,4 @@ def measure_drafter(target, drafter, effort: Effort = QUICK) -> dict:
     finally:
         drafter.set_budget(*saved)
     return {"effort": effort.name, "name": drafter.name, "depths": depths, "draft_seconds": seconds,
-            "tree": effort.tree, "hits": hits.tolist(), "trials": trials.tolist()}
-
-
-def _count(tree, path, hits: np.ndarray, trials: np.ndarray) -> None:
-    h, t = tree_trials(tree, path)
-    hits += h
-    trials += t
+            "tree": effort.tree, "hits": counts.hits.tolist(), "trials": counts.trials.tolist()}

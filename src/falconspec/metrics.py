@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def plan_label(plan: dict) -> str:
+    """``plain`` or ``<nodes>n/d<depth>`` for one entry of :attr:`SpecStats.plans`."""
+    return "plain" if plan["num_nodes"] == 1 else f"{plan['num_nodes']}n/d{plan['depth']}"
+
+
 @dataclass
 class SpecStats:
     prompt_tokens: int = 0
@@ -31,9 +36,17 @@ class SpecStats:
         """The plans of this generation, e.g. ``4n/d2 -> 6n/d3 (cycle 5)``; ``fixed`` without a planner."""
         if not self.plans:
             return "fixed"
-        parts = [("plain" if p["num_nodes"] == 1 else f"{p['num_nodes']}n/d{p['depth']}")
-                 + (f" (cycle {p['cycle']})" if p["cycle"] else "") for p in self.plans]
-        return " -> ".join(parts)
+        return " -> ".join(plan_label(p) + (f" (cycle {p['cycle']})" if p["cycle"] else "") for p in self.plans)
+
+    def plan_cycles(self) -> dict[str, int]:
+        """Verification cycles spent under each planned budget (``fixed`` when no planner ran)."""
+        if not self.plans:
+            return {"fixed": self.cycles}
+        counts: dict[str, int] = {}
+        ends = [p["cycle"] for p in self.plans[1:]] + [self.cycles]
+        for plan, end in zip(self.plans, ends):
+            counts[plan_label(plan)] = counts.get(plan_label(plan), 0) + max(end - plan["cycle"], 0)
+        return {k: v for k, v in counts.items() if v}
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.cycles += 1

@@ -121,11 +121,6 @@ class AcceptanceProfile:
         out = np.asarray(p)
         return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
 
-    def expected_accepted(self, max_nodes: int, max_depth: int) -> np.ndarray:
-        """[max_nodes + 1] E[accepted drafts] of the best tree of n nodes (root included) at most ``max_depth``
-        deep, for n = 0 .. max_nodes (entries 0 and 1 are 0)."""
-        return best_tree_gains(self.probabilities(), max_nodes, max_depth)
-
 
 def tree_trials(tree: Tree, accepted_path: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """[MAX_DEPTH, MAX_RANK] hit and trial counts of one verified tree (see :class:`AcceptanceProfile`)."""

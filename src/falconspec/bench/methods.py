@@ -114,25 +114,13 @@ class EngineMethod(Method):
         stats = out.stats
         return TurnResult(out.token_ids, out.text, wall, [a + 1 for a in stats.accepted_per_cycle],
                           out.finish_reason, seed, stats.drafted_tokens, stats.accepted_tokens, stats.draft_time,
-                          stats.verify_time, stats.prefill_time, plan_cycles(stats))
+                          stats.verify_time, stats.prefill_time, stats.plan_cycles())
 
     def num_parameters(self) -> int:
         return self.generator.drafter.num_parameters()
 
     def drafter_source(self) -> dict | None:
         return self._source
-
-
-def plan_cycles(stats) -> dict[str, int]:
-    """Verification cycles spent under each planned budget (``fixed`` when no planner ran)."""
-    if not stats.plans:
-        return {"fixed": stats.cycles}
-    counts: dict[str, int] = {}
-    ends = [p["cycle"] for p in stats.plans[1:]] + [stats.cycles]
-    for plan, end in zip(stats.plans, ends):
-        key = "plain" if plan["num_nodes"] == 1 else f"{plan['num_nodes']}n/d{plan['depth']}"
-        counts[key] = counts.get(key, 0) + max(end - plan["cycle"], 0)
-    return {k: v for k, v in counts.items() if v}
 
 
 def _checkpoint_source(checkpoint: Path) -> dict:

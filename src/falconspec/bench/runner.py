@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..calibrate import cpu_info
 from ..models import load_target, parse_dtype
 from ..target import TargetModel
 from .answers import AnswerKey, PromptRecord, append_answers, read_answers
@@ -249,17 +250,9 @@ def environment() -> dict:
     from .. import __version__
 
     return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average": list(os.getloadavg()),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu_info()[0],
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "falconspec": __version__}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def _check_out(out: Path, config: BenchConfig) -> None:

@@ -65,7 +65,7 @@ def explain_setup(generator, matmul_path: str) -> None:
         why = "no drafter" if drafter.name == "none" else f"a fixed budget: {drafter.num_nodes} nodes, depth {drafter.depth}"
         print(f"plan: {why} (no planner)", file=out)
     else:
-        print(f"first plan: {generator.planner.start().describe()}", file=out)
+        print(f"first plan: {generator.planner.best_plan().describe()}", file=out)
     legend = " ".join(f"{c}depth {d + 1}{'+' if d == 3 else ''}{RESET}" for d, c in enumerate(DEPTH_COLOURS))
     print(f"tokens: target's own (bonus or plain step) | accepted drafts at {legend}", file=out)
 
