@@ -122,7 +122,7 @@ class SpeculativeGenerator:
 
         # 0. prefill everything but the last token, which becomes the first tree's root
         start = time.perf_counter()
-        hidden = target.prefill(ids[:-1])
+        hidden = target.prefill(ids[:-1], drafter.feature_layers)
         # the drafter follows the text while it drafts; one that is cheap to follow also while decoding plainly
         follow = planner is None or not plan.plain or planner.probe
         if follow:
@@ -145,7 +145,7 @@ class SpeculativeGenerator:
 
             # 2. one target forward over the whole tree
             start = time.perf_counter()
-            out = target.forward_tree(tree)
+            out = target.forward_tree(tree, drafter.feature_layers)
 
             # 3. accept the longest agreeing path and a bonus token
             if params.greedy:
@@ -163,7 +163,7 @@ class SpeculativeGenerator:
             ids = torch.cat([ids, torch.tensor(acceptance.tokens, dtype=torch.long)])
             if follow:
                 drafter.observe_forward(tree, out.logits)
-                drafter.observe(acceptance, out.hidden_states[acceptance.path])
+                drafter.observe(acceptance, out.features[acceptance.path])
             if planner is not None:
                 plan = planner.observe(tree, acceptance.path)
                 follow = follow and (not plan.plain or planner.probe)  # else plain for the rest of the generation

@@ -5,10 +5,12 @@ This is the only module that touches the KV cache's internals. One sequence at a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,6 +29,7 @@ def cache_keyword(forward) -> str:
 class TreeOutput:
     logits: torch.Tensor  # [num_nodes, vocab]; row i predicts the token after node i
     hidden_states: torch.Tensor  # [num_nodes, hidden]; last layer after the final norm (what the LM head reads)
+    features: torch.Tensor  # [num_nodes, F]: hidden_states, or the requested layers' inputs side by side
 
 
 class TargetModel:
@@ -84,19 +87,53 @@ class TargetModel:
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.config)
 
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Start a new sequence: cache ``input_ids`` [L] and return their hidden states [L, hidden] (no logits)."""
-        self.reset()
-        if input_ids.numel() == 0:
-            return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
-        out = self.decoder(input_ids=input_ids.to(self.device)[None], use_cache=True,
-                           **{self._cache_keyword: self.cache})
-        return out.last_hidden_state[0]
+    @contextlib.contextmanager
+    def _capture(self, feature_layers: Sequence[int] | None):
+        """Collect the inputs of decoder layers ``feature_layers`` during a forward: yields a list that holds
+        [1, S, H] per layer, in the order given, once the forward has run (nothing for None)."""
+        captured: list[torch.Tensor] = []
+        if not feature_layers:
+            yield captured
+            return
+        layers = self.decoder.layers
+        bad = [i for i in feature_layers if not 0 <= i < len(layers)]
+        if bad:
+            raise ValueError(f"feature layers {bad} out of range: {self.name!r} has {len(layers)} decoder layers")
+        slots: dict[int, torch.Tensor] = {}
+
+        def hook(index):
+            def keep(module, args, kwargs):
+                slots[index] = args[0] if args else kwargs["hidden_states"]
+            return keep
+
+        handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in set(feature_layers)]
+        try:
+            yield captured
+            captured.extend(slots[i] for i in feature_layers)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _features(self, last_hidden: torch.Tensor, captured: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([h[0] for h in captured], dim=-1) if captured else last_hidden[0]
 
     @torch.no_grad()
-    def forward_tree(self, tree: Tree) -> TreeOutput:
-        """Run every tree node in one forward on top of the cache; the cache grows by ``tree.num_nodes``."""
+    def prefill(self, input_ids: torch.Tensor, feature_layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Start a new sequence: cache ``input_ids`` [L] and return their features (no logits): the hidden states
+        [L, hidden], or with ``feature_layers`` those decoder layers' inputs side by side [L, hidden * layers]."""
+        self.reset()
+        if input_ids.numel() == 0:
+            width = self.hidden_size * (len(feature_layers) if feature_layers else 1)
+            return torch.empty(0, width, dtype=self.dtype, device=self.device)
+        with self._capture(feature_layers) as captured:
+            out = self.decoder(input_ids=input_ids.to(self.device)[None], use_cache=True,
+                               **{self._cache_keyword: self.cache})
+        return self._features(out.last_hidden_state, captured)
+
+    @torch.no_grad()
+    def forward_tree(self, tree: Tree, feature_layers: Sequence[int] | None = None) -> TreeOutput:
+        """Run every tree node in one forward on top of the cache; the cache grows by ``tree.num_nodes``.
+        ``feature_layers``: which layers' inputs ``features`` holds (see :meth:`prefill`)."""
         prefix_len = self.cache_len
         if prefix_len + tree.max_depth >= self.max_context:
             raise ValueError(
@@ -104,15 +141,17 @@ class TargetModel:
             )
         # a chain is plain causal attention: let the model build its own mask
         mask = None if tree.is_chain else tree.attention_mask(prefix_len, self.dtype, self.device)
-        out = self.decoder(
-            input_ids=tree.token_tensor(self.device)[None],
-            position_ids=tree.position_ids(prefix_len, self.device)[None],
-            attention_mask=mask,
-            use_cache=True,
-            **{self._cache_keyword: self.cache},
-        )
+        with self._capture(feature_layers) as captured:
+            out = self.decoder(
+                input_ids=tree.token_tensor(self.device)[None],
+                position_ids=tree.position_ids(prefix_len, self.device)[None],
+                attention_mask=mask,
+                use_cache=True,
+                **{self._cache_keyword: self.cache},
+            )
         hidden = out.last_hidden_state[0]
-        return TreeOutput(logits=self.lm_head(hidden), hidden_states=hidden)
+        return TreeOutput(logits=self.lm_head(hidden), hidden_states=hidden,
+                          features=self._features(out.last_hidden_state, captured))
 
     def compact(self, path: list[int], num_nodes: int) -> None:
         """Keep only the cache entries of the accepted ``path`` (tree node indices) of the last tree forward."""

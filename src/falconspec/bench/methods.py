@@ -31,10 +31,10 @@ from .datasets import display_path
 
 log = logging.getLogger(__name__)
 
-ENGINE_METHODS = ("greedy", "pld", "falcon", "eagle", "medusa", "lookahead")
+ENGINE_METHODS = ("greedy", "pld", "falcon", "eagle", "eagle3", "medusa", "lookahead")
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
 METHOD_NAMES = ENGINE_METHODS[:2] + HF_METHODS + ENGINE_METHODS[2:]
-CHECKPOINT_METHODS = ("falcon", "eagle", "medusa")  # need a trained drafter directory
+CHECKPOINT_METHODS = ("falcon", "eagle", "eagle3", "medusa")  # need a trained drafter directory
 BASELINE = "greedy"
 
 

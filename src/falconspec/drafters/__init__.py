@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .base import Drafter, NoDrafter
 from .lookahead import LookaheadDrafter
 from .ngram import PromptLookupDrafter
@@ -12,7 +14,7 @@ __all__ = ["Drafter", "LookaheadDrafter", "NoDrafter", "PromptLookupDrafter", "l
            "make_drafter", "shipped_drafter_dir"]
 
 MODEL_FREE = {"none": NoDrafter, "pld": PromptLookupDrafter, "lookahead": LookaheadDrafter}
-SHIPPED_KINDS = ("falcon", "eagle", "medusa")  # trained drafters a built-in model may ship with
+SHIPPED_KINDS = ("falcon", "eagle", "eagle3", "medusa")  # trained drafters a built-in model may ship with
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 
 
@@ -71,6 +73,12 @@ def load_checkpoint(directory: str | Path, target, **options) -> Drafter:
         from .medusa import MedusaDrafter
 
         return MedusaDrafter.from_pretrained(directory, target, **options)
+    if kind == "falconspec-eagle3":
+        from .eagle3_model import Eagle3DrafterModel
+        from .sar import SARDrafter  # an EAGLE-3 head drafts like a k=1 SAR drafter
+
+        dtype = options.pop("dtype", torch.float32)
+        return SARDrafter(Eagle3DrafterModel.from_pretrained(directory, target, dtype), target, **options)
     from .sar import SARDrafter  # SAR configs name their own format; from_config reports any other
 
     return SARDrafter.from_pretrained(directory, target, **options)

@@ -4,7 +4,8 @@ The decode loop talks to a drafter in three calls (and one optional hook):
 
 1. ``begin(input_ids, hidden_states)`` once per sequence, after the target's prefill. ``input_ids`` [L] are the
    committed tokens (the last one, the *root*, is not in the target's cache yet); ``hidden_states`` [L-1, H] are
-   the target's last-layer features of the cached tokens ``input_ids[:-1]``.
+   the target's last-layer features of the cached tokens ``input_ids[:-1]`` (or, for a drafter that names
+   ``feature_layers``, those layers' inputs side by side: [L-1, H * len(feature_layers)]).
 2. ``propose(input_ids, max_depth)`` returns a :class:`Tree` rooted at ``input_ids[-1]``, at most ``max_depth``
    deep (deeper nodes would be cut anyway).
 3. ``observe(acceptance, hidden_states)`` after verification: ``acceptance.path`` are the accepted tree nodes
@@ -43,6 +44,9 @@ INITIAL_NUM_NODES = 8
 class Drafter(ABC):
     name: str = "drafter"
     needs_hidden_states: bool = False  # hint: the loop may skip moving features for drafters that ignore them
+    # which target features begin/observe receive: None = the last layer after the final norm; a list of layer ids =
+    # the inputs of those decoder layers, concatenated (EAGLE-3's fused low/middle/high features)
+    feature_layers: list[int] | None = None
     planned: bool = False  # True: the generator's planner sets num_nodes and depth every cycle
     # True when observe() costs next to nothing (no model pass): while the planner decodes plainly, such a drafter
     # keeps following the text and is probed now and then, so it can be switched back on when it would pay

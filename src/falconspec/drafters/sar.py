@@ -64,7 +64,8 @@ class SARDrafter(Drafter):
         self.policy = target.matmul_policy  # drafting passes are a few rows each: the paths calibration measured
         attach_policy(model, self.policy)
         self.k = model.k
-        self.name = "falcon" if self.k > 1 else "eagle"
+        self.name = "falcon" if self.k > 1 else "eagle3" if model.feature_layers else "eagle"
+        self.feature_layers = model.feature_layers  # None: the target's last layer
         self.num_nodes, self.depth, self.top_k, self.branches = num_nodes, depth, top_k, branches
         self.static_paths = None
         if static_tree is not None:
@@ -95,15 +96,16 @@ class SARDrafter(Drafter):
 
     def _reset(self) -> None:
         self.cache = self.model.new_cache()
-        hidden = self.model.config.hidden_size
-        self.tail_features = torch.empty(0, hidden, device=self.device)  # [<=k, H] the last committed pairs
+        width = self.model.config.hidden_size * len(self.feature_layers or [None])
+        self.tail_features = torch.empty(0, width, device=self.device)  # [<=k, H] the last committed pairs
         self.tail_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # [<=k]
         self.block = None  # [k, H] outputs of the last full block: predicted features of the root's block
 
     # ---------------------------------------------------------------- committed positions
     @torch.no_grad()
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        """input_ids: [L]; hidden_states: [L-1, H] (target features of input_ids[:-1])."""
+        """input_ids: [L]; hidden_states: [L-1, F] (target features of input_ids[:-1]; F = H, or one H per fused
+        layer for an EAGLE-3 drafter)."""
         assert hidden_states.shape[0] == input_ids.shape[0] - 1, (hidden_states.shape, input_ids.shape)
         self._reset()
         self._update(hidden_states, input_ids[1:])
@@ -193,7 +195,8 @@ class SARDrafter(Drafter):
 
     def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""
-        logprobs = torch.log_softmax(policy_linear(outputs, self.head, None, self.policy).float(), dim=-1)  # [B*k, D]
+        scores = policy_linear(self.model.head_input(outputs), self.head, None, self.policy)  # [B*k, D]
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
         values, indices = logprobs.topk(min(m, logprobs.shape[-1]), dim=-1)
         if self.vocab_ids is not None:
             indices = self.vocab_ids[indices]

@@ -270,6 +270,12 @@ class SARDrafterModel(nn.Module):
         return hidden
 
     # ---------------------------------------------------------------- the (frozen) head
+    feature_layers = None  # reads the target's last layer after the final norm (what its LM head reads)
+
+    def head_input(self, outputs: torch.Tensor) -> torch.Tensor:
+        """What the head reads of predicted features: the features themselves (they regress the target's)."""
+        return outputs
+
     def head_weight(self, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
         """The rows [D, H] of the target's LM head weight [V, H] the drafter scores (D = V without a draft vocab)."""
         return draft_head_weight(lm_head, self.draft_vocab)
