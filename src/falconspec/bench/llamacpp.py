@@ -94,7 +94,10 @@ class LlamaCppMethod(Method):
     """One ``xllamacpp.Server`` (llama.cpp's server, in process, one slot) answering token-id completion requests."""
 
     def __init__(self, name: str, target: TargetModel, gguf: Path, threads: int, draft: Path | None = None):
-        import xllamacpp
+        try:
+            import xllamacpp
+        except (ImportError, OSError) as err:  # e.g. a shared library it links is missing
+            raise _Unavailable(f"xllamacpp cannot be imported ({type(err).__name__}: {err}): {INSTALL}") from err
 
         self.name, self.tokenizer, self.eos = name, target.tokenizer, set(target.eos_token_ids)
         self.speculation, self.draft = SPECULATION[name], draft
@@ -169,8 +172,8 @@ def llamacpp_params(xllamacpp, gguf: Path, n_ctx: int, threads: int, speculation
     params.cpuparams_batch.n_threads = threads
     params.cache_ram_mib = 0  # no prompt cache in host memory either
     params.verbosity = QUIET
-    # the server also listens on 127.0.0.1 (a random port): with a key nobody knows, it answers no one there;
-    # handle_completions calls the server's handlers directly
+    # the server also listens on 127.0.0.1 (a random port): with a key nobody knows, it answers nothing there but
+    # /health; handle_completions calls the server's handlers directly, without the key
     params.api_keys = [secrets.token_hex(16)]
     params.sampling.temp, params.sampling.top_k, params.sampling.seed = 0.0, 1, 0  # every request sets its own
     if speculation is not None:
