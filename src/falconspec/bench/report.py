@@ -7,9 +7,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .methods import BASELINE
+from .methods import BASELINE, COMPARED_WITH, LLAMACPP_METHODS
 
-PLAIN_METHODS = (BASELINE, "hf")  # plain decoding: every accepted length is 1, nothing to plot
+PLAIN_METHODS = (BASELINE, "hf", "llamacpp")  # plain decoding: every accepted length is 1, nothing to plot
 
 LEGEND = """\
 Columns (one row per dataset and method; the baseline is `greedy`, plain decoding in the same engine, same dtype
@@ -35,6 +35,21 @@ and temperature, same run; a prompt is all turns of one question):
 - **peak RSS**: the process's resident memory peak while the method answered (weights of the target included);
 - **drafter params**: parameters of the drafter or draft model (the truncated hf-assisted copy shares the target's
   tensors, so it costs no extra memory).
+"""
+
+
+LLAMACPP_LEGEND = """
+llama.cpp rows (xllamacpp {version}: llama.cpp's server in this process, with as many threads as torch, on the
+target's GGUF file as it is, quantized weights times 8-bit quantized activations, so its answers are not our float32
+engine's):
+
+- **llamacpp (vs greedy)**: llama.cpp's plain decoding, its speed-up over our `greedy` and the prompts where its
+  tokens equal greedy's (< 100% is expected: the arithmetic differs);
+- **llamacpp-ngram / llamacpp-eagle3 (vs llamacpp)**: llama.cpp's n-gram speculation (`ngram-simple`) and EAGLE-3
+  speculation (`draft-eagle3`, the `--llamacpp-draft` GGUF), their speed-up over `llamacpp` and the prompts whose
+  tokens equal its own; the tokens/s column compares any two rows;
+- llama.cpp reports drafted and accepted tokens (acceptance) but not the tokens committed per verification
+  forward, so τ is not shown for its speculative methods, and it splits no time into drafting and verifying.
 """
 
 
@@ -70,7 +85,9 @@ def markdown(summary: dict, legend: bool = True) -> str:
         mode = "greedy" if temperature == 0 else f"sampling, temperature {temperature:g}"
         lines += [f"## {dtype}, {mode}", "", _table(rows), ""]
         lines += _not_run(rows) + [""]
-    return "\n".join(lines + ([LEGEND] if legend else []))
+    llamacpp = any(r["method"] in LLAMACPP_METHODS and r["status"] == "ok" for r in summary["rows"])
+    legend_text = LEGEND + (LLAMACPP_LEGEND.format(version=start.get("xllamacpp") or "?") if llamacpp else "")
+    return "\n".join(lines + ([legend_text] if legend else []))
 
 
 def contended(start: dict, end: dict) -> bool:
@@ -96,8 +113,8 @@ def _drafters(rows: list[dict]) -> list[str]:
     for r in rows:
         if r.get("drafter"):
             seen.setdefault(r["method"], r["drafter"])
-    lines = [f"- drafter **{method}**: `{d['path']}` (model.safetensors sha256 {(d['weights_sha256'] or '?')[:12]})"
-             for method, d in seen.items()]
+    lines = [f"- drafter **{method}**: `{d['path']}` ({d.get('file', 'model.safetensors')} sha256 "
+             f"{(d['weights_sha256'] or '?')[:12]})" for method, d in seen.items()]
     return lines + [""] if lines else []
 
 
@@ -119,7 +136,7 @@ def _table(rows: list[dict]) -> str:
         if r["status"] != "ok":
             cells = [r["dataset"], r["method"], r["status"]] + ["–"] * (len(columns) - 3)
         else:
-            cells = [r["dataset"], r["method"], *_speedup_cells(r), _num(r["tokens_per_s"], ".1f"),
+            cells = [r["dataset"], _method(r), *_speedup_cells(r), _num(r["tokens_per_s"], ".1f"),
                      _num(r["mean_accepted_length"], ".2f"), _num(r["mean_accepted_drafts"], ".2f"),
                      _pct(r["acceptance_rate"]), _identical(r), _shares(r), _plans(r),
                      _num(r["peak_rss_mb"], ".0f"), f"{r['drafter_params']:,}"]
@@ -127,6 +144,12 @@ def _table(rows: list[dict]) -> str:
                 cells += _agreement(r.get("fp32_agreement"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _method(row: dict) -> str:
+    """The method's name, with the method it is compared with when ``COMPARED_WITH`` names one (llama.cpp's)."""
+    compared = COMPARED_WITH.get(row["method"])
+    return f"{row['method']} (vs {compared})" if compared else row["method"]
 
 
 def _plans(row: dict) -> str:
@@ -221,8 +244,9 @@ def _speedup_plot(path: Path, rows: list[dict], title: str) -> Path:
         overall = [cells[m]["overall"] if m in cells else math.nan for m in methods]
         ax.plot(xs, overall, "k_", markersize=12, label="overall" if d == 0 else None)
     ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-    ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylabel("speed-up over greedy")
+    labels = [f"{m}\n(vs {COMPARED_WITH[m]})" if m in COMPARED_WITH else m for m in methods]
+    ax.set_xticks(range(len(methods)), labels, rotation=20)
+    ax.set_ylabel("speed-up over greedy" + (" (or the method named)" if labels != methods else ""))
     ax.set_title(f"Speed-up per method ({title})")
     ax.legend(fontsize="small")
     figure.savefig(path, dpi=110)

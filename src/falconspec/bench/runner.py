@@ -27,7 +27,8 @@ from ..target import TargetModel
 from .answers import AnswerKey, PromptRecord, append_answers, read_answers
 from .datasets import BenchPrompt, Dataset, load_dataset
 from .memory import PeakMemory
-from .methods import BASELINE, Method, MethodOptions, Skipped, TurnResult, build_methods, expand_method_names
+from .methods import (BASELINE, Method, MethodOptions, Skipped, TurnResult, baseline_of, build_methods,
+                      expand_method_names)
 from .reference import fp32_agreement, summarize_agreement
 from .stats import summarize
 
@@ -200,14 +201,20 @@ class _Setting:
         rows = []
         for name in expand_method_names(list(self.config.methods)):
             method = next((m for m in methods if m.name == name), None)
+            baseline = baseline_of(name)  # greedy, or the method COMPARED_WITH names
             if name in reasons:
                 status = "failed" if method is not None else "skipped"
                 rows.append({**setting, "method": name, "status": status, "reason": reasons[name]})
                 continue
-            stats = summarize(records[name], records[BASELINE], self.temperature, method.num_parameters())
+            if baseline in reasons:  # its answers are kept, but there is nothing to compare them with
+                rows.append({**setting, "method": name, "status": "failed",
+                             "reason": f"not compared: {baseline}, the method it is compared with, did not run "
+                                       f"({reasons[baseline]})"})
+                continue
+            stats = summarize(records[name], records[baseline], self.temperature, method.num_parameters())
             if self.reference is not None:
                 stats["fp32_agreement"] = self._agreement(dataset, records[name])
-            rows.append({**setting, "method": name, "status": "ok", "reason": None, **stats,
+            rows.append({**setting, "method": name, "status": "ok", "reason": None, "baseline": baseline, **stats,
                          "drafter": method.drafter_source()})
         return rows
 
@@ -248,11 +255,12 @@ def environment() -> dict:
     import transformers
 
     from .. import __version__
+    from .llamacpp import xllamacpp_version
 
     return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average": list(os.getloadavg()),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu_info()[0],
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "falconspec": __version__}
+            "transformers": transformers.__version__, "falconspec": __version__, "xllamacpp": xllamacpp_version()}
 
 
 def _check_out(out: Path, config: BenchConfig) -> None:

@@ -1,6 +1,7 @@
 """Summary statistics of a benchmark: speed-ups with bootstrap confidence intervals, acceptance, equality.
 
-Definitions (one prompt = all turns of one question; the baseline is ``greedy`` of the same dtype and temperature):
+Definitions (one prompt = all turns of one question; the baseline is ``greedy`` of the same dtype and temperature,
+or the method ``methods.COMPARED_WITH`` names, e.g. ``llamacpp`` for llama.cpp's speculative methods):
 
 * per-prompt speed-up = (method tokens / method seconds) / (baseline tokens / baseline seconds);
 * **median speed-up**: the median of the per-prompt speed-ups; **overall speed-up**: total tokens per total second of
@@ -8,7 +9,7 @@ Definitions (one prompt = all turns of one question; the baseline is ``greedy`` 
   prompts (paired: a resampled prompt brings both its method and baseline timings);
 * mean accepted length: the mean of Spec-Bench's ``accept_lengths`` (committed tokens per verification forward, the
   bonus token included; plain decoding = 1.00); without the bonus it is one less;
-* acceptance rate: accepted draft tokens / drafted tokens (our engine's methods only);
+* acceptance rate: accepted draft tokens / drafted tokens (methods that report both: our engine's, llama.cpp's);
 * identical-to-greedy: the share of prompts whose every turn has exactly the baseline's tokens (greedy runs only).
 """
 
@@ -85,7 +86,8 @@ def summarize(records: dict, baseline: dict, temperature: float, drafter_params:
     mean_length = float(np.mean(lengths)) if lengths else None
     drafted = [t.drafted_tokens for t in turns]
     accepted = [t.accepted_tokens for t in turns]
-    engine = bool(turns) and all(d is not None for d in drafted)
+    engine = bool(turns) and all(d is not None for d in drafted)  # drafts counted (our engine, llama.cpp)
+    timed = engine and all(t.draft_time is not None and t.verify_time is not None for t in turns)  # our engine
     speed = speedup(np.array([r.new_tokens for r in mine]), np.array([r.wall_time for r in mine]),
                     np.array([r.new_tokens for r in base]), np.array([r.wall_time for r in base]))
     identical = None
@@ -109,13 +111,13 @@ def summarize(records: dict, baseline: dict, temperature: float, drafter_params:
         "acceptance_rate": sum(accepted) / sum(drafted) if engine and sum(drafted) else None,
         "drafted_tokens": sum(drafted) if engine else None,
         "identical_to_greedy": identical,
-        "draft_time_share": sum(t.draft_time for t in turns) / seconds if engine and seconds else None,
-        "verify_time_share": sum(t.verify_time for t in turns) / seconds if engine and seconds else None,
+        "draft_time_share": sum(t.draft_time for t in turns) / seconds if timed and seconds else None,
+        "verify_time_share": sum(t.verify_time for t in turns) / seconds if timed and seconds else None,
         "peak_rss_mb": max(rss) if rss else None,
         "drafter_params": drafter_params,
         "accept_length_histogram": _histogram(lengths),
-        "plan_cycles": dict(sorted(plans.items(), key=lambda kv: -kv[1])) if engine else None,
-        "plain_turns": sum(bool((t.plan_cycles or {}).get("plain")) for t in turns) if engine else None,
+        "plan_cycles": dict(sorted(plans.items(), key=lambda kv: -kv[1])) if timed else None,
+        "plain_turns": sum(bool((t.plan_cycles or {}).get("plain")) for t in turns) if timed else None,
     }
 
 

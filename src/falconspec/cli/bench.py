@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default="smollm2-135m", help="built-in alias, model directory or hub id")
     parser.add_argument("--methods", nargs="+", default=["all"],
-                        help=f"all, or some of: {', '.join(METHOD_NAMES)} (greedy, the baseline, always runs)")
+                        help=f"all, or some of: {', '.join(METHOD_NAMES)} (greedy, the baseline, always runs; so "
+                             "does llamacpp with the llamacpp-* methods)")
     parser.add_argument("--datasets", nargs="+", default=["mt-bench"],
                         help="mt-bench, humaneval, sharegpt (held-out split) or paths of JSONL prompt files")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -54,6 +55,9 @@ def register(subparsers) -> None:
                         help="hf-assisted draft model: N = the target's first N layers (weights shared), or the "
                              "directory of a small model with the target's tokenizer (default: 6)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="hf-pld prompt_lookup_num_tokens")
+    parser.add_argument("--llamacpp-draft", default=None, metavar="PATH",
+                        help="llamacpp-eagle3: the EAGLE-3 draft GGUF file (falconspec export --format gguf); the "
+                             "llamacpp methods need xllamacpp: pip install 'falconspec[llamacpp]'")
     add_budget_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     options = MethodOptions(
         drafter_dirs={k: v for k in ("falcon", "eagle", "medusa") if (v := getattr(args, f"{k}_drafter"))},
         assistant=args.assistant, prompt_lookup_tokens=args.prompt_lookup_tokens, matmul_path=args.matmul_path,
-        num_nodes=args.num_nodes, depth=args.depth)
+        num_nodes=args.num_nodes, depth=args.depth, llamacpp_draft=args.llamacpp_draft)
     config = BenchConfig(
         out=args.out, model=args.model, methods=_split(args.methods), datasets=_split(args.datasets),
         max_new_tokens=_default(args.max_new_tokens, QUICK_TOKENS if args.quick else DEFAULT_TOKENS),
