@@ -31,7 +31,7 @@ from falconspec.export import (
     ARCHITECTURE, FORMAT, GGUF_TENSOR_NAMES, expected_shapes, export_eagle3, export_gguf, load_eagle3_checkpoint,
     rope_permute,
 )
-from falconspec.testing import char_tokenizer, save_tiny_model, tiny_config
+from falconspec.testing import char_tokenizer, save_tiny_model, tiny_config, tiny_target
 
 import gguf  # noqa: E402  (a falconspec dependency)
 
@@ -411,6 +411,9 @@ def test_rejects_other_checkpoints(tiny, tmp_path):
     with pytest.raises(ValueError, match="unexpected embed_tokens.weight"):
         load_eagle3_checkpoint(bad)
 
+    with pytest.raises(ValueError, match="does not fit target 'tiny-llama'.*2 layers"):
+        export_eagle3(tiny["drafter"], tmp_path / "out", target=tiny_target("llama"))  # a TargetModel
+    assert export_eagle3(tiny["drafter"], tmp_path / "ok", target=tiny_target("llama", num_layers=4)).is_dir()
     other = write_eagle3_checkpoint(tmp_path / "other", feature_layers=[1, 2, 3], num_target_layers=6)
     with pytest.raises(ValueError, match="does not fit target.*4 layers"):
         export_gguf(other, tmp_path / "x.gguf", tiny["target_gguf"])

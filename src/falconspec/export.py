@@ -142,8 +142,9 @@ def load_eagle3_checkpoint(drafter_dir: str | Path) -> Eagle3Checkpoint:
     kind = config.get("format") if isinstance(config, dict) else None
     if kind != FORMAT:
         hint = {
-            "falconspec-sar": " It is a Falcon SAR drafter: only k=1 EAGLE-3 drafters export (vLLM, SGLang and "
-                              "llama.cpp cannot run the semi-autoregressive k=2 drafter; see docs/export.md).",
+            "falconspec-sar": f" It is a Falcon SAR drafter (k={config.get('k')}): a fusion layer and Llama layers "
+                              "over the target's last hidden state, not EAGLE-3's layout, and no engine runs k>1 "
+                              "semi-autoregressive drafting (see docs/export.md).",
             "falconspec-medusa": " Medusa heads have no EAGLE-3 layout.",
         }.get(kind, "")
         raise ValueError(f"{config_path} has format {kind!r}, not {FORMAT!r}: not an EAGLE-3 drafter checkpoint."
