@@ -434,15 +434,58 @@ def test_cli(tiny, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- llama.cpp itself, when installed
+def reference_draft_logits(model, drafter: Path, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE-3's first draft after ``prompt``, computed from the checkpoint in plain PyTorch: draft logits [D] of the
+    token after the target's greedy next token, and the target id [D] of each draft id."""
+    import math
+
+    cfg = json.loads((drafter / "config.json").read_text())
+    w = {k.removeprefix("midlayer."): v for k, v in load_file(str(drafter / "model.safetensors")).items()}
+    heads, kv, hd, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["rms_norm_eps"]
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rope(t):  # Hugging Face's rotate-half RoPE at positions 0..S-1
+        inv = 1.0 / cfg["rope_parameters"]["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+        angles = torch.arange(t.shape[0]).float()[:, None] * inv
+        cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+        return t * cos + torch.cat([-t[..., hd // 2:], t[..., : hd // 2]], -1) * sin
+
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), output_hidden_states=True)
+        ids = prompt[1:] + [int(out.logits[0, -1].argmax())]  # the pair at position t: (features of t, token t+1)
+        g = torch.cat([out.hidden_states[i][0] for i in cfg["feature_layers"]], -1) @ w["fc.weight"].T
+        e = model.get_input_embeddings().weight[ids]
+        x = torch.cat([rms(e, w["input_layernorm.weight"]), rms(g, w["hidden_norm.weight"])], -1)
+        n = x.shape[0]
+        q = rope((x @ w["self_attn.q_proj.weight"].T).view(n, heads, hd))
+        k = rope((x @ w["self_attn.k_proj.weight"].T).view(n, kv, hd)).repeat_interleave(heads // kv, 1)
+        v = (x @ w["self_attn.v_proj.weight"].T).view(n, kv, hd).repeat_interleave(heads // kv, 1)
+        scores = torch.einsum("shd,thd->hst", q, k) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        attn = torch.einsum("hst,thd->shd", scores.softmax(-1), v).reshape(n, -1) @ w["self_attn.o_proj.weight"].T
+        r = attn + g  # the residual is the un-normed fused feature
+        h = rms(r, w["post_attention_layernorm.weight"])
+        mlp = torch.nn.functional.silu(h @ w["mlp.gate_proj.weight"].T) * (h @ w["mlp.up_proj.weight"].T)
+        out = r + mlp @ w["mlp.down_proj.weight"].T  # the pre-norm output, fed back at the next step
+        logits = rms(out[-1], w["norm.weight"]) @ w["lm_head.weight"].T
+    return logits, w["d2t"] + torch.arange(w["d2t"].numel())
+
+
 def test_llama_cpp_loads_and_drafts(tiny, tmp_path, capfd):
-    """Run the GGUF as a draft-eagle3 drafter in llama.cpp (the xllamacpp wheel, b11549; skipped without it). Every
-    drafted token lies in the draft vocabulary, so llama.cpp reads d2t as absolute target ids; a random drafter's
-    tokens are rejected, so the greedy output equals the target's alone."""
+    """Run the GGUF as a draft-eagle3 drafter in llama.cpp (the xllamacpp wheel, b11549; skipped without it): its
+    first draft candidates are the top tokens of the EAGLE-3 forward computed here in PyTorch (feature layers given
+    out of order, a draft vocabulary of 32), every drafted token lies in the draft vocabulary (d2t read as absolute
+    ids), and a random drafter's tokens being rejected, the greedy output equals the target's."""
+    from transformers import AutoModelForCausalLM
+
     xlc = pytest.importorskip("xllamacpp")
-    draft = export_gguf(tiny["drafter"], tmp_path / "draft.gguf", tiny["target_gguf"], dtype="float32")
-    d2t = load_file(str(tiny["drafter"] / "model.safetensors"))["d2t"]
-    draft_ids = set((d2t + torch.arange(d2t.numel())).tolist())
+    model = AutoModelForCausalLM.from_pretrained(tiny["target_dir"]).eval()
+    drafter = write_eagle3_checkpoint(tmp_path / "drafter", model.config, feature_layers=[3, 1, 2], seed=1)
+    draft = export_gguf(drafter, tmp_path / "draft.gguf", tiny["target_gguf"], dtype="float32")
     prompt = list(range(10, 30))
+    logits, target_ids = reference_draft_logits(model, drafter, prompt)
 
     def complete(speculative: bool) -> dict:
         params = xlc.CommonParams()
@@ -466,7 +509,10 @@ def test_llama_cpp_loads_and_drafts(tiny, tmp_path, capfd):
     speculative = complete(True)
     log = capfd.readouterr().err
     assert "adding speculative implementation 'draft-eagle3'" in log and "EAGLE3 extract_layers = [1, 2, 3]" in log
-    drafted = [int(m) for m in re.findall(r"draft candidate +\d+, pos +\d+: +(\d+)", log)]
-    assert drafted and set(drafted) <= draft_ids
+    drafts = re.findall(r"draft candidate +(\d+), pos +(\d+): +(\d+)", log)
+    assert drafts and {int(token) for _, _, token in drafts} <= set(target_ids.tolist())
+    first = [int(token) for rank, pos, token in drafts if pos == "0"][:3]
+    ordered = [rank for rank, pos, _ in drafts if pos == "0"][:3]
+    assert ordered == ["0", "1", "2"] and first == target_ids[logits.topk(3).indices].tolist()
     assert speculative["timings"]["draft_n"] > 0
     assert speculative["choices"][0]["text"] == plain["choices"][0]["text"]
