@@ -212,7 +212,7 @@ def draft_to_target_ids(d2t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the target
 @dataclasses.dataclass(frozen=True)
 class TargetFacts:
-    """What the export checks a drafter against: the target's sizes (and, from a GGUF, its tokenizer fields)."""
+    """What the export checks a drafter against: the target's hidden size, layer count and vocabulary size."""
 
     hidden_size: int
     num_layers: int
