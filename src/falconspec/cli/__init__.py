@@ -9,7 +9,7 @@ import os
 import sys
 
 # subcommand modules, each with ``register(subparsers)`` that adds a parser whose default ``func`` runs it
-COMMANDS = ("generate", "calibrate", "gen_data", "train", "train_eagle3", "serve", "bench")
+COMMANDS = ("generate", "calibrate", "gen_data", "train", "train_eagle3", "serve", "bench", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
