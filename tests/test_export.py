@@ -516,3 +516,24 @@ def test_llama_cpp_loads_and_drafts(tiny, tmp_path, capfd):
     assert ordered == ["0", "1", "2"] and first == target_ids[logits.topk(3).indices].tolist()
     assert speculative["timings"]["draft_n"] > 0
     assert speculative["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_falconspec_drafts_what_the_reference_computes(tiny):
+    """Our EAGLE-3 drafter (Eagle3DrafterModel under the SAR drafting code) loads the checkpoint the engines load and
+    computes the same first draft as the plain-PyTorch EAGLE-3 reference above (which llama.cpp matches)."""
+    from transformers import AutoModelForCausalLM
+
+    from falconspec.drafters import load_checkpoint
+    from falconspec.models import load_target
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["target_dir"]).eval()
+    target = load_target(str(tiny["target_dir"]))
+    drafter = load_checkpoint(tiny["drafter"], target)
+    assert drafter.name == "eagle3"
+    prompt = list(range(10, 30))
+    logits, target_ids = reference_draft_logits(model, tiny["drafter"], prompt)
+    greedy = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+    drafter.begin(torch.tensor(prompt + [greedy]), target.prefill(torch.tensor(prompt), drafter.feature_layers))
+    ours = drafter.model.logits(drafter.block[-1])
+    torch.testing.assert_close(ours, logits, atol=1e-4, rtol=1e-4)
+    assert drafter.model.draft_vocab.tolist() == target_ids.tolist()

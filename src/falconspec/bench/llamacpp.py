@@ -58,7 +58,8 @@ def build_llamacpp_method(name: str, target: TargetModel, model: str, options: M
     if importlib.util.find_spec("xllamacpp") is None:
         raise _Unavailable(f"llama.cpp methods need xllamacpp: {INSTALL}")
     gguf = target_gguf(model)
-    draft = eagle3_draft(options.llamacpp_draft) if name == "llamacpp-eagle3" else None
+    draft = eagle3_draft(options.llamacpp_draft or shipped_eagle3_gguf(target, gguf)) \
+        if name == "llamacpp-eagle3" else None
     return LlamaCppMethod(name, target, gguf, threads=torch.get_num_threads(), draft=draft)
 
 
@@ -73,10 +74,29 @@ def target_gguf(model: str) -> Path:
         raise _Unavailable(f"no GGUF file for llama.cpp: {err}") from err
 
 
+def shipped_eagle3_gguf(target: TargetModel, target_gguf: Path) -> str | None:
+    """The EAGLE-3 drafter shipped for the built-in target as a draft GGUF, exported once into the cache (keyed by
+    the drafter's weights); None when no EAGLE-3 drafter ships for it."""
+    from ..drafters import shipped_drafter_dir
+    from ..export import export_gguf
+    from ..models import cache_dir
+
+    drafter = shipped_drafter_dir(target.name, "eagle3")
+    if not (drafter / "model.safetensors").is_file():
+        return None
+    digest = hashlib.sha256((drafter / "model.safetensors").read_bytes()).hexdigest()[:16]
+    out = cache_dir() / "exports" / f"{drafter.name}-{digest}.gguf"
+    if not out.is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        export_gguf(drafter, tmp, target_gguf)
+        tmp.replace(out)
+    return str(out)
+
+
 def eagle3_draft(path: str | None) -> Path:
     if not path:
-        raise _Unavailable("llamacpp-eagle3 needs an EAGLE-3 draft GGUF file: pass --llamacpp-draft PATH "
-                           "(falconspec export --format gguf writes one)")
+        raise _Unavailable("llamacpp-eagle3 needs an EAGLE-3 draft GGUF file: no EAGLE-3 drafter ships for this "
+                           "model, so pass --llamacpp-draft PATH (falconspec export --format gguf writes one)")
     draft = Path(path)
     if not draft.is_file():
         raise _Unavailable(f"no EAGLE-3 draft GGUF file at {path} (--llamacpp-draft)")

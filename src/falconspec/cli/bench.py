@@ -18,7 +18,7 @@ QUICK_PROMPTS, QUICK_TOKENS, DEFAULT_TOKENS = 2, 32, 256
 
 
 def register(subparsers) -> None:
-    from ..bench.methods import METHOD_NAMES
+    from ..bench.methods import CHECKPOINT_METHODS, METHOD_NAMES
 
     parser = subparsers.add_parser("bench", help="benchmark decoding methods against plain greedy decoding",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mt-bench-file", default=None,
                         help="MT-bench question.jsonl (relative to the working directory; default "
                              "$FALCONSPEC_MT_BENCH, else the 80 questions shipped with falconspec)")
-    for kind in ("falcon", "eagle", "medusa"):
+    for kind in CHECKPOINT_METHODS:
         parser.add_argument(f"--{kind}-drafter", default=None, metavar="DIR",
                             help=f"trained {kind} drafter (default: the shipped one of a built-in model)")
     parser.add_argument("--assistant", default="6",
@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                              "directory of a small model with the target's tokenizer (default: 6)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="hf-pld prompt_lookup_num_tokens")
     parser.add_argument("--llamacpp-draft", default=None, metavar="PATH",
-                        help="llamacpp-eagle3: the EAGLE-3 draft GGUF file (falconspec export --format gguf); the "
+                        help="llamacpp-eagle3: the EAGLE-3 draft GGUF file (falconspec export --format gguf; default: "
+                             "the EAGLE-3 drafter shipped for a built-in model, exported once into the cache); the "
                              "llamacpp methods need xllamacpp: pip install 'falconspec[llamacpp]'")
     add_budget_args(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import BenchConfig, MethodOptions, run_bench, write_report
+    from ..bench.methods import CHECKPOINT_METHODS
 
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     options = MethodOptions(
-        drafter_dirs={k: v for k in ("falcon", "eagle", "medusa") if (v := getattr(args, f"{k}_drafter"))},
+        drafter_dirs={k: v for k in CHECKPOINT_METHODS if (v := getattr(args, f"{k}_drafter"))},
         assistant=args.assistant, prompt_lookup_tokens=args.prompt_lookup_tokens, matmul_path=args.matmul_path,
         num_nodes=args.num_nodes, depth=args.depth, llamacpp_draft=args.llamacpp_draft)
     config = BenchConfig(

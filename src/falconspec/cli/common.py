@@ -10,7 +10,7 @@ def add_model_args(parser: argparse.ArgumentParser, drafter_default: str = "auto
                         help="built-in alias (smollm2-135m), local model directory or hub id (default: %(default)s)")
     parser.add_argument("--drafter", default=drafter_default,
                         help="auto (the Falcon drafter shipped for the model if there is one, else pld), none, pld, "
-                             "lookahead, falcon, eagle or medusa (drafters shipped for the built-in model), or a "
+                             "lookahead, falcon, eagle, eagle3 or medusa (drafters shipped for the built-in model), or a "
                              "trained drafter checkpoint directory (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 (lossless on CPU), bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
