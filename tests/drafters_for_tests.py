@@ -75,3 +75,16 @@ class SelfDrafter(Drafter):
 
     def observe(self, acceptance, hidden_states):
         pass
+
+
+def capture_sequences(drafter):
+    """A list that collects the per-sequence drafters generators take from ``drafter`` (to inspect their state)."""
+    forks = []
+    make = drafter.for_sequence
+
+    def for_sequence():
+        forks.append(make())
+        return forks[-1]
+
+    drafter.for_sequence = for_sequence
+    return forks

@@ -12,6 +12,8 @@ from falconspec.drafters.sar_model import DrafterMismatchError, relaxed_causal_m
 from falconspec.testing import tiny_target
 from falconspec.tree import Tree
 
+from drafters_for_tests import capture_sequences
+
 NEW = 24
 
 
@@ -66,12 +68,13 @@ def test_greedy_output_equals_plain_greedy(options):
     drafter = SARDrafter(model, target, num_nodes=12, depth=5)
     assert drafter.name == "eagle3" and drafter.feature_layers == model.feature_layers
     plain, spec = SpeculativeGenerator(target), SpeculativeGenerator(target, drafter)
+    sequences = capture_sequences(drafter)
     drafted = 0
     for prompt in prompts(6, target.vocab_size, seed=1):
         expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
         got = spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
         assert got.token_ids == expected.token_ids
-        assert drafter.cache_len == len(prompt) + NEW - 1
+        assert sequences[-1].cache_len == len(prompt) + NEW - 1
         drafted += got.stats.drafted_tokens
     assert drafted > 0
 

@@ -11,6 +11,8 @@ from falconspec.planner import (MAX_DEPTH, MAX_RANK, AcceptanceProfile, BudgetPl
                                 tree_trials)
 from falconspec.tree import Tree
 
+from drafters_for_tests import capture_sequences
+
 
 def brute_force_best(p: np.ndarray, n: int, max_depth: int, max_rank: int = 3) -> float:
     """Max over every parent- and sibling-closed tree of n nodes of the sum of path probabilities."""
@@ -142,12 +144,13 @@ def test_generator_follows_an_injected_plan_and_stays_exact(llama):
     request = dict(prompt="abc abc abc abc abc", max_new_tokens=32, ignore_eos=True)
     plain = SpeculativeGenerator(llama).generate(**request)
     generator = SpeculativeGenerator(llama, drafter, planner=planner)
+    sequences = capture_sequences(drafter)
     seen = []
     generator.listeners.append(lambda tree, path: seen.append(tree.num_nodes))
     out = generator.generate(**request)
     assert out.token_ids == plain.token_ids
     assert out.stats.plans[0]["num_nodes"] == 32 and not out.stats.fell_back
-    assert (drafter.num_nodes, drafter.depth) == (32, planner.current.depth)  # the drafter got the plan's budget
+    assert (sequences[-1].num_nodes, sequences[-1].depth) == (32, planner.current.depth)  # it got the plan's budget
     assert max(seen) <= 32
     assert len(out.token_depths) == len(out.token_ids)
     assert sum(d > 0 for d in out.token_depths) == out.stats.accepted_tokens
@@ -204,9 +207,10 @@ def test_an_expensive_drafter_is_not_probed(llama):
     planner = planner_for({1: 10.0, 2: 11.0, 32: 26.0}, 0.1, chain_profile(0.02, 0.01), max_depth=6)
     drafter = FollowedTruth(prompt + plain.token_ids)
     drafter.cheap_to_follow = False
+    sequences = capture_sequences(drafter)
     out = SpeculativeGenerator(llama, drafter, planner=planner).generate(input_ids=prompt, max_new_tokens=30,
                                                                          ignore_eos=True)
-    assert out.token_ids == plain.token_ids and drafter.proposed == 0 and out.stats.drafted_tokens == 0
+    assert out.token_ids == plain.token_ids and sequences[-1].proposed == 0 and out.stats.drafted_tokens == 0
 
 
 def test_evidence_is_carried_to_the_next_generation_capped():

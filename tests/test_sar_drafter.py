@@ -11,6 +11,8 @@ from falconspec.drafters.trees import STATIC_TREES, DraftTreeBuilder, check_rank
 from falconspec.testing import tiny_target
 from falconspec.tree import TreeError
 
+from drafters_for_tests import capture_sequences
+
 NEW = 30
 
 
@@ -36,12 +38,13 @@ def test_greedy_output_equals_plain_greedy(arch, k):
     drafter = drafter_for(target, k)
     assert drafter.name == ("falcon" if k == 2 else "eagle")
     spec = SpeculativeGenerator(target, drafter)
+    sequences = capture_sequences(drafter)
     drafted = 0
     for prompt in prompts(8, target.vocab_size, seed=k):
         expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
         got = spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
         assert got.token_ids == expected.token_ids, f"prompt {prompt}"
-        assert drafter.cache_len == len(prompt) + NEW - 1, "one cached pair per committed token but the root"
+        assert sequences[-1].cache_len == len(prompt) + NEW - 1, "one cached pair per committed token but the root"
         drafted += got.stats.drafted_tokens
     assert drafted > 0
 

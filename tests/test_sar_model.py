@@ -83,7 +83,7 @@ def test_forward_shapes_and_cached_chunks_match_one_pass(llama):
     cache = model.new_cache()
     first = model(features[:, :2], embeds[:, :2], torch.arange(2)[None], relaxed_causal_mask(2, 0, 2), cache)
     rest = model(features[:, 2:], embeds[:, 2:], torch.arange(2, 8)[None], relaxed_causal_mask(6, 2, 2), cache)
-    assert cache.get_seq_length() == 8
+    assert cache.length == 8
     torch.testing.assert_close(torch.cat([first, rest], 1), full)
 
 

@@ -76,7 +76,7 @@ def test_cache_is_passed_under_the_installed_transformers_keyword(any_target):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from falconspec.drafters.sar_model import SARDrafterModel
-    from falconspec.target import cache_keyword
+    from falconspec.kv_cache import cache_keyword
 
     assert cache_keyword(LlamaDecoderLayer.forward) in ("cache", "past_key_values")
     drafter = SARDrafterModel.for_target(any_target, k=2, num_layers=1)

@@ -266,24 +266,24 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
     prefix = torch.randint(low, high, (prefix_len + max(effort.sizes),), generator=generator)
     saved = target.matmul_policy.few_row_sizes
     times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in effort.sizes} for p in paths}
+    cache = target.new_cache()  # its own: a calibration never disturbs a generation on the same target
     try:
-        target.prefill(prefix[:prefix_len])
+        target.prefill(prefix[:prefix_len], cache=cache)
         for round_index in range(effort.rounds + 1):  # round 0 warms up
             for n in effort.sizes:
                 tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
                 for path in paths:
                     target.matmul_policy.set(effort.sizes[1:] if path == FEW_ROW else ())
                     start = time.perf_counter()
-                    target.forward_tree(tree)
+                    target.forward_tree(tree, cache=cache)
                     if target.device.type == "cuda":
                         torch.cuda.synchronize(target.device)
                     elapsed = time.perf_counter() - start
-                    target.compact([], n)
+                    target.compact([], n, cache=cache)
                     if round_index:
                         times[path][n].append(elapsed)
     finally:
         target.matmul_policy.set(saved)
-        target.reset()
     return {"effort": effort.name, "prefix": prefix_len, "rounds": effort.rounds, "sizes": list(effort.sizes),
             "load_average": os.getloadavg()[0], "busy": busy(),
             "seconds": {p: [statistics.median(times[p][n]) for n in effort.sizes] for p in paths}}

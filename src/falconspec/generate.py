@@ -4,14 +4,18 @@
 every cycle is one plain autoregressive step through the same engine: the baseline speed-ups are measured against.
 A planned drafter (the default) gets its tree budget from a :class:`~.planner.BudgetPlanner` built from this
 machine's calibration; when the planner expects no tree to beat plain decoding, the loop decodes plainly.
+
+What one generation changes (KV cache, committed ids, sampling generator, drafter state) lives in its own
+:class:`~.sequence.Sequence`: any number of generators may share one target and one drafter.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,6 +23,7 @@ from .drafters.base import Drafter, NoDrafter
 from .metrics import SpecStats
 from .planner import BudgetPlanner
 from .sampling import SamplingParams
+from .sequence import Sequence
 from .target import TargetModel
 from .tree import Tree
 from .verify import greedy_verify, sample_verify
@@ -43,7 +48,8 @@ class GenerationResult:
 
 
 class SpeculativeGenerator:
-    """Lossless speculative generation for one target and one drafter, one sequence at a time."""
+    """Lossless speculative generation for one target and one drafter, one sequence at a time per generator (its
+    planner follows one sequence); generators may share the target and the drafter."""
 
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
                  planner: BudgetPlanner | str | None = "auto", matmul_path: str | None = None):
@@ -84,9 +90,9 @@ class SpeculativeGenerator:
         prompt: str | None = None,
         *,
         messages: list[dict] | None = None,
-        input_ids: Sequence[int] | None = None,
+        input_ids: typing.Sequence[int] | None = None,
         max_new_tokens: int = 128,
-        stop: Sequence[str] | str | None = None,
+        stop: typing.Sequence[str] | str | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -115,52 +121,52 @@ class SpeculativeGenerator:
     def _cycles(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                 stats: SpecStats) -> Iterator[tuple[list[int], list[int]]]:
         """Yield the tokens each cycle commits (accepted drafts + bonus) and the draft depth of each (bonus: 0)."""
-        target, drafter, planner = self.target, self.drafter, self.planner
-        generator = None if params.greedy else params.make_generator(target.device)
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        target, planner = self.target, self.planner
+        seq = Sequence.start(target, self.drafter, prompt_ids, params)
+        drafter = seq.drafter
         plan = planner.start() if planner is not None else None
 
         # 0. prefill everything but the last token, which becomes the first tree's root
         start = time.perf_counter()
-        hidden = target.prefill(ids[:-1], drafter.feature_layers)
+        hidden = target.prefill(seq.ids[:-1], drafter.feature_layers, cache=seq.cache)
         # the drafter follows the text while it drafts; one that is cheap to follow also while decoding plainly
         follow = planner is None or not plan.plain or planner.probe
         if follow:
-            drafter.begin(ids, hidden)
+            drafter.begin(seq.ids, hidden)
         stats.prefill_time = self._elapsed(start)
         produced = 0
         while produced < max_new_tokens:
             # 1. draft a tree within the plan's budget; none when plain decoding is expected to be faster, but for
             #    an occasional probe; nodes deeper than the remaining budget could never be used
             start = time.perf_counter()
-            max_depth = min(max_new_tokens - produced, target.max_context - target.cache_len) - 1
+            max_depth = min(max_new_tokens - produced, target.max_context - seq.cache.length) - 1
             budget = planner.probe_plan() if plan is not None and plan.plain else plan
             if planner is None or budget is not None:
                 if budget is not None:
                     drafter.set_budget(budget.num_nodes, budget.depth)
-                tree = drafter.propose(ids, max_depth).truncate(max_depth)
+                tree = drafter.propose(seq.ids, max_depth).truncate(max_depth)
             else:
-                tree = Tree.root_only(int(ids[-1]))
+                tree = Tree.root_only(seq.root)
             stats.draft_time += self._elapsed(start)
 
             # 2. one target forward over the whole tree
             start = time.perf_counter()
-            out = target.forward_tree(tree, drafter.feature_layers)
+            out = target.forward_tree(tree, drafter.feature_layers, cache=seq.cache)
 
             # 3. accept the longest agreeing path and a bonus token
             if params.greedy:
                 acceptance = greedy_verify(tree, out.logits)
             else:
-                acceptance = sample_verify(tree, params.target_probs(out.logits), generator)
+                acceptance = sample_verify(tree, params.target_probs(out.logits), seq.generator)
 
             # 4. keep only the accepted nodes in the cache
-            target.compact(acceptance.path, tree.num_nodes)
+            target.compact(acceptance.path, tree.num_nodes, cache=seq.cache)
             stats.verify_time += self._elapsed(start)
             stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
 
             # 5. commit, let the drafter see the result, and re-plan from it
             start = time.perf_counter()
-            ids = torch.cat([ids, torch.tensor(acceptance.tokens, dtype=torch.long)])
+            seq.commit(acceptance.tokens)
             if follow:
                 drafter.observe_forward(tree, out.logits)
                 drafter.observe(acceptance, out.features[acceptance.path])

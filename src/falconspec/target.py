@@ -1,6 +1,8 @@
 """The target model: a stock Hugging Face causal LM driven through its public forward arguments.
 
-This is the only module that touches the KV cache's internals. One sequence at a time (batch size 1).
+The model holds weights, tokenizer and the forwards; each forward works on the :class:`~.kv_cache.KVCache` of the
+sequence it is given (a :class:`~.sequence.Sequence` owns one). Without one, the forwards use the target's own
+default cache: a convenience for one-off tools and tests, never shared by generators. Batch size 1 for now.
 """
 
 from __future__ import annotations
@@ -13,16 +15,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .kernels import MatmulPolicy, attach_policy
+from .kv_cache import KVCache
 from .tree import Tree
-
-
-def cache_keyword(forward) -> str:
-    """The keyword under which a transformers ``forward`` takes its KV cache: ``cache`` from transformers 5.24 on,
-    ``past_key_values`` before (deprecated in 5.24, removed in 5.40)."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -46,8 +43,7 @@ class TargetModel:
         self.config = model.config
         self.decoder = model.get_decoder()  # the transformer body; its last_hidden_state is post-final-norm
         self.lm_head = model.get_output_embeddings()
-        self.cache: DynamicCache = DynamicCache(config=self.config)
-        self._cache_keyword = cache_keyword(self.decoder.forward)
+        self.cache = self.new_cache()  # the default cache of the cache-less calls (tools, tests)
 
     # ---------------------------------------------------------------- facts about the model
     @property
@@ -81,11 +77,17 @@ class TargetModel:
 
     @property
     def cache_len(self) -> int:
-        return self.cache.get_seq_length()
+        """Positions in the default cache."""
+        return self.cache.length
 
     # ---------------------------------------------------------------- forwards
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one sequence of this model."""
+        return KVCache(self.config)
+
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.config)
+        """Empty the default cache."""
+        self.cache.clear()
 
     @contextlib.contextmanager
     def _capture(self, feature_layers: Sequence[int] | None):
@@ -118,23 +120,28 @@ class TargetModel:
         return torch.cat([h[0] for h in captured], dim=-1) if captured else last_hidden[0]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, feature_layers: Sequence[int] | None = None) -> torch.Tensor:
-        """Start a new sequence: cache ``input_ids`` [L] and return their features (no logits): the hidden states
-        [L, hidden], or with ``feature_layers`` those decoder layers' inputs side by side [L, hidden * layers]."""
-        self.reset()
+    def prefill(self, input_ids: torch.Tensor, feature_layers: Sequence[int] | None = None, *,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Start a new sequence: empty ``cache`` (default: the target's own), cache ``input_ids`` [L] and return
+        their features (no logits): the hidden states [L, hidden], or with ``feature_layers`` those decoder layers'
+        inputs side by side [L, hidden * layers]."""
+        cache = self.cache if cache is None else cache
+        cache.clear()
         if input_ids.numel() == 0:
             width = self.hidden_size * (len(feature_layers) if feature_layers else 1)
             return torch.empty(0, width, dtype=self.dtype, device=self.device)
         with self._capture(feature_layers) as captured:
             out = self.decoder(input_ids=input_ids.to(self.device)[None], use_cache=True,
-                               **{self._cache_keyword: self.cache})
+                               **cache.forward_kwargs(self.decoder.forward))
         return self._features(out.last_hidden_state, captured)
 
     @torch.no_grad()
-    def forward_tree(self, tree: Tree, feature_layers: Sequence[int] | None = None) -> TreeOutput:
-        """Run every tree node in one forward on top of the cache; the cache grows by ``tree.num_nodes``.
-        ``feature_layers``: which layers' inputs ``features`` holds (see :meth:`prefill`)."""
-        prefix_len = self.cache_len
+    def forward_tree(self, tree: Tree, feature_layers: Sequence[int] | None = None, *,
+                     cache: KVCache | None = None) -> TreeOutput:
+        """Run every tree node in one forward on top of ``cache`` (default: the target's own), which grows by
+        ``tree.num_nodes``. ``feature_layers``: which layers' inputs ``features`` holds (see :meth:`prefill`)."""
+        cache = self.cache if cache is None else cache
+        prefix_len = cache.length
         if prefix_len + tree.max_depth >= self.max_context:
             raise ValueError(
                 f"tree reaches position {prefix_len + tree.max_depth}, beyond the context of {self.max_context}"
@@ -147,23 +154,15 @@ class TargetModel:
                 position_ids=tree.position_ids(prefix_len, self.device)[None],
                 attention_mask=mask,
                 use_cache=True,
-                **{self._cache_keyword: self.cache},
+                **cache.forward_kwargs(self.decoder.forward),
             )
         hidden = out.last_hidden_state[0]
         return TreeOutput(logits=self.lm_head(hidden), hidden_states=hidden,
                           features=self._features(out.last_hidden_state, captured))
 
-    def compact(self, path: list[int], num_nodes: int) -> None:
+    def compact(self, path: list[int], num_nodes: int, *, cache: KVCache | None = None) -> None:
         """Keep only the cache entries of the accepted ``path`` (tree node indices) of the last tree forward."""
-        prefix_len = self.cache_len - num_nodes
-        if path == list(range(len(path))):  # a prefix of the node order: dropping the tail is enough
-            if num_nodes > len(path):
-                self.cache.crop(-(num_nodes - len(path)))
-            return
-        keep = torch.cat([torch.arange(prefix_len), prefix_len + torch.tensor(path)]).to(self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
+        (self.cache if cache is None else cache).keep(path, num_nodes)
 
     # ---------------------------------------------------------------- text
     @property

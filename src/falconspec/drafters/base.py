@@ -15,6 +15,12 @@ The decode loop talks to a drafter in three calls (and one optional hook):
 Just before ``observe``, the optional ``observe_forward(tree, logits)`` shows the target's logits [N, vocab] for
 every node of the verified tree; only drafters that learn from rejected nodes need it (lookahead's Jacobi window).
 
+**Sequences.** A drafter built by its constructor holds weights and settings, and the state of one sequence.
+:meth:`Drafter.for_sequence` gives a drafter for a new sequence that shares the weights and settings (the budget
+included) but owns fresh per-sequence state (a SAR drafter's KV cache and last block, the n-gram index, lookahead's
+window and pool ...): the generator takes one per generation, so one drafter serves any number of generators and
+concurrent sequences. Subclasses put their per-sequence state in :meth:`Drafter.reset_state`.
+
 So at every ``propose`` the drafter has seen one feature per cached position and every committed token: the
 (feature h_j, token x_{j+1}) pairs EAGLE and Falcon consume.
 
@@ -28,6 +34,7 @@ planner decodes plainly, and is probed every few cycles.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 
 import torch
@@ -54,6 +61,15 @@ class Drafter(ABC):
     num_nodes: int = 1
     depth: int = 0
     max_planned_depth: int = 1
+
+    def for_sequence(self) -> Drafter:
+        """A drafter for one new sequence: this one's weights and settings, its own per-sequence state."""
+        fork = copy.copy(self)  # shallow: weights and settings are shared, read-only while drafting
+        fork.reset_state()
+        return fork
+
+    def reset_state(self) -> None:
+        """Replace every piece of per-sequence state by a fresh one (nothing shared with the copied drafter)."""
 
     def set_budget(self, num_nodes: int, depth: int) -> None:
         """Propose at most ``num_nodes`` nodes (root included), at most ``depth`` deep, from the next ``propose``."""

@@ -33,17 +33,16 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import DynamicCache, LlamaConfig
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from ..target import cache_keyword
+from ..kv_cache import KVCache, forward_kwargs
 from .sar_model import (
     CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, additive_mask, check_draft_vocab, check_fits, save_drafter_files,
     target_identity,
 )
 
 FORMAT = "falconspec-eagle3"
-ATTENTION_CACHE_KEYWORD = cache_keyword(LlamaAttention.forward)
 
 
 def default_feature_layers(num_layers: int) -> list[int]:
@@ -129,10 +128,10 @@ class Eagle3Layer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, position_embeddings, attention_mask: torch.Tensor,
-                cache: DynamicCache | None) -> torch.Tensor:
+                cache: KVCache | None) -> torch.Tensor:
         both = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         attended, _ = self.self_attn(both, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                                     **{ATTENTION_CACHE_KEYWORD: cache})
+                                     **forward_kwargs(self.self_attn.forward, cache))
         hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -234,15 +233,15 @@ class Eagle3DrafterModel(nn.Module):
         """[D] the target token id of each draft id."""
         return torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.llama_config)
+    def new_cache(self) -> KVCache:
+        return KVCache(self.llama_config)
 
     def embed(self, embedding: nn.Embedding | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
         return nn.functional.embedding(ids.to(weight.device), weight).to(self.dtype)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, past_key_values: DynamicCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
         """features [B, S, 3H] (fused target layers) or [B, S, H] (the drafter's own outputs), token_embeds
         [B, S, H] of x_{j+1} -> outputs o_j [B, S, H] (pre-norm; the head reads ``head_input(o)``)."""
         hidden = self.config.hidden_size

@@ -81,6 +81,9 @@ class LookaheadDrafter(Drafter):
                              f"window={window}, ngram={ngram}, guesses={guesses}, pool_size={pool_size}")
         self.window, self.ngram, self.guesses, self.pool_size, self.seed = window, ngram, guesses, pool_size, seed
         self.depth = window + ngram - 2  # the window's deepest node
+        self.reset_state()
+
+    def reset_state(self) -> None:
         self._recent: list[int] = []  # the last committed tokens, for restarting the window
         self.levels: list[list[int]] = []  # [N-1][W] guessed tokens, level 0 oldest
         self.pool: dict[int, list[tuple[int, ...]]] = {}  # first token -> continuations (N-1 tokens), newest first

@@ -139,6 +139,9 @@ class MedusaDrafter(Drafter):
         attach_policy(model, self.policy)
         self.head = model.head_weight(target.lm_head).detach().to(device=target.device, dtype=model.dtype)  # [D, H]
         self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(target.device)  # [D]
+        self.reset_state()
+
+    def reset_state(self) -> None:
         self.last_feature: torch.Tensor | None = None  # [H] h_{L-2}, the feature that predicted the root
 
     @classmethod

@@ -38,13 +38,16 @@ class PromptLookupDrafter(Drafter):
             raise ValueError("depth and max_matches must be >= 1 and num_nodes >= 2")
         self.max_ngram, self.min_ngram, self.depth = max_ngram, min_ngram, depth
         self.max_matches, self.num_nodes = max_matches, num_nodes  # num_nodes: tree size, root included
+        self.reset_state()
+
+    def reset_state(self) -> None:
         self.tokens: list[int] = []
         # n -> n-gram -> positions right after its occurrences (where a continuation starts), oldest first
-        self.index: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        self.index: dict[int, dict[tuple[int, ...], list[int]]] = {
+            n: defaultdict(list) for n in range(self.min_ngram, self.max_ngram + 1)}
 
     def begin(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        self.tokens = []
-        self.index = {n: defaultdict(list) for n in range(self.min_ngram, self.max_ngram + 1)}
+        self.reset_state()
         self._extend(input_ids.tolist())
 
     def _extend(self, new_tokens: list[int]) -> None:

@@ -79,7 +79,7 @@ class SARDrafter(Drafter):
         self.embedding = target.model.get_input_embeddings().weight.detach()  # [V, H]
         self.head = model.head_weight(target.lm_head).detach().to(device=self.device, dtype=model.dtype)  # [D, H]
         self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(self.device)  # [D]
-        self._reset()
+        self.reset_state()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32,
@@ -92,9 +92,9 @@ class SARDrafter(Drafter):
 
     @property
     def cache_len(self) -> int:
-        return self.cache.get_seq_length()
+        return self.cache.length
 
-    def _reset(self) -> None:
+    def reset_state(self) -> None:
         self.cache = self.model.new_cache()
         width = self.model.config.hidden_size * len(self.feature_layers or [None])
         self.tail_features = torch.empty(0, width, device=self.device)  # [<=k, H] the last committed pairs
@@ -107,7 +107,7 @@ class SARDrafter(Drafter):
         """input_ids: [L]; hidden_states: [L-1, F] (target features of input_ids[:-1]; F = H, or one H per fused
         layer for an EAGLE-3 drafter)."""
         assert hidden_states.shape[0] == input_ids.shape[0] - 1, (hidden_states.shape, input_ids.shape)
-        self._reset()
+        self.reset_state()
         self._update(hidden_states, input_ids[1:])
 
     @torch.no_grad()
@@ -121,7 +121,7 @@ class SARDrafter(Drafter):
         features, tokens = features.to(self.device), tokens.to(self.device)
         refeed = min(max(self.k - tokens.shape[0], 0), self.tail_tokens.shape[0])
         if refeed:  # too few new pairs for a whole block: recompute the last cached ones with them
-            self.cache.crop(-refeed)
+            self.cache.crop_to(self.cache.length - refeed)
         kept = self.tail_tokens.shape[0] - refeed
         features = torch.cat([self.tail_features[kept:], features.to(self.tail_features.dtype)])  # [S, H]
         tokens = torch.cat([self.tail_tokens[kept:], tokens])  # [S]
@@ -169,7 +169,7 @@ class SARDrafter(Drafter):
                     outputs[branch] = block_out
                     frontier += builder.grow(branch, tokens, logprobs)
         finally:
-            self.cache.crop(-(self.cache_len - prefix_len))
+            self.cache.crop_to(prefix_len)
         return builder.build(self.num_nodes, depth)
 
     def _expand(self, builder: DraftTreeBuilder, branches: list[int], outputs: dict[int, torch.Tensor],

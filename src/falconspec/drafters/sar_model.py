@@ -44,12 +44,11 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache, LlamaConfig
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from ..target import cache_keyword
+from ..kv_cache import KVCache, forward_kwargs
 
-LAYER_CACHE_KEYWORD = cache_keyword(LlamaDecoderLayer.forward)
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +242,8 @@ class SARDrafterModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.fuse.weight.dtype
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.llama_config)
+    def new_cache(self) -> KVCache:
+        return KVCache(self.llama_config)
 
     def embed(self, embedding: nn.Embedding | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Look ``ids`` [..] up in the target's embedding (module or weight [V, H]); [.., H] in the drafter's dtype."""
@@ -252,7 +251,7 @@ class SARDrafterModel(nn.Module):
         return nn.functional.embedding(ids.to(weight.device), weight).to(self.dtype)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, past_key_values: DynamicCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
         """Predicted features o_j ≈ h_{j+k}, [B, S, H] (see the module docstring for the inputs)."""
         if features.shape != token_embeds.shape or features.shape[-1] != self.config.hidden_size:
             raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must "
@@ -266,7 +265,7 @@ class SARDrafterModel(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=past_key_values is not None, position_embeddings=position_embeddings,
-                           **{LAYER_CACHE_KEYWORD: past_key_values})
+                           **forward_kwargs(layer.forward, past_key_values))
         return hidden
 
     # ---------------------------------------------------------------- the (frozen) head
