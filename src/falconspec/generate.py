@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .detokenize import IncrementalDetokenizer
 from .drafters.base import Drafter, NoDrafter
 from .metrics import SpecStats
 from .planner import BudgetPlanner
@@ -182,7 +183,7 @@ class SpeculativeGenerator:
     # ---------------------------------------------------------------- text, EOS and stop strings
     def _stream_text(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                      stops: list[str], ignore_eos: bool) -> Iterator[StreamChunk]:
-        tokenizer = self.target.tokenizer
+        detokenizer = IncrementalDetokenizer(self.target.tokenizer)
         eos = set() if ignore_eos else self.target.eos_token_ids
         holdback = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
         stats = SpecStats(prompt_tokens=len(prompt_ids))
@@ -192,6 +193,7 @@ class SpeculativeGenerator:
         sent_ids = sent_chars = 0
         finish_reason = "length"
         for tokens, token_depths in self._cycles(prompt_ids, max_new_tokens, params, stats):
+            fresh = len(new_ids)
             for tok, depth in zip(tokens, token_depths):
                 if tok in eos:
                     finish_reason = "stop"
@@ -199,7 +201,8 @@ class SpeculativeGenerator:
                 new_ids.append(tok)
                 depths.append(depth)
             new_ids, depths = new_ids[:max_new_tokens], depths[:max_new_tokens]
-            text = tokenizer.decode(new_ids, skip_special_tokens=True)
+            detokenizer.add(new_ids[fresh:], final=finish_reason == "stop" or len(new_ids) >= max_new_tokens)
+            text = detokenizer.text  # an incomplete multi-byte character at the end waits for the rest
             stop_at = min((i for i in (text.find(s, max(0, sent_chars - holdback)) for s in stops) if i >= 0),
                           default=-1)
             if stop_at >= 0:
@@ -207,8 +210,6 @@ class SpeculativeGenerator:
             if finish_reason == "stop" or len(new_ids) >= max_new_tokens:
                 break
             ready = len(text) - holdback
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                ready = min(ready, len(text.rstrip("\ufffd")))
             if ready > sent_chars:
                 yield StreamChunk(text[sent_chars:ready], new_ids[sent_ids:], depths[sent_ids:])
                 sent_chars, sent_ids = ready, len(new_ids)
