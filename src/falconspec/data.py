@@ -265,7 +265,7 @@ def teacher_forced(target, sample: Sample, store_dtype: torch.dtype = torch.floa
     target's greedy next token [L] (argmax of the full LM head)."""
     ids = torch.tensor(sample.input_ids, device=target.device)
     hidden = target.decoder(input_ids=ids[None]).last_hidden_state[0]  # [L, H]
-    greedy = torch.cat([target.lm_head(h).argmax(-1) for h in hidden.split(256)])  # [L]
+    greedy = torch.cat([target.logits(h).argmax(-1) for h in hidden.split(256)])  # [L]
     stored = hidden.to(store_dtype)
     if not torch.isfinite(stored).all():
         raise ValueError(f"hidden states of {sample.id} overflow {store_dtype}: pass --store-dtype bfloat16")

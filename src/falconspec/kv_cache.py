@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def cache_keyword(forward: Callable) -> str:
@@ -30,9 +31,19 @@ def _keyword(function: Callable) -> str:
 class KVCache:
     """Keys and values of the cached positions of one sequence, for every layer of one model."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, full_layers: bool = False) -> None:
+        """``full_layers``: keep every position in every layer, also of sliding-window layers, for a model whose
+        window the context never reaches (:mod:`.adapter` checks that); otherwise every layer must be a plain
+        full-attention layer: other layouts (sliding, recurrent) cannot be cropped and compacted exactly."""
         self.config = config  # the model config the layers are built from
-        self._hf = DynamicCache(config=config)
+        self.full_layers = full_layers
+        self.clear()
+        if not full_layers:
+            kinds = {type(layer).__name__ for layer in self._hf.layers if type(layer) is not DynamicLayer}
+            if kinds:
+                raise ValueError(f"a {getattr(config, 'model_type', '?')!r} cache holds {', '.join(sorted(kinds))} "
+                                 "layers, which cannot be compacted to a tree path: check the model with "
+                                 "falconspec.adapter.adapt")
 
     @property
     def length(self) -> int:
@@ -40,7 +51,8 @@ class KVCache:
         return self._hf.get_seq_length()
 
     def clear(self) -> None:
-        self._hf = DynamicCache(config=self.config)
+        # without a config, transformers adds a plain DynamicLayer per layer as the first forward fills it
+        self._hf = DynamicCache() if self.full_layers else DynamicCache(config=self.config)
 
     def forward_kwargs(self, forward: Callable) -> dict:
         """The keyword argument that hands this cache to a transformers ``forward`` (model, decoder, layer or

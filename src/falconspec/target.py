@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .adapter import ModelAdapter, adapt, check_outputs
 from .kernels import MatmulPolicy, attach_policy
 from .kv_cache import KVCache
 from .tree import Tree
@@ -32,7 +33,12 @@ class TreeOutput:
 class TargetModel:
     """Prefill, verify a token tree on top of the KV cache, and compact the cache to the accepted path."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None,
+                 max_context: int | None = None):
+        """``max_context``: the context the engine uses (default: the model's own); a model with sliding-window
+        layers needs one no longer than its window. A model the engine cannot run exactly (unknown output
+        processing, a cache it cannot compact) raises :class:`~.adapter.UnsupportedModelError` (see
+        :mod:`.adapter`)."""
         self.model = model.eval()
         # which product path each row count takes: stock F.linear until calibration measures otherwise (kernels.py);
         # drafters attach their own layers to the same policy
@@ -43,6 +49,9 @@ class TargetModel:
         self.config = model.config
         self.decoder = model.get_decoder()  # the transformer body; its last_hidden_state is post-final-norm
         self.lm_head = model.get_output_embeddings()
+        self.adapter: ModelAdapter = adapt(model, self.name, max_context)
+        check_outputs(model, lambda ids: self.logits(self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]),
+                      self.name, self.vocab_size)
         self.cache = self.new_cache()  # the default cache of the cache-less calls (tools, tests)
 
     # ---------------------------------------------------------------- facts about the model
@@ -64,7 +73,8 @@ class TargetModel:
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+        """Positions the engine may use: the model's own context, or less (see :mod:`.adapter`)."""
+        return self.adapter.max_context
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -83,7 +93,15 @@ class TargetModel:
     # ---------------------------------------------------------------- forwards
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence of this model."""
-        return KVCache(self.config)
+        return KVCache(self.config, full_layers=self.adapter.windowed)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] last hidden states -> [..., vocab] logits, through the model's own output processing."""
+        return self.adapter.process(self.lm_head(hidden))
+
+    def process_logits(self, head_outputs: torch.Tensor) -> torch.Tensor:
+        """The model's output processing of raw LM head outputs (elementwise: any slice of the vocabulary)."""
+        return self.adapter.process(head_outputs)
 
     def reset(self) -> None:
         """Empty the default cache."""
@@ -157,7 +175,7 @@ class TargetModel:
                 **cache.forward_kwargs(self.decoder.forward),
             )
         hidden = out.last_hidden_state[0]
-        return TreeOutput(logits=self.lm_head(hidden), hidden_states=hidden,
+        return TreeOutput(logits=self.logits(hidden), hidden_states=hidden,
                           features=self._features(out.last_hidden_state, captured))
 
     def compact(self, path: list[int], num_nodes: int, *, cache: KVCache | None = None) -> None:

@@ -29,7 +29,7 @@ def fp32_agreement(reference: TargetModel, prompt_ids: list[int], answer_ids: li
     """Teacher-forced check of ``answer_ids`` after ``prompt_ids`` against the float32 ``reference``."""
     ids = torch.tensor([prompt_ids + answer_ids], device=reference.device)
     hidden = reference.decoder(input_ids=ids).last_hidden_state[0, len(prompt_ids) - 1:]  # [len(answer) + 1, H]
-    predicted = reference.lm_head(hidden).argmax(-1).tolist()
+    predicted = reference.logits(hidden).argmax(-1).tolist()
     for i, token in enumerate(answer_ids):
         if predicted[i] != token:
             return Agreement(False, i)

@@ -139,6 +139,7 @@ class MedusaDrafter(Drafter):
         attach_policy(model, self.policy)
         self.head = model.head_weight(target.lm_head).detach().to(device=target.device, dtype=model.dtype)  # [D, H]
         self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(target.device)  # [D]
+        self.process_logits = target.process_logits  # the target's own output processing (soft-capping, scaling)
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -167,7 +168,8 @@ class MedusaDrafter(Drafter):
         if self.last_feature is None or depth < 1:
             return Tree.root_only(root)
         guesses = self.model(self.last_feature[None])[0, :depth]  # [depth, H]
-        logprobs = torch.log_softmax(policy_linear(guesses, self.head, None, self.policy).float(), dim=-1)  # [depth, D]
+        scores = self.process_logits(policy_linear(guesses, self.head, None, self.policy))  # [depth, D]
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
         values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
         if self.vocab_ids is not None:
             indices = self.vocab_ids[indices]

@@ -79,6 +79,7 @@ class SARDrafter(Drafter):
         self.embedding = target.model.get_input_embeddings().weight.detach()  # [V, H]
         self.head = model.head_weight(target.lm_head).detach().to(device=self.device, dtype=model.dtype)  # [D, H]
         self.vocab_ids = None if model.draft_vocab is None else model.draft_vocab.to(self.device)  # [D]
+        self.process_logits = target.process_logits
         self.reset_state()
 
     @classmethod
@@ -196,7 +197,8 @@ class SARDrafter(Drafter):
     def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""
         scores = policy_linear(self.model.head_input(outputs), self.head, None, self.policy)  # [B*k, D]
-        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        # the target's own output processing (soft-capping, scaling): the log-probs that rank the tree's branches
+        logprobs = torch.log_softmax(self.process_logits(scores).float(), dim=-1)
         values, indices = logprobs.topk(min(m, logprobs.shape[-1]), dim=-1)
         if self.vocab_ids is not None:
             indices = self.vocab_ids[indices]
