@@ -23,6 +23,7 @@ from .detokenize import IncrementalDetokenizer
 from .drafters.base import Drafter, NoDrafter
 from .metrics import SpecStats
 from .planner import BudgetPlanner
+from .request import GenerationRequest, check_budget, check_input_ids, check_request
 from .sampling import SamplingParams
 from .sequence import Sequence
 from .target import TargetModel
@@ -103,18 +104,17 @@ class SpeculativeGenerator:
         """Yield text as it is generated; the last chunk carries ``finish_reason`` and ``stats``.
 
         Give exactly one of ``prompt`` (plain text), ``messages`` (chat, formatted by the tokenizer's template)
-        or ``input_ids``. Invalid arguments raise ``ValueError`` before any work is done.
+        or ``input_ids``. Invalid arguments raise ``ValueError`` (a :class:`~.request.RequestError`, see
+        :mod:`.request`) before any work is done.
         """
-        params = SamplingParams(temperature, top_p, top_k, seed)
-        prompt_ids = self._prompt_ids(prompt, messages, input_ids)
-        self._check_budget(len(prompt_ids), max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        request = check_request(prompt, messages, input_ids, max_new_tokens=max_new_tokens, stop=stop,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos)
+        prompt_ids = self._prompt_ids(request)
+        check_budget(len(prompt_ids), max_new_tokens, self.target.max_context)
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this generator is already generating: use one generator per concurrent request")
         try:
-            yield from self._stream_text(prompt_ids, max_new_tokens, params, stops, ignore_eos)
+            yield from self._stream_text(prompt_ids, max_new_tokens, request.params, request.stop, ignore_eos)
         finally:
             self._busy.release()
 
@@ -220,34 +220,10 @@ class SpeculativeGenerator:
         yield StreamChunk(text[sent_chars:], new_ids[sent_ids:], depths[sent_ids:], finish_reason, stats)
 
     # ---------------------------------------------------------------- checks
-    def _prompt_ids(self, prompt, messages, input_ids) -> list[int]:
-        given = sum(x is not None for x in (prompt, messages, input_ids))
-        if given != 1:
-            raise ValueError("give exactly one of prompt, messages or input_ids")
-        if input_ids is not None:
-            ids = [int(t) for t in input_ids]
-            vocab = self.target.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"input_ids must lie in [0, {vocab})")
-        else:
-            if prompt is not None and isinstance(prompt, str) and not prompt.strip():
-                raise ValueError("prompt is empty")
-            ids = self.target.encode(prompt, messages)
-        if not ids:
-            raise ValueError("the prompt has no tokens")
-        return ids
-
-    def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        context = self.target.max_context
-        if prompt_len >= context:
-            raise ValueError(f"prompt has {prompt_len} tokens, more than the model's context of {context}")
-        if prompt_len + max_new_tokens > context:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-                f"{context}: ask for at most {context - prompt_len} new tokens"
-            )
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.input_ids is not None:
+            return check_input_ids(request.input_ids, self.target.vocab_size)
+        return check_input_ids(self.target.encode(request.prompt, request.messages), param="prompt")
 
     def _elapsed(self, start: float) -> float:
         if self.target.device.type == "cuda":

@@ -33,8 +33,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..generate import SpeculativeGenerator
+    from ..request import check_request
 
-    target, drafter = load_model_and_drafter(args)
     request = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     if args.chat:
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         request["messages"] = system + [{"role": "user", "content": args.prompt}]
     else:
         request["prompt"] = args.prompt
+    check_request(**request)  # the library's own checks, before loading the model (ValueError: exit 2)
+    target, drafter = load_model_and_drafter(args)
     generator = SpeculativeGenerator(target, drafter, matmul_path=args.matmul_path)
     if args.explain:
         explain_setup(generator, args.matmul_path)

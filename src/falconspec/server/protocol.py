@@ -18,17 +18,25 @@ valid Unicode: a lone surrogate (``"\\ud800"`` in JSON) is refused with a 400.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict
 
+from ..request import (
+    RequestError,
+    check_budget,
+    check_input_ids,
+    check_prompt,
+    check_sampling,
+    check_stop,
+    check_text,
+)
 from ..target import TargetModel
 from .errors import bad_request
 
-SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 # parameters refused unless they hold one of these neutral values (or are absent / null)
@@ -132,7 +140,8 @@ def prepare_chat(req: ChatCompletionRequest, target: TargetModel, max_tokens_lim
         if role not in roles:
             raise bad_request(f"messages[{i}] has role {m.role!r}; this model's chat template takes "
                               f"{', '.join(sorted(roles))}", "messages", "invalid_role")
-        messages.append({"role": role, "content": _check_text(_message_text(m, i), f"messages[{i}].content")})
+        with _as_bad_request():
+            messages.append({"role": role, "content": check_text(_message_text(m, i), f"messages[{i}].content")})
     _check_chars(target, sum(len(m["content"]) for m in messages), "messages")
     try:
         prompt_ids = target.encode(messages=messages, special_tokens_in_content=special_tokens_in_content)
@@ -152,17 +161,12 @@ def prepare_completion(req: CompletionRequest, target: TargetModel, max_tokens_l
             raise bad_request(f"prompt holds {len(prompt)} prompts; this server takes one per request: send one "
                               "request per prompt", "prompt")
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise bad_request("prompt is empty", "prompt")
-        _check_chars(target, len(_check_text(prompt, "prompt")), "prompt")
-        prompt_ids = target.encode(prompt=prompt)
-    else:  # token ids
-        if not prompt:
-            raise bad_request("prompt is empty", "prompt")
-        if any(not 0 <= t < target.vocab_size for t in prompt):
-            raise bad_request(f"prompt token ids must lie in [0, {target.vocab_size})", "prompt")
-        prompt_ids = list(prompt)
+    with _as_bad_request():
+        if isinstance(prompt, str):
+            _check_chars(target, len(check_prompt(prompt)), "prompt")
+            prompt_ids = target.encode(prompt=prompt)
+        else:  # token ids
+            prompt_ids = check_input_ids(prompt, target.vocab_size, "prompt")
     return _prepare(req, target, prompt_ids, "prompt", req.max_tokens, "max_tokens", max_tokens_limit)
 
 
@@ -172,37 +176,17 @@ def _prepare(req: _CommonRequest, target: TargetModel, prompt_ids: list[int], pr
     if req.n is not None and req.n != 1:
         raise bad_request(f"n = {req.n} is not supported: this server returns one choice; send n requests", "n")
     temperature = 1.0 if req.temperature is None else req.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise bad_request(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}", "temperature")
     top_p = 1.0 if req.top_p is None else req.top_p
-    if not 0 < top_p <= 1:
-        raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
-    top_k = 0 if req.top_k in (None, -1) else req.top_k
-    if top_k < 0:
-        raise bad_request(f"top_k must be >= 1, or 0 / -1 for no top-k filter, got {top_k}", "top_k")
-    if req.seed is not None and not SEED_RANGE[0] <= req.seed < SEED_RANGE[1]:
-        raise bad_request(f"seed must be in [-2**63, 2**64), got {req.seed}", "seed")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stop):
-        raise bad_request("stop strings must be non-empty", "stop")
-    for s in stop:
-        _check_text(s, "stop")
+    top_k = 0 if req.top_k in (None, -1) else req.top_k  # -1: off, as in vLLM
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-
-    context = target.max_context
-    if len(prompt_ids) >= context:
-        raise bad_request(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context} tokens: "
-                          "shorten the prompt", prompt_param, "context_length_exceeded")
-    room = context - len(prompt_ids)
+    with _as_bad_request():
+        check_sampling(temperature, top_p, top_k, req.seed)
+        stop = check_stop(req.stop)
+        room = check_budget(len(prompt_ids), max_tokens, target.max_context, prompt_param=prompt_param,
+                            param=max_tokens_param)
     if max_tokens is None:
         max_tokens = min(room, max_tokens_limit)
-    elif max_tokens < 1:
-        raise bad_request(f"{max_tokens_param} must be >= 1, got {max_tokens}", max_tokens_param)
-    elif max_tokens > room:
-        raise bad_request(f"{max_tokens_param} = {max_tokens} does not fit: the prompt has {len(prompt_ids)} tokens "
-                          f"and the context is {context}; ask for at most {room}", max_tokens_param,
-                          "context_length_exceeded")
     elif max_tokens > max_tokens_limit:
         raise bad_request(f"{max_tokens_param} = {max_tokens} is above this server's limit of {max_tokens_limit} "
                           "tokens per request (--max-tokens-limit)", max_tokens_param, "max_tokens_limit_exceeded")
@@ -211,14 +195,13 @@ def _prepare(req: _CommonRequest, target: TargetModel, prompt_ids: list[int], pr
                            bool(req.stream), bool(options and options.include_usage))
 
 
-def _check_text(text: str, param: str) -> str:
-    """``text`` if it is valid Unicode (encodable as UTF-8); JSON's ``"\\ud800"`` decodes to a lone surrogate."""
+@contextlib.contextmanager
+def _as_bad_request():
+    """The shared validator's errors (:mod:`falconspec.request`) as OpenAI-style 400 responses."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise bad_request(f"{param} is not valid Unicode: it holds a lone surrogate (U+{ord(text[err.start]):04X}) at "
-                          f"character {err.start}; send UTF-8 text", param.split("[")[0], "invalid_unicode") from None
-    return text
+        yield
+    except RequestError as err:
+        raise bad_request(str(err), err.param, err.code) from None
 
 
 def _check_chars(target: TargetModel, chars: int, param: str) -> None:
