@@ -254,6 +254,7 @@ def train(cfg: Eagle3TrainConfig) -> Path:
              len(epoch_batches), len(held))
     started = time.time()
     tokens = 0
+    metrics = None
     while step < cfg.max_steps:
         epoch, index = divmod(step, len(epoch_batches))
         group = batches(samples, cfg.tokens_per_batch, cfg.max_len, cfg.seed, epoch)[index]
@@ -276,14 +277,16 @@ def train(cfg: Eagle3TrainConfig) -> Path:
                                                 "config": asdict(cfg)})
         if held and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             model.eval()
-            log_record(out, {"step": step, **evaluate(model, target, held, cfg, draft_index)})
+            metrics = evaluate(model, target, held, cfg, draft_index)
+            log_record(out, {"step": step, **metrics})
             model.train()
     model.eval()
     final = out / "drafter"
     model.save_pretrained(final)
-    metrics = evaluate(model, target, held, cfg, draft_index) if held else {}
+    if held and metrics is None:  # resumed at the last step: nothing evaluated in this process
+        metrics = evaluate(model, target, held, cfg, draft_index)
     recipe = {"trainer": "falconspec.train_eagle3", "config": asdict(cfg), "steps": step,
-              "training_conversations": len(samples), "metrics": metrics,
+              "training_conversations": len(samples), "metrics": metrics or {},
               "command": "falconspec train-eagle3 " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out") + f" --out {cfg.out}"}
     (final / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
