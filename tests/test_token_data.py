@@ -9,7 +9,7 @@ import torch
 from falconspec.data import Conversation, GenDataConfig, ShardDataset, generate_dataset
 from falconspec.testing import save_tiny_model
 from falconspec.token_data import (
-    FORMAT_NAME, Dialogue, TokenDataConfig, TokenSample, features_from_tokens, generate_token_dataset,
+    FORMAT_NAME, TokenDataConfig, TokenSample, features_from_tokens, generate_token_dataset,
     read_manifest, read_token_shard, regenerate, token_dtype, user_turns, write_token_shard,
 )
 

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import SHAREGPT_PACKAGE, Conversation, Sample, load_conversations, sharegpt_split
+from .data import Conversation, Sample, load_conversations, sharegpt_split
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 
 from ..kv_cache import KVCache, forward_kwargs
 from .sar_model import (
-    CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, additive_mask, check_draft_vocab, check_fits, save_drafter_files,
+    CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, additive_mask, check_draft_vocab, check_fits, config_from_json,
+    save_drafter_files,
     target_identity,
 )
 
@@ -102,14 +103,7 @@ class Eagle3Config:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "config") -> Eagle3Config:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a falconspec EAGLE-3 config (format {data.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"format"})
-        if unknown:
-            raise ValueError(f"{source} has unknown keys {unknown}: written by a newer falconspec?")
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return config_from_json(cls, data, FORMAT, "EAGLE-3", source)
 
 
 class Eagle3Layer(nn.Module):

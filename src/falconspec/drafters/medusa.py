@@ -32,7 +32,8 @@ from ..tree import Tree
 from ..verify import Acceptance
 from .base import INITIAL_NUM_NODES, Drafter
 from .sar_model import (
-    CONFIG_FILE, WEIGHTS_FILE, check_fits, draft_head_weight, register_draft_vocab, save_drafter_files, target_identity,
+    CONFIG_FILE, WEIGHTS_FILE, check_fits, config_from_json, draft_head_weight, register_draft_vocab, save_drafter_files,
+    target_identity,
 )
 from .trees import DraftTreeBuilder
 
@@ -57,13 +58,7 @@ class MedusaConfig:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "config") -> MedusaConfig:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a falconspec Medusa config (format {data.get('format')!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"format"})
-        if unknown:
-            raise ValueError(f"{source} has unknown keys {unknown}: written by a newer falconspec?")
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return config_from_json(cls, data, FORMAT, "Medusa", source)
 
 
 class MedusaHeads(nn.Module):

@@ -159,14 +159,20 @@ class SARConfig:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "config") -> SARConfig:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a falconspec SAR drafter config (format {data.get('format')!r}, "
-                             f"expected {FORMAT!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"format"})
-        if unknown:
-            raise ValueError(f"{source} has unknown keys {unknown}: written by a newer falconspec?")
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return config_from_json(cls, data, FORMAT, "SAR drafter", source)
+
+
+def config_from_json(cls, data: dict, fmt: str, what: str, source: str):
+    """A drafter config dataclass ``cls`` from its config.json ``data``, which must name format ``fmt``; unknown keys
+    (a newer falconspec's) are refused."""
+    if data.get("format") != fmt:
+        raise ValueError(f"{source} is not a falconspec {what} config (format {data.get('format')!r}, "
+                         f"expected {fmt!r})")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known - {"format"})
+    if unknown:
+        raise ValueError(f"{source} has unknown keys {unknown}: written by a newer falconspec?")
+    return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def target_identity(target) -> dict:
