@@ -25,22 +25,18 @@ identity) and ``model.safetensors`` with exactly EAGLE-3's tensor names (``fc.we
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..kv_cache import KVCache, forward_kwargs
 from .sar_model import (
-    CONFIG_FILE, WEIGHTS_FILE, DrafterMismatchError, additive_mask, check_draft_vocab, check_fits, config_from_json,
-    save_drafter_files,
-    target_identity,
+    additive_mask, check_draft_vocab, config_from_json, load_drafter_module, save_drafter_files, target_identity,
 )
 
 FORMAT = "falconspec-eagle3"
@@ -192,19 +188,7 @@ class Eagle3DrafterModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32) -> Eagle3DrafterModel:
-        directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"EAGLE-3 drafter checkpoint {str(directory)!r} has no {name}")
-        config = Eagle3Config.from_json(json.loads((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
-        check_fits(config, target, str(directory))
-        layers = target.config.num_hidden_layers
-        if config.num_target_layers != layers:
-            raise DrafterMismatchError(f"{directory} fuses layers {config.feature_layers} of a {config.num_target_layers}"
-                                       f"-layer target, but {target.name!r} has {layers} layers")
-        model = cls(config)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-        return model.to(device=target.device, dtype=dtype).eval()
+        return load_drafter_module(cls, Eagle3Config, directory, target, dtype, "EAGLE-3 drafter")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_drafter_files(self, directory, self.config.to_json())

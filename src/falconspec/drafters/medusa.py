@@ -18,13 +18,11 @@ A checkpoint directory holds ``config.json`` (:class:`MedusaConfig`, with the ta
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..kernels import attach_policy, policy_linear
@@ -32,7 +30,7 @@ from ..tree import Tree
 from ..verify import Acceptance
 from .base import INITIAL_NUM_NODES, Drafter
 from .sar_model import (
-    CONFIG_FILE, WEIGHTS_FILE, check_fits, config_from_json, draft_head_weight, register_draft_vocab, save_drafter_files,
+    check_fits, config_from_json, draft_head_weight, load_drafter_module, register_draft_vocab, save_drafter_files,
     target_identity,
 )
 from .trees import DraftTreeBuilder
@@ -80,15 +78,7 @@ class MedusaHeads(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32) -> MedusaHeads:
-        directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"Medusa checkpoint {str(directory)!r} has no {name}")
-        config = MedusaConfig.from_json(json.loads((directory / CONFIG_FILE).read_text()), str(directory))
-        check_fits(config, target, str(directory))
-        model = cls(config)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-        return model.to(device=target.device, dtype=dtype).eval()
+        return load_drafter_module(cls, MedusaConfig, directory, target, dtype, "Medusa")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_drafter_files(self, directory, {"format": FORMAT, **dataclasses.asdict(self.config)})

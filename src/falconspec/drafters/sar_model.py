@@ -223,18 +223,9 @@ class SARDrafterModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, target, dtype: torch.dtype = torch.float32) -> SARDrafterModel:
         """Load a checkpoint directory for ``target``; raises :class:`DrafterMismatchError` if it does not fit."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"drafter checkpoint directory {str(directory)!r} does not exist")
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"drafter checkpoint {str(directory)!r} has no {name}: pass the directory "
-                                        "written by SARDrafterModel.save_pretrained (or `falconspec train`)")
-        config = SARConfig.from_json(json.loads((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
-        check_fits(config, target, str(directory))
-        model = cls(config)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-        return model.to(device=target.device, dtype=dtype).eval()
+        return load_drafter_module(cls, SARConfig, directory, target, dtype, "drafter",
+                                   ": pass the directory written by SARDrafterModel.save_pretrained (or "
+                                   "`falconspec train`)")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_drafter_files(self, directory, self.config.to_json())
@@ -352,6 +343,24 @@ def most_frequent_tokens(counts: torch.Tensor, size: int, always: Sequence[int] 
     return torch.sort(scores.topk(size).indices).values
 
 
+def load_drafter_module(cls, config_cls, directory: str | Path, target, dtype: torch.dtype, what: str,
+                        hint: str = "") -> nn.Module:
+    """A drafter module ``cls`` from its checkpoint directory (``config.json`` read by ``config_cls.from_json``,
+    ``model.safetensors``), checked against ``target`` (:func:`check_fits`), in ``dtype`` on the target's device.
+    ``what`` names the kind of checkpoint in errors, ``hint`` ends the missing-file error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} checkpoint directory {str(directory)!r} does not exist")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{what} checkpoint {str(directory)!r} has no {name}{hint}")
+    config = config_cls.from_json(json.loads((directory / CONFIG_FILE).read_text()), str(directory / CONFIG_FILE))
+    check_fits(config, target, str(directory))
+    model = cls(config)
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    return model.to(device=target.device, dtype=dtype).eval()
+
+
 def check_fits(config: SARConfig, target, source: str = "the drafter") -> None:
     """Raise :class:`DrafterMismatchError` if a drafter with ``config`` cannot run on ``target``."""
     actual = target_identity(target)
@@ -363,6 +372,10 @@ def check_fits(config: SARConfig, target, source: str = "the drafter") -> None:
                 f"{source} was trained for a target with {what} {expected!r}, but target {actual['target_name']!r} "
                 f"has {what} {actual[key]!r}: load a drafter trained for this target (or train one)"
             )
+    fused = getattr(config, "feature_layers", None)  # an EAGLE-3 drafter reads layers by index
+    if fused and config.num_target_layers != target.config.num_hidden_layers:
+        raise DrafterMismatchError(f"{source} fuses layers {fused} of a {config.num_target_layers}-layer target, but "
+                                   f"{actual['target_name']!r} has {target.config.num_hidden_layers} layers")
     if config.target_name and config.target_name != actual["target_name"]:
         log.warning("%s was trained for target %r, loading it for %r (same shape and architecture)",
                     source, config.target_name, actual["target_name"])
