@@ -108,9 +108,9 @@ class TargetModel:
         self.cache.clear()
 
     @contextlib.contextmanager
-    def _capture(self, feature_layers: Sequence[int] | None):
-        """Collect the inputs of decoder layers ``feature_layers`` during a forward: yields a list that holds
-        [1, S, H] per layer, in the order given, once the forward has run (nothing for None)."""
+    def layer_inputs(self, feature_layers: Sequence[int] | None):
+        """Collect the inputs of decoder layers ``feature_layers`` during a forward of the decoder: yields a list that
+        holds [B, S, H] per layer, in the order given, once the forward has run (nothing for None)."""
         captured: list[torch.Tensor] = []
         if not feature_layers:
             yield captured
@@ -148,7 +148,7 @@ class TargetModel:
         if input_ids.numel() == 0:
             width = self.hidden_size * (len(feature_layers) if feature_layers else 1)
             return torch.empty(0, width, dtype=self.dtype, device=self.device)
-        with self._capture(feature_layers) as captured:
+        with self.layer_inputs(feature_layers) as captured:
             out = self.decoder(input_ids=input_ids.to(self.device)[None], use_cache=True,
                                **cache.forward_kwargs(self.decoder.forward))
         return self._features(out.last_hidden_state, captured)
@@ -166,7 +166,7 @@ class TargetModel:
             )
         # a chain is plain causal attention: let the model build its own mask
         mask = None if tree.is_chain else tree.attention_mask(prefix_len, self.dtype, self.device)
-        with self._capture(feature_layers) as captured:
+        with self.layer_inputs(feature_layers) as captured:
             out = self.decoder(
                 input_ids=tree.token_tensor(self.device)[None],
                 position_ids=tree.position_ids(prefix_len, self.device)[None],

@@ -116,17 +116,10 @@ def target_pass(target, group: list, layers: list[int], max_len: int) -> dict:
         mask[i, : len(x)] = torch.tensor(s.loss_mask[:max_len], dtype=torch.bool)
     lengths = torch.tensor([len(x) for x in ids])
     padding = torch.arange(width)[None] < lengths[:, None]
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [target.decoder.layers[i].register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: captured.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True) for i in set(layers)]
-    try:
+    with target.layer_inputs(layers) as captured:
         hidden = target.decoder(input_ids=batch, attention_mask=padding.long()).last_hidden_state
-    finally:
-        for hook in hooks:
-            hook.remove()
     return {"ids": batch, "lengths": lengths, "loss_mask": mask,
-            "features": torch.cat([captured[i] for i in layers], dim=-1).float(),
+            "features": torch.cat(captured, dim=-1).float(),
             "logits": target.lm_head(hidden).float()}
 
 
