@@ -120,7 +120,7 @@ def target_pass(target, group: list, layers: list[int], max_len: int) -> dict:
         hidden = target.decoder(input_ids=batch, attention_mask=padding.long()).last_hidden_state
     return {"ids": batch, "lengths": lengths, "loss_mask": mask,
             "features": torch.cat(captured, dim=-1).float(),
-            "logits": target.lm_head(hidden).float()}
+            "logits": target.logits(hidden).float()}
 
 
 # ----------------------------------------------------------------------------- training-time test
