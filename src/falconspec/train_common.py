@@ -67,8 +67,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed for data order, noise and glancing")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps (``cfg``: any run config with those fields)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min((step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1), 1.0)

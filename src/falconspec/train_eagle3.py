@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from .drafters.eagle3_model import Eagle3DrafterModel
 from .drafters.sar_model import additive_mask, most_frequent_tokens
-from .train_common import log_record, save_checkpoint
+from .train_common import log_record, lr_at, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +179,6 @@ def ttt_losses(model: Eagle3DrafterModel, target_embedding: torch.Tensor, batch:
 
 
 # ----------------------------------------------------------------------------- the run
-def lr_at(step: int, cfg: Eagle3TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min((step - cfg.warmup) / max(cfg.max_steps - cfg.warmup, 1), 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def choose_draft_vocab(target, samples: list, cfg: Eagle3TrainConfig) -> list[int] | None:
     """The ``draft_vocab`` tokens the target predicts most often in assistant text (EOS always in)."""
     if cfg.draft_vocab <= 0 or cfg.draft_vocab >= target.vocab_size:

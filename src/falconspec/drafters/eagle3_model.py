@@ -36,7 +36,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 
 from ..kv_cache import KVCache, forward_kwargs
 from .sar_model import (
-    additive_mask, check_draft_vocab, config_from_json, load_drafter_module, save_drafter_files, target_identity,
+    additive_mask, check_draft_vocab, config_from_json, embed_tokens, load_drafter_module, save_drafter_files,
+    target_identity,
 )
 
 FORMAT = "falconspec-eagle3"
@@ -215,8 +216,7 @@ class Eagle3DrafterModel(nn.Module):
         return KVCache(self.llama_config)
 
     def embed(self, embedding: nn.Embedding | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
-        return nn.functional.embedding(ids.to(weight.device), weight).to(self.dtype)
+        return embed_tokens(embedding, ids, self.dtype)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:

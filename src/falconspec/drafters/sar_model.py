@@ -111,6 +111,12 @@ def relaxed_causal_mask(num_queries: int, num_cached: int = 0, k: int = 2, block
     return additive_mask(allowed[:, None], dtype)
 
 
+def embed_tokens(embedding: nn.Embedding | torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Look ``ids`` [..] up in the target's embedding (module or weight [V, H]); [.., H] in ``dtype``."""
+    weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
+    return nn.functional.embedding(ids.to(weight.device), weight).to(dtype)
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask -> additive float mask (0 / dtype min) of the same shape."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -244,8 +250,7 @@ class SARDrafterModel(nn.Module):
 
     def embed(self, embedding: nn.Embedding | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Look ``ids`` [..] up in the target's embedding (module or weight [V, H]); [.., H] in the drafter's dtype."""
-        weight = embedding.weight if isinstance(embedding, nn.Module) else embedding
-        return nn.functional.embedding(ids.to(weight.device), weight).to(self.dtype)
+        return embed_tokens(embedding, ids, self.dtype)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
