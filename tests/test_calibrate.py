@@ -126,3 +126,26 @@ def test_cli_calibrate_and_explain(tmp_path, calibration_dir, capsys):
     err = capsys.readouterr().err
     assert "machine:" in err and "first plan:" in err and "cycle" in err
     assert main(["generate", "--model", str(model), "--drafter", "none", "--num-nodes", "4", "x"]) == 2
+
+
+def test_one_generation_sweeps_every_drafting_depth(llama, calibration_dir):
+    """The calibration tree's depth rotates cycle by cycle: every depth is timed and counted in one generation."""
+    from falconspec.drafters.sar import SARDrafter
+    from falconspec.drafters.sar_model import SARDrafterModel
+
+    drafter = SARDrafter(SARDrafterModel.for_target(llama, k=2).eval(), llama)
+    effort = Effort("quick", (1, 2), 1, 16, (1, 2, 4), 1, 16, 6)
+    entry = calibrate.measure_drafter(llama, drafter, effort)
+    assert entry["depths"] == [1, 2, 4] and len(entry["draft_seconds"]) == 3
+    assert all(s > 0 for s in entry["draft_seconds"])
+    trials = torch.tensor(entry["trials"])
+    assert trials.shape[0] >= 4 and trials[0].sum() > 0
+    assert drafter.planned  # the drafter itself keeps no budget from calibration: its sequences' copies had it
+
+
+def test_stats_time_drafting_per_cycle(llama):
+    out = SpeculativeGenerator(llama, make_drafter("pld", llama, num_nodes=4)).generate(
+        prompt="abc abc abc", max_new_tokens=10, ignore_eos=True)
+    assert len(out.stats.cycle_draft_seconds) == out.stats.cycles
+    assert sum(out.stats.cycle_draft_seconds) <= out.stats.draft_time + 1e-9
+    assert "cycle_draft_seconds" not in out.stats.to_dict()

@@ -8,7 +8,8 @@ for the same forward is opposite). So nothing here is assumed; everything is tim
   CPU, the few-row path), interleaved round by round so drift hits both alike; per n the faster path is kept;
 * **per drafter**: the seconds one cycle spends drafting D levels deep (its update included), and how often its
   candidates are accepted per (depth, rank): the planner's prior (:mod:`.planner`), from short generations on
-  built-in prompts with a generous fixed tree.
+  built-in prompts with a generous fixed tree whose depth rotates through the timed depths cycle by cycle (one
+  generation measures every depth).
 
 Results are cached as JSON in ``$FALCONSPEC_CALIBRATION_DIR`` (default ``<cache dir>/calibration``), one file per
 fingerprint (CPU model and flags or GPU name, torch version and BLAS, threads, dtype, device, a hash of the model's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -35,12 +37,12 @@ import torch
 from torch import nn
 
 from .kernels import FEW_ROW, STOCK
-from .planner import AcceptanceProfile, BudgetPlanner, interpolate
+from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-MIN_PRIOR_TRIALS = 20  # calibration trials a (depth, rank) cell needs to set the planner's prior
+MIN_PRIOR_TRIALS = 12  # calibration trials a (depth, rank) cell needs to set the planner's prior
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
 
@@ -51,16 +53,16 @@ class Effort:
 
     name: str
     sizes: tuple[int, ...]  # tree sizes timed
-    rounds: int  # timed rounds per size and path (after one warm-up round)
+    rounds: int  # timed rounds per size and path (after one warm-up forward per path)
     prefix: int  # cached tokens under the timed forwards
     depths: tuple[int, ...]  # drafting depths timed per drafter
-    prompts: int  # calibration prompts per depth
+    prompts: int  # calibration prompts (each one generation sweeping every depth)
     tokens: int  # new tokens per calibration prompt
     tree: int  # nodes of the fixed tree in drafter calibration runs
 
 
-QUICK = Effort("quick", (1, 2, 3, 4, 6, 8, 12, 16), 4, 128, (1, 2, 4), 1, 24, 12)
-FULL = Effort("full", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32), 7, 256, (1, 2, 4, 6), 2, 24, 12)
+QUICK = Effort("quick", (1, 2, 4, 8, 16), 2, 128, (1, 2, 4), 1, 32, 12)
+FULL = Effort("full", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32), 4, 256, (1, 2, 3, 4, 6), 2, 32, 12)
 
 PROMPTS = ("Explain how a hash map works, with a short example in Python.",
            "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -269,8 +271,9 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
     cache = target.new_cache()  # its own: a calibration never disturbs a generation on the same target
     try:
         target.prefill(prefix[:prefix_len], cache=cache)
-        for round_index in range(effort.rounds + 1):  # round 0 warms up
-            for n in effort.sizes:
+        # one warm-up forward per path (the largest: it allocates the most), then rounds interleaving sizes and paths
+        for round_index, sizes in enumerate([effort.sizes[-1:]] + [effort.sizes] * effort.rounds):
+            for n in sizes:
                 tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
                 for path in paths:
                     target.matmul_policy.set(effort.sizes[1:] if path == FEW_ROW else ())
@@ -289,28 +292,55 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
             "seconds": {p: [statistics.median(times[p][n]) for n in effort.sizes] for p in paths}}
 
 
+class DepthSweep(BudgetPlanner):
+    """Calibration's schedule in place of a planner: a fixed ``tree``-node tree whose depth rotates through
+    ``depths`` cycle by cycle, so one generation times every depth and counts acceptances at all of them."""
+
+    def __init__(self, depths: list[int], tree: int):
+        super().__init__(verify_cost=lambda n: 1.0, draft_cost=lambda d: 0.0, profile=AcceptanceProfile(),
+                         sizes=[tree], max_depth=max(depths))
+        self.depths, self.tree = depths, tree
+        self.cycle_depths: list[int] = []  # the planned depth of every cycle so far
+
+    def _plan(self) -> Plan:
+        depth = self.depths[len(self.cycle_depths) % len(self.depths)]
+        return Plan(max(self.tree, depth + 1), depth, 1.0, 1.0)
+
+    def start(self) -> Plan:
+        self.history, self.fell_back, self._current = [], False, self._plan()
+        return self._current
+
+    def observe(self, tree, accepted_path) -> Plan:
+        self.cycle_depths.append(self._current.depth)
+        self._current = self._plan()
+        return self._current
+
+    def probe_plan(self) -> None:
+        return None
+
+
 def measure_drafter(target, drafter, effort: Effort = QUICK) -> dict:
-    """Draft cost per depth and acceptance counts per (depth, rank), from short generations with a fixed tree."""
+    """Draft cost per depth and acceptance counts per (depth, rank), from short generations with a fixed tree
+    whose depth rotates through ``effort.depths`` (:class:`DepthSweep`)."""
     from .generate import SpeculativeGenerator
 
     depths = [d for d in effort.depths if d <= drafter.max_planned_depth] or [drafter.max_planned_depth]
     counts = AcceptanceProfile()  # only its hit and trial counts are used
-    seconds = []
-    saved = (drafter.num_nodes, drafter.depth)
+    cycle_seconds: dict[int, list[float]] = {d: [] for d in depths}
     generator = SpeculativeGenerator(target, drafter, planner=None)
     generator.listeners.append(counts.observe)
-    try:
-        for depth in depths:
-            drafter.set_budget(max(effort.tree, depth + 1), depth)
-            draft_time, cycles = 0.0, 0
-            for prompt in PROMPTS[:effort.prompts]:
-                request = ({"messages": [{"role": "user", "content": prompt}]}
-                           if getattr(target.tokenizer, "chat_template", None) else {"prompt": prompt})
-                out = generator.generate(**request, max_new_tokens=effort.tokens, ignore_eos=True)
-                draft_time += out.stats.draft_time
-                cycles += out.stats.cycles
-            seconds.append(draft_time / max(cycles, 1))
-    finally:
-        drafter.set_budget(*saved)
+    for prompt in PROMPTS[:effort.prompts]:
+        generator.planner = sweep = DepthSweep(depths, effort.tree)  # used whether or not the drafter is planned
+        request = ({"messages": [{"role": "user", "content": prompt}]}
+                   if getattr(target.tokenizer, "chat_template", None) else {"prompt": prompt})
+        out = generator.generate(**request, max_new_tokens=effort.tokens, ignore_eos=True)
+        # the first cycle's drafting has no drafter update before it: a different cost, left out
+        for depth, seconds in list(zip(sweep.cycle_depths, out.stats.cycle_draft_seconds))[1:]:
+            cycle_seconds[depth].append(seconds)
+    seconds = [statistics.median(cycle_seconds[d]) if cycle_seconds[d] else math.nan for d in depths]
+    if any(math.isnan(s) for s in seconds):  # a generation too short to reach every depth: borrow the nearest
+        measured = [(d, s) for d, s in zip(depths, seconds) if not math.isnan(s)]
+        seconds = [s if not math.isnan(s) else min(measured, key=lambda m: abs(m[0] - d))[1]
+                   for d, s in zip(depths, seconds)] if measured else [0.0] * len(depths)
     return {"effort": effort.name, "name": drafter.name, "depths": depths, "draft_seconds": seconds,
             "tree": effort.tree, "hits": counts.hits.tolist(), "trials": counts.trials.tolist()}

@@ -25,6 +25,10 @@ class SpecStats:
     # the planner's choices: one entry per change, {"cycle", "num_nodes", "depth", "expected_tokens"}
     plans: list[dict] = field(default_factory=list)
     fell_back: bool = False  # the planner expected no tree to beat plain decoding and decoded plainly
+    # per cycle: the drafting seconds since the previous cycle's verification (its drafter update, then this
+    # cycle's draft); calibration times drafting depths with it. Not in to_dict.
+    cycle_draft_seconds: list[float] = field(default_factory=list, repr=False)
+    _draft_time_seen: float = field(default=0.0, repr=False)
 
     def record_plans(self, planner) -> None:
         self.plans = [{"cycle": c.cycle, "num_nodes": c.plan.num_nodes, "depth": c.plan.depth,
@@ -53,6 +57,8 @@ class SpecStats:
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.accepted_per_cycle.append(accepted)
+        self.cycle_draft_seconds.append(self.draft_time - self._draft_time_seen)
+        self._draft_time_seen = self.draft_time
 
     @property
     def target_forwards(self) -> int:
@@ -79,6 +85,7 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        del out["cycle_draft_seconds"], out["_draft_time_seen"]
         for name in ("target_forwards", "mean_accepted_length", "mean_accepted_drafts", "acceptance_rate",
                      "tokens_per_second"):
             out[name] = getattr(self, name)
