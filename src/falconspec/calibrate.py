@@ -62,7 +62,7 @@ class Effort:
 
 
 QUICK = Effort("quick", (1, 2, 4, 8, 16), 2, 128, (1, 2, 4), 1, 32, 12)
-FULL = Effort("full", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32), 4, 256, (1, 2, 3, 4, 6), 2, 32, 12)
+FULL = Effort("full", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32), 4, 256, (1, 2, 3, 4, 6), 2, 24, 12)
 
 PROMPTS = ("Explain how a hash map works, with a short example in Python.",
            "Write a short story about a lighthouse keeper who finds a message in a bottle.",
