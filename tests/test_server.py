@@ -65,7 +65,7 @@ def server(model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
     cmd = [sys.executable, "-c", "import sys; from falconspec.cli import main; sys.exit(main())", "serve",
            "--model", str(model_dir), "--drafter", "pld", "--num-nodes", str(BUDGET), "--served-model-name", MODEL, "--host", "127.0.0.1",
-           "--port", str(port), "--max-queue", "8", "--max-tokens-limit", str(LONG), "--log-level", "warning"]
+           "--port", str(port), "--max-batch", "4", "--max-queue", "8", "--max-tokens-limit", str(LONG), "--log-level", "warning"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -203,7 +203,8 @@ def test_models_health_and_retrieve(server):
     assert [m.id for m in api.models.list().data] == [MODEL]
     card = api.models.retrieve(MODEL)
     assert card.id == MODEL and card.model_extra["max_model_len"] == CONTEXT and card.model_extra["drafter"] == "pld"
-    assert health(server) == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "max_queue": 8}
+    assert health(server) == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "max_batch": 4,
+                              "max_queue": 8}
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
