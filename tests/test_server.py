@@ -918,3 +918,27 @@ def test_shutdown_ends_every_running_request_and_refuses_the_waiting_ones(model_
         resp = httpx.post(base + CHAT, json=body(CHAT), timeout=30)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
         assert health(base)["running"] == 0
+
+
+def test_the_load_test_script_checks_a_batched_server(model_dir, tmp_path):
+    """benchmarks/load_test.py end to end on a few short requests: batched answers equal the same requests alone."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "load_test.py")
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    load_test = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = load_test  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(load_test)
+    finally:
+        del sys.modules["load_test"]
+    out = tmp_path / "load.json"
+    with thread_server(model_dir, max_batch=3) as base:
+        code = load_test.main(["--base-url", base, "--requests", "6", "--concurrency", "3", "--min-tokens", "4",
+                               "--max-tokens", "12", "--check-solo", "--out", str(out)])
+        assert code == 0
+        assert max(fake_batch(base).step_sizes) > 1
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["succeeded"] == 6 and summary["failed"] == 0 and summary["identical_to_alone"] == 6
+    assert summary["server"]["max_batch"] == 3 and summary["server"]["mean_batch_size"] > 1
+    assert {"p50", "p90"} <= set(summary["ttft_seconds"]) and summary["output_tokens_per_second"] > 0
