@@ -60,10 +60,10 @@ PROMPTS = [
     "Write the alphabet in capital letters, separated by spaces.",
     "Give three tips for writing clear emails.",
     "What is the capital of France? Answer in one sentence.",
-    "Here is a function:\n\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
-    "Write a mul and a div function in the same style, then a short docstring for each of the four.",
-    "Summarize the plot of a story in which a young engineer builds a small robot from spare parts, the robot "
-    "learns to paint, and the town holds an exhibition of its paintings. Use at most four sentences.",
+    ("Here is a function:\n\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+     "Write a mul and a div function in the same style, then a short docstring for each of the four."),
+    ("Summarize the plot of a story in which a young engineer builds a small robot from spare parts, the robot "
+     "learns to paint, and the town holds an exhibition of its paintings. Use at most four sentences."),
 ]
 MAX_REQUESTS, MAX_CONCURRENCY = 1000, 32
 DEFAULT_COMPARE_OUT = Path(__file__).parent / "results" / "load-test-batching.json"

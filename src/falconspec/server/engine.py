@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..batch import BatchFullError
 from ..drafters.base import Drafter

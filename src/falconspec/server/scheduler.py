@@ -30,8 +30,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Hashable, Protocol
+from typing import Protocol
 
 from ..batch import BatchFullError
 from ..generate import StreamChunk
@@ -321,8 +322,8 @@ class Scheduler:
         try:
             chunks = self.batch.step()
         except Exception as err:  # fails this step's jobs; the worker carries on with the next requests
-            log.error("a batch step failed: its %d request(s) (%s) fail", len(stepping),
-                      ", ".join(job.request_id for job in stepping.values()), exc_info=err)
+            log.exception("a batch step failed: its %d request(s) (%s) fail", len(stepping),
+                          ", ".join(job.request_id for job in stepping.values()))
             with self._cond:
                 for seq_id in stepping:
                     self._running.pop(seq_id, None)
