@@ -1,7 +1,8 @@
 """The OpenAI-compatible server end to end: a real uvicorn server on loopback, driven by the official openai client.
 
-The main server is ``falconspec serve`` in a subprocess (the CLI path); the queue-full test runs a second app in a
-thread with a queue of one. Greedy and seeded answers must equal offline ``SpeculativeGenerator.generate`` on the
+The main server is ``falconspec serve --max-batch 4`` in a subprocess (the CLI path); other tests run apps in a
+thread, one request at a time, or batched through ``FakeBatchGenerator`` (fake_batch.py), the batch engine's test
+double. Greedy and seeded answers must equal offline ``SpeculativeGenerator.generate`` on the
 same tiny model directory, token for token, with the same speculative statistics.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from fake_batch import FakeBatchGenerator
 from prometheus_client.parser import text_string_to_metric_families
 
 from falconspec import SpeculativeGenerator
@@ -65,7 +67,7 @@ def server(model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
     cmd = [sys.executable, "-c", "import sys; from falconspec.cli import main; sys.exit(main())", "serve",
            "--model", str(model_dir), "--drafter", "pld", "--num-nodes", str(BUDGET), "--served-model-name", MODEL, "--host", "127.0.0.1",
-           "--port", str(port), "--max-queue", "8", "--max-tokens-limit", str(LONG), "--log-level", "warning"]
+           "--port", str(port), "--max-batch", "4", "--max-queue", "8", "--max-tokens-limit", str(LONG), "--log-level", "warning"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -94,10 +96,15 @@ SERVERS: dict = {}  # base URL of an in-process server -> its uvicorn config
 
 
 @contextlib.contextmanager
-def thread_server(model_dir, max_queue=8, **settings):
-    """The app in a uvicorn thread of this process, on a free loopback port; ``settings``: ``ServerSettings``."""
+def thread_server(model_dir, max_queue=8, max_batch=None, **settings):
+    """The app in a uvicorn thread of this process, on a free loopback port; ``settings``: ``ServerSettings``.
+
+    ``max_batch``: generate through a ``FakeBatchGenerator`` of that size (``fake_batch(base)``); default: the
+    server's own one-request-at-a-time engine."""
     generator = SpeculativeGenerator(load_target(str(model_dir)), make_drafter("pld", num_nodes=BUDGET))
-    app = create_app(generator, model_name=MODEL, max_queue=max_queue, settings=ServerSettings(**settings))
+    batch = None if max_batch is None else FakeBatchGenerator(generator.target, generator.drafter, max_batch)
+    app = create_app(generator, model_name=MODEL, max_queue=max_queue, settings=ServerSettings(**settings),
+                     batch=batch)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = make_server(app, log_level="warning", timeout_graceful_shutdown=2)
@@ -203,7 +210,8 @@ def test_models_health_and_retrieve(server):
     assert [m.id for m in api.models.list().data] == [MODEL]
     card = api.models.retrieve(MODEL)
     assert card.id == MODEL and card.model_extra["max_model_len"] == CONTEXT and card.model_extra["drafter"] == "pld"
-    assert health(server) == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "max_queue": 8}
+    assert health(server) == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "max_batch": 4,
+                              "max_queue": 8}
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
@@ -408,6 +416,9 @@ def test_load_60_requests_from_6_clients(server, offline):
     assert not pending, f"{len(pending)} requests did not finish"
     for case, future in zip(jobs, futures):
         assert_same(future.result(), expected[case])
+    samples = metrics(server)  # the requests were generated together (the server runs --max-batch 4)
+    assert samples[("falconspec_batch_size_sum", ())] > samples[("falconspec_batch_size_count", ())]
+    assert samples[("falconspec_batch_size_bucket", (("le", "4.0"),))] == samples[("falconspec_batch_size_count", ())]
 
 
 def test_full_queue_answers_429_and_recovers(model_dir):
@@ -755,3 +766,179 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_done(model_dir, tmp_p
 def guarded_generator(base) -> SpeculativeGenerator:
     """The generator behind an in-process server (found through its app, for fault injection)."""
     return SERVERS[base].app.state.server.generator
+
+
+def fake_batch(base) -> FakeBatchGenerator:
+    return SERVERS[base].app.state.server.batch
+
+
+# -------------------------------------------------------------------- continuous batching (issue 13)
+def wait_for(condition, what, timeout=60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def in_flight(base) -> int:
+    state = health(base)
+    return state["running"] + state["waiting"]
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_solo_answer(model_dir, offline):
+    cases = [("chat", "one two three, one two three", True, {"max_tokens": 12}),
+             ("completion", "abcabcabc abcabc", True, {"max_tokens": 20}),
+             ("chat", "hello hello hello", False, {"max_tokens": 7}),
+             ("completion", "sample me, twice", True, {"max_tokens": 16, "temperature": 0.9, "seed": 7})]
+    with thread_server(model_dir, max_batch=4) as base:
+        fake = fake_batch(base)
+        assert health(base) == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "max_batch": 4,
+                                "max_queue": 8}
+        fake.open.clear()  # hold the first request's first step until all four are in
+        with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+            futures = [pool.submit(ask, base, kind, content, stream, ignore_eos=True, **{"temperature": 0, **params})
+                       for kind, content, stream, params in cases]
+            wait_for(lambda: in_flight(base) == len(cases), "the requests did not all arrive")
+            fake.open.set()
+            answers = [future.result(timeout=120) for future in futures]
+        for (kind, content, _, params), got in zip(cases, answers):
+            params = {"temperature": 0, **params}
+            want = offline_answer(offline, kind, content, max_new_tokens=params.pop("max_tokens"), ignore_eos=True,
+                                  **params)
+            assert_same(got, want)
+        assert max(fake.step_sizes) == len(cases) and not fake.cancelled
+        samples = metrics(base)
+    steps = len(fake.step_sizes)
+    assert samples[("falconspec_max_batch", ())] == 4
+    assert samples[("falconspec_batch_size_count", ())] == steps
+    assert samples[("falconspec_batch_size_sum", ())] == sum(fake.step_sizes)
+    assert samples[("falconspec_batch_size_bucket", (("le", "1.0"),))] < steps  # cycles of more than one sequence
+    assert samples[("falconspec_batch_step_seconds_count", ())] == steps
+    assert samples[("falconspec_queue_time_seconds_count", ())] == len(cases)
+    assert samples[("falconspec_time_to_first_token_seconds_count", ())] == len(cases)
+    assert samples[("falconspec_requests_finished_total", (("outcome", "length"),))] == len(cases)
+
+
+def test_full_batch_and_queue_answer_429_and_a_disconnect_frees_its_slot_at_once(model_dir):
+    with thread_server(model_dir, max_batch=2, max_queue=1, max_tokens_limit=LONG) as base:
+        fake = fake_batch(base)
+        long = body(CHAT, max_tokens=LONG, temperature=0, ignore_eos=True, stream=True)
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        with httpx.stream("POST", base + CHAT, json=long, timeout=120) as first:
+            first_lines = first.iter_lines()
+            wait_for(lambda: next(first_lines).startswith("data: {") and len(fake.added) == 1, "first never ran")
+            with httpx.stream("POST", base + CHAT, json=long, timeout=120) as second:
+                second_lines = second.iter_lines()
+                wait_for(lambda: next(second_lines).startswith("data: {") and len(fake.added) == 2,
+                         "second never ran")
+                assert health(base)["running"] == 2
+                waiting = pool.submit(ask, base, "completion", "waiting", True, max_tokens=4, temperature=0)
+                wait_for(lambda: health(base)["waiting"] == 1, "the third request did not queue")
+                resp = httpx.post(base + COMPLETIONS, json=body(COMPLETIONS), timeout=30)  # 2 running + 1 waiting
+                assert resp.status_code == 429 and resp.json()["error"]["code"] == "queue_full"
+                assert "--max-batch" in resp.json()["error"]["message"]
+            # the second stream is closed: its sequence leaves the batch and the waiting request takes its place
+            assert waiting.result(timeout=120).finish_reason in ("stop", "length")
+            assert fake.cancelled == [fake.added[1]] and len(fake.added) == 3
+            assert next(first_lines) is not None and health(base)["running"] == 1  # the first still generates
+        pool.shutdown()
+        wait_idle(base)
+        assert fake.cancelled == [fake.added[1], fake.added[0]] and fake.active == 0
+        samples = metrics(base)
+    assert samples[("falconspec_requests_finished_total", (("outcome", "cancelled"),))] == 2
+    assert samples[("falconspec_requests_total", (("endpoint", COMPLETIONS), ("status", "429")))] == 1
+
+
+def test_a_request_the_batch_refuses_fails_alone(model_dir, offline):
+    good = [("chat", "good one", True), ("completion", "good two", False), ("chat", "good three", False)]
+    with thread_server(model_dir, max_batch=4) as base:
+        fake = fake_batch(base)
+        fake.refused_seed = 666
+        fake.open.clear()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, base, kind, content, stream, max_tokens=10, temperature=0)
+                       for kind, content, stream in good]
+            bad = pool.submit(ask, base, "completion", "bad", False, max_tokens=10, temperature=0, seed=666)
+            wait_for(lambda: in_flight(base) + bad.done() == 4, "the requests did not all arrive")
+            fake.open.set()
+            answers = [future.result(timeout=120) for future in futures]
+            with pytest.raises(openai.BadRequestError) as err:
+                bad.result(timeout=120)
+        assert "seed 666 is refused" in err.value.body["message"]
+        for (kind, content, _), got in zip(good, answers):
+            assert_same(got, offline_answer(offline, kind, content, max_new_tokens=10, temperature=0))
+        assert len(fake.added) == 3 and health(base)["running"] == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_worker_carries_on(model_dir, offline, caplog):
+    caplog.set_level(logging.INFO, logger="falconspec")
+    with thread_server(model_dir, max_batch=2, max_tokens_limit=LONG) as base:
+        fake = fake_batch(base)
+        fake.fail_at_size = 2
+        long = body(CHAT, max_tokens=LONG, temperature=0, ignore_eos=True)
+        with httpx.Client(timeout=120) as session:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                plain = pool.submit(session.post, base + CHAT, json=long)
+                with session.stream("POST", base + CHAT, json={**long, "stream": True}) as streamed:
+                    events = sse_events(streamed)
+                resp = plain.result(timeout=120)
+            assert resp.status_code == 500 and resp.json()["error"]["code"] == "generation_failed"
+            assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "generation_failed"
+            assert "secret" not in resp.text + json.dumps(events)
+            assert sorted(fake.cancelled) == sorted(fake.added) and fake.active == 0
+            # the worker is alive: the next request is served as if nothing had happened
+            got = ask(base, "chat", "after the failure", True, max_tokens=12, temperature=0)
+        assert_same(got, offline_answer(offline, "chat", "after the failure", max_new_tokens=12, temperature=0))
+        samples = metrics(base)
+    assert samples[("falconspec_requests_finished_total", (("outcome", "error"),))] == 2
+    assert any("a batch step failed" in r.getMessage() for r in caplog.records)
+
+
+def test_shutdown_ends_every_running_request_and_refuses_the_waiting_ones(model_dir):
+    with thread_server(model_dir, max_batch=2, max_queue=2, max_tokens_limit=LONG) as base:
+        fake, server = fake_batch(base), SERVERS[base].app.state.server
+        long = body(CHAT, max_tokens=LONG, temperature=0, ignore_eos=True)
+
+        def stream() -> list:
+            with httpx.stream("POST", base + CHAT, json={**long, "stream": True}, timeout=120) as resp:
+                return sse_events(resp)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(stream) for _ in range(2)]
+            wait_for(lambda: len(fake.added) == 2 or any(f.done() for f in streams), "the streams never ran")
+            assert len(fake.added) == 2, [f.result() for f in streams if f.done()]
+            waiting = pool.submit(httpx.post, base + CHAT, json=long, timeout=120)
+            wait_for(lambda: health(base)["waiting"] == 1, "the third request did not queue")
+            server.shutdown()
+            for events in (future.result(timeout=60) for future in streams):
+                assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
+            resp = waiting.result(timeout=60)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
+        assert sorted(fake.cancelled) == sorted(fake.added) and fake.active == 0
+        resp = httpx.post(base + CHAT, json=body(CHAT), timeout=30)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
+        assert health(base)["running"] == 0
+
+
+def test_the_load_test_script_checks_a_batched_server(model_dir, tmp_path):
+    """benchmarks/load_test.py end to end on a few short requests: batched answers equal the same requests alone."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "load_test.py")
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    load_test = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = load_test  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(load_test)
+    finally:
+        del sys.modules["load_test"]
+    out = tmp_path / "load.json"
+    with thread_server(model_dir, max_batch=3) as base:
+        code = load_test.main(["--base-url", base, "--requests", "6", "--concurrency", "3", "--min-tokens", "4",
+                               "--max-tokens", "12", "--check-solo", "--out", str(out)])
+        assert code == 0
+        assert max(fake_batch(base).step_sizes) > 1
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["succeeded"] == 6 and summary["failed"] == 0 and summary["identical_to_alone"] == 6
+    assert summary["server"]["max_batch"] == 3 and summary["server"]["mean_batch_size"] > 1
+    assert {"p50", "p90"} <= set(summary["ttft_seconds"]) and summary["output_tokens_per_second"] > 0

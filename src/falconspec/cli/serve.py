@@ -1,6 +1,7 @@
 """``falconspec serve``: an OpenAI-compatible HTTP server (chat, completions, SSE streaming, /metrics).
 
-One request generates at a time; ``--max-queue`` more may wait, further ones get 429. Example:
+Continuous batching: up to ``--max-batch`` requests generate together, joining and leaving the batch at cycle
+boundaries; ``--max-queue`` more may wait for a place, further ones get 429. Example:
 ``falconspec serve --model smollm2-135m --drafter pld --port 8000``, then point an OpenAI client at
 ``http://127.0.0.1:8000/v1`` with model ``smollm2-135m``. Before exposing it beyond localhost, set ``--api-key``
 (or FALCONSPEC_API_KEY) and ``--allowed-hosts``. SIGTERM or Ctrl-C ends open streams with an error event and
@@ -18,6 +19,7 @@ import threading
 from .common import add_model_args, load_model_and_drafter
 
 API_KEY_ENV = "FALCONSPEC_API_KEY"
+DEFAULT_MAX_BATCH = 8  # a batch of 8 tree verifications stays a few-row product on a small CPU model
 
 
 def register(subparsers) -> None:
@@ -29,8 +31,11 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: the --model value)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="requests generated at once, in one batch (continuous batching: requests join and "
+                             "leave it at cycle boundaries); 1 = one at a time (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=16,
-                        help="requests that may wait behind the running one; more get 429 (default: %(default)s)")
+                        help="requests that may wait for a place in the batch; more get 429 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for generation (default: torch's choice); 1 is often fastest "
                              "on a machine shared with other CPU-heavy processes")
@@ -65,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import SpeculativeGenerator
     from ..server import ServerSettings, create_app, make_server
 
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
@@ -85,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     target, drafter = load_model_and_drafter(args)
     generator = SpeculativeGenerator(target, drafter, matmul_path=args.matmul_path)
     app = create_app(generator, model_name=args.served_model_name or args.model, max_queue=args.max_queue,
-                     worker_thread=False, settings=settings)
+                     worker_thread=False, settings=settings,
+                     batch=make_batch(generator, args.max_batch, args.matmul_path))
     # HTTP on a helper thread, generation on this (main) thread, the one that loaded the model: see scheduler.py.
     # On shutdown the server ends open generations first (guard.Server), so the 5 s grace is rarely needed.
     server = make_server(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -108,3 +116,16 @@ def run(args: argparse.Namespace) -> int:
     scheduler.run_forever()  # returns once the scheduler is stopped (on shutdown, or when the HTTP server ended)
     http.join(10)
     return 0 if server.started else 1
+
+
+def make_batch(generator, max_batch: int, matmul_path: str | None):
+    """The batch engine behind ``falconspec serve``: ``generator`` alone for ``max_batch = 1`` (one request at a time,
+    the plain decode loop), else ``batch.BatchGenerator`` (one target forward verifies every sequence's tree) once it
+    is implemented, and until then ``InterleavedBatch`` (the sequences take turns, cycle by cycle)."""
+    from .. import batch
+    from ..server.engine import InterleavedBatch
+
+    if max_batch == 1 or not hasattr(batch, "BatchGenerator"):
+        return InterleavedBatch.from_generator(generator, max_batch, matmul_path)
+    return batch.BatchGenerator(generator.target, generator.drafter, planner="auto", matmul_path=matmul_path,
+                                max_batch=max_batch)

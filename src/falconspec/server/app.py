@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models``,
 ``GET /health`` and ``GET /metrics`` (Prometheus). Requests pass ``Guard`` (guard.py: Host, API key, body size,
 read timeout, last-resort 500), are validated and tokenized on a tokenizer thread (long prompts never block the event
-loop), then queued for the generation worker (see scheduler.py). A client that disconnects cancels its generation;
+loop), then queued for the generation worker, which runs up to ``max_batch`` of them at once through a batch engine
+(continuous batching, see scheduler.py; the engine is ``batch.BatchGenerator`` or ``engine.InterleavedBatch``). A client that disconnects cancels its generation;
 so does its deadline (``request_timeout``) and a shutdown, which end an open stream with an error event and
 ``data: [DONE]``. Limits and security options: settings.py.
 """
@@ -22,12 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..generate import SpeculativeGenerator
+from .engine import InterleavedBatch
 from .errors import APIError, install_error_handlers
 from .guard import Guard
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, PreparedRequest, prepare_chat, prepare_completion
 from .responses import ResponseBuilder, sse
-from .scheduler import Job, QueueFullError, RequestTimeoutError, Scheduler, ShuttingDownError
+from .scheduler import BatchEngine, Job, QueueFullError, RequestTimeoutError, Scheduler, ShuttingDownError
 from .settings import ServerSettings
 
 log = logging.getLogger("falconspec.server")
@@ -38,16 +40,18 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class OpenAIServer:
-    """The state behind the routes: one generator, its scheduler and its metrics."""
+    """The state behind the routes: the served model (``generator``), the batch engine, its scheduler and metrics."""
 
     def __init__(self, generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16,
-                 settings: ServerSettings | None = None):
+                 settings: ServerSettings | None = None, batch: BatchEngine | None = None):
         self.generator = generator
+        self.batch = batch if batch is not None else InterleavedBatch.from_generator(generator)
         self.settings = (settings or ServerSettings()).resolve(generator.target.max_context)
         self.model_name = model_name or generator.target.name
         self.drafter_name = generator.drafter.name
-        self.metrics = ServerMetrics(self.model_name, self.drafter_name)
-        self.scheduler = Scheduler(generator, max_queue, self.metrics)
+        self.scheduler = Scheduler(self.batch, max_queue)
+        self.metrics = ServerMetrics(self.model_name, self.drafter_name, self.scheduler.max_batch)
+        self.scheduler.observer = self.metrics
         self.metrics.track_queue(lambda: self.scheduler.num_running, lambda: self.scheduler.num_waiting)
         self.created = int(time.time())
         self._watchers: set[asyncio.Task] = set()
@@ -62,7 +66,8 @@ class OpenAIServer:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_name, "running": self.scheduler.num_running,
-                "waiting": self.scheduler.num_waiting, "max_queue": self.scheduler.max_queue}
+                "waiting": self.scheduler.num_waiting, "max_batch": self.scheduler.max_batch,
+                "max_queue": self.scheduler.max_queue}
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -135,7 +140,7 @@ class OpenAIServer:
         yield sse("[DONE]")
 
     def shutdown(self) -> None:
-        """End every generation (blocking; any thread): waiting requests and the running one get a 503 (an error
+        """End every generation (blocking; any thread): waiting requests and the running ones get a 503 (an error
         event and ``[DONE]`` on a stream), and no new request is admitted."""
         self.scheduler.stop()
 
@@ -195,16 +200,22 @@ class _CountRequests:
 
 
 def create_app(generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16,
-               worker_thread: bool = True, settings: ServerSettings | None = None) -> FastAPI:
-    """An OpenAI-compatible app serving ``generator`` as ``model_name`` (default: the target's name).
+               worker_thread: bool = True, settings: ServerSettings | None = None,
+               batch: BatchEngine | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``generator``'s target and drafter as ``model_name`` (default: the target's
+    name).
 
-    At most ``max_queue`` requests wait behind the one being generated; more get a 429. ``settings``: limits and
+    ``batch``: the engine that generates, an object with the ``BatchGenerator`` interface (batch.py) over the same
+    target and drafter; it runs up to ``batch.max_batch`` requests at once (continuous batching). Default:
+    ``generator`` itself, one request at a time (``InterleavedBatch.from_generator``). ``generator``'s target
+    tokenizes the requests and names the model. At most ``max_queue`` requests wait for a place in the batch; more
+    get a 429. ``settings``: limits and
     security options (default ``ServerSettings()``). With ``worker_thread=False`` the app starts no generation
     worker: call ``app.state.server.scheduler.run_forever()`` from the thread that should generate (see
     scheduler.py for why ``falconspec serve`` uses the main thread). Run it with ``guard.make_server`` to get the
     header read timeout and streams that end cleanly on shutdown.
     """
-    server = OpenAIServer(generator, model_name, max_queue, settings)
+    server = OpenAIServer(generator, model_name, max_queue, settings, batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

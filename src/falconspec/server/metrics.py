@@ -2,6 +2,8 @@
 
 Token and request counters cover every request; the speculative counters (cycles, drafted, accepted, times)
 come from the ``SpecStats`` of requests that ran to the end (a cancelled request has no final statistics).
+The batch metrics (``batch_size``: sequences per cycle, ``batch_step_seconds``, ``max_batch``), the queue time
+(admission to joining the batch) and the time to first token show what continuous batching does.
 Each server owns its registry, so several apps can live in one process (tests).
 """
 
@@ -16,6 +18,8 @@ from ..metrics import SpecStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 ACCEPTED_LENGTH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64)
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ServerMetrics:
@@ -23,7 +27,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model: str, drafter: str):
+    def __init__(self, model: str, drafter: str, max_batch: int = 1):
         self.registry = registry = CollectorRegistry()
         ns = "falconspec"
         Info("model", "the served model and drafter", namespace=ns, registry=registry).info(
@@ -50,7 +54,7 @@ class ServerMetrics:
             namespace=ns, registry=registry, buckets=ACCEPTED_LENGTH_BUCKETS)
         self.seconds = Counter("generation_seconds", "time spent per phase of the decode loop", ["phase"],
                                namespace=ns, registry=registry)
-        self.queue_time = Histogram("queue_time_seconds", "time from admission to the start of generation",
+        self.queue_time = Histogram("queue_time_seconds", "time from admission to joining the batch",
                                     namespace=ns, registry=registry, buckets=LATENCY_BUCKETS)
         self.first_token = Histogram("time_to_first_token_seconds", "time from admission to the first streamed chunk",
                                      namespace=ns, registry=registry, buckets=LATENCY_BUCKETS)
@@ -62,10 +66,16 @@ class ServerMetrics:
                                 registry=registry)
         self.fallbacks = Counter("planner_fallbacks", "generations the planner decoded plainly (no tree expected to "
                                  "beat plain decoding)", namespace=ns, registry=registry)
-        self.running = Gauge("requests_running", "generations in progress (0 or 1)", namespace=ns,
+        self.running = Gauge("requests_running", "generations in the batch (at most max_batch)", namespace=ns,
                              registry=registry)
-        self.waiting = Gauge("requests_waiting", "admitted requests waiting for the model", namespace=ns,
+        self.waiting = Gauge("requests_waiting", "admitted requests waiting for a place in the batch", namespace=ns,
                              registry=registry)
+        Gauge("max_batch", "most sequences generated at once (--max-batch)", namespace=ns,
+              registry=registry).set(max_batch)
+        self.batch_size = Histogram("batch_size", "sequences per batch cycle (one step of every running generation)",
+                                    namespace=ns, registry=registry, buckets=BATCH_SIZE_BUCKETS)
+        self.step_seconds = Histogram("batch_step_seconds", "duration of one batch cycle", namespace=ns,
+                                      registry=registry, buckets=STEP_BUCKETS)
 
     def track_queue(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         self.running.set_function(running)
@@ -80,6 +90,10 @@ class ServerMetrics:
     # ---------------------------------------------------------------- JobObserver (called from the worker)
     def job_started(self, queue_seconds: float) -> None:
         self.queue_time.observe(queue_seconds)
+
+    def batch_step(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.step_seconds.observe(seconds)
 
     def job_chunk(self, chunk: StreamChunk, since_submit: float, first: bool) -> None:
         self.generation_tokens.inc(len(chunk.token_ids))
