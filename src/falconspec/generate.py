@@ -81,13 +81,7 @@ class SpeculativeGenerator:
 
     # ---------------------------------------------------------------- public API
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
-        text, ids, depths, last = [], [], [], None
-        for chunk in self.stream(prompt, **kwargs):
-            text.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            depths.extend(chunk.token_depths)
-            last = chunk
-        return GenerationResult("".join(text), ids, last.finish_reason, last.stats, depths)
+        return collect(self.stream(prompt, **kwargs))
 
     def stream(
         self,
@@ -133,6 +127,17 @@ class SpeculativeGenerator:
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
+
+
+def collect(chunks: typing.Iterable[StreamChunk]) -> GenerationResult:
+    """One generation's chunks, the last one included, as one result."""
+    text, ids, depths, last = [], [], [], None
+    for chunk in chunks:
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        depths.extend(chunk.token_depths)
+        last = chunk
+    return GenerationResult("".join(text), ids, last.finish_reason, last.stats, depths)
 
 
 def check_stream_request(target: TargetModel, prompt: str | None = None,
@@ -184,7 +189,7 @@ class SequenceDecoder:
         self.follow = self.planner is None or not self.plan.plain or self.planner.probe
         if self.follow:
             self.drafter.begin(self.seq.ids, hidden)
-        self.stats.prefill_time = _elapsed(self.target, start)
+        self.stats.prefill_time = elapsed_since(self.target, start)
 
     def propose(self) -> Tree:
         """Draft a tree within the plan's budget; none when plain decoding is expected to be faster, but for an
@@ -199,14 +204,14 @@ class SequenceDecoder:
             tree = self.drafter.propose(seq.ids, max_depth).truncate(max_depth)
         else:
             tree = Tree.root_only(seq.root)
-        self.stats.draft_time += _elapsed(self.target, start)
+        self.stats.draft_time += elapsed_since(self.target, start)
         return tree
 
     def forward(self, tree: Tree) -> TreeOutput:
         """The target forward over ``tree`` for this sequence alone."""
         start = time.perf_counter()
         out = self.target.forward_tree(tree, self.drafter.feature_layers, cache=self.seq.cache)
-        self.stats.verify_time += _elapsed(self.target, start)
+        self.stats.verify_time += elapsed_since(self.target, start)
         return out
 
     def accept(self, tree: Tree, out: TreeOutput) -> StreamChunk | None:
@@ -232,7 +237,7 @@ class SequenceDecoder:
         else:
             acceptance = sample_verify(tree, self.params.target_probs(out.logits), seq.generator)
         target.compact(acceptance.path, tree.num_nodes, cache=seq.cache)
-        stats.verify_time += _elapsed(target, start)
+        stats.verify_time += elapsed_since(target, start)
         stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
 
         # commit, let the drafter see the result, and re-plan from it
@@ -246,7 +251,7 @@ class SequenceDecoder:
             self.follow = self.follow and (not self.plan.plain or planner.probe)  # else plain from now on
         for listener in self.listeners:
             listener(tree, acceptance.path)
-        stats.draft_time += _elapsed(target, start)
+        stats.draft_time += elapsed_since(target, start)
         self.produced += len(acceptance.tokens)
         return acceptance.tokens, list(range(1, acceptance.num_accepted + 1)) + [0]
 
@@ -294,7 +299,7 @@ class TextStream:
         return chunk
 
 
-def _elapsed(target: TargetModel, start: float) -> float:
+def elapsed_since(target: TargetModel, start: float) -> float:
     if target.device.type == "cuda":
         torch.cuda.synchronize(target.device)
     return time.perf_counter() - start
