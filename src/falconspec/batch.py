@@ -40,8 +40,7 @@ import typing
 from typing import Callable
 
 from .drafters.base import Drafter, NoDrafter
-from .generate import (GenerationResult, SequenceDecoder, StreamChunk, check_stream_request, collect,
-                       elapsed_since)
+from .generate import GenerationResult, SequenceDecoder, StreamChunk, check_stream_request, collect, elapsed_since
 from .planner import BudgetPlanner
 from .target import TargetModel
 from .tree import Tree

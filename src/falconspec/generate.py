@@ -53,7 +53,8 @@ class GenerationResult:
 
 class SpeculativeGenerator:
     """Lossless speculative generation for one target and one drafter, one sequence at a time per generator (its
-    planner follows one sequence); generators may share the target and the drafter."""
+    planner follows one sequence); generators may share the target and the drafter. For several sequences in one
+    target forward per cycle, see :class:`~.batch.BatchGenerator`."""
 
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
                  planner: BudgetPlanner | str | None = "auto", matmul_path: str | None = None):

@@ -29,11 +29,19 @@ from ..batch import BatchGenerator
 from ..generate import GenerationResult
 from ..models import load_target
 from ..target import TargetModel
-from .datasets import BenchPrompt, Dataset, load_dataset
+from .datasets import BenchPrompt, load_dataset
 from .memory import PeakMemory
 from .methods import BASELINE, EngineMethod, Skipped, build_methods
-from .runner import (WARMUP_TOKENS, BenchConfig, _check_out, _write_config, encode_turn, environment, fits_context,
-                     seed_for)
+from .runner import (
+    WARMUP_TOKENS,
+    BenchConfig,
+    _check_out,
+    _write_config,
+    encode_turn,
+    environment,
+    fits_context,
+    seed_for,
+)
 
 log = logging.getLogger(__name__)
 
