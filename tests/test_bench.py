@@ -103,6 +103,28 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_batch_mode_reports_tokens_per_second_per_batch_size(model_dir, questions, tmp_path, capsys):
+    out = tmp_path / "batched"
+    assert run_cli(["--model", str(model_dir), "--out", str(out), "--methods", "greedy", "pld", "hf", "--datasets",
+                    str(questions), "--max-new-tokens", "6", "--batch-size", "2", "3"]) == 0
+    assert "| questions | pld | 3 |" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "batch" and summary["batch_sizes"] == [1, 2, 3]  # 1 always runs: the reference
+    ok = [(r["method"], r["batch_size"]) for r in summary["rows"] if r["status"] == "ok"]
+    assert ok == [(m, b) for m in ("greedy", "pld") for b in (1, 2, 3)]
+    skipped = {r["method"]: r["reason"] for r in summary["rows"] if r["status"] == "skipped"}
+    assert "engine" in skipped["hf"]
+    for row in summary["rows"]:
+        if row["status"] == "ok":
+            assert row["identical_to_batch1"] == {"rate": 1.0, "count": 2, "of": 2}, row
+            assert row["turns"] == 3 and 0 < row["new_tokens"] <= 18 and row["tokens_per_s"] > 0
+            assert row["speedup_vs_greedy"] > 0 and row["mean_accepted_length"] >= 1.0
+    assert "identical to batch 1" in (out / "summary.md").read_text()
+    assert not (out / "plots").exists() and (out / "config.json").exists()
+    with pytest.raises(ValueError, match="batch sizes"):
+        BenchConfig(out=str(tmp_path / "x"), batch_sizes=(0,))
+
+
 def test_bf16_rows_are_checked_against_fp32_and_record_the_plan(model_dir, questions, tmp_path):
     out = tmp_path / "out"
     assert run_cli(["--model", str(model_dir), "--out", str(out), "--methods", "greedy", "pld", "--datasets",

@@ -119,6 +119,21 @@ def test_the_plan_follows_the_acceptances_of_the_generation():
     assert [c.plan.plain for c in planner.history][-1] and len(planner.history) >= 2
 
 
+def test_a_batch_share_of_the_cost_replans_keeping_what_was_learnt():
+    # alone, up to 32 rows cost one step: the biggest tree; in a batch of 8, a sequence's 8 rows are 64 of the forward
+    costs = {**{n: 10.0 for n in SIZES}, 64: 80.0, 256: 640.0}
+    planner = planner_for(costs, 0.1, chain_profile(0.6, 0.1))
+    alone = planner.start()
+    assert alone.num_nodes == 32
+    planner.observe(Tree.chain(0, [1, 2]), [0, 1])
+    verify = interpolate(sorted(costs), [costs[n] / 1e3 for n in sorted(costs)])
+    shared = planner.set_verify_cost(lambda n: verify(8 * n) / 8)
+    assert 1 < shared.num_nodes <= 4 and planner.current == shared and planner.history[-1].plan == shared
+    assert planner._cycle == 1 and planner.profile.trials.sum() > 0  # the generation and its evidence go on
+    with pytest.raises(ValueError, match="positive"):
+        planner.set_verify_cost(lambda n: 0.0)
+
+
 def test_costs_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         BudgetPlanner(lambda n: 0.0, lambda d: 0.0, AcceptanceProfile(), SIZES, 4)

@@ -31,6 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -215,8 +216,18 @@ class Calibration:
             self.save()
         return entry
 
-    def planner(self, target, drafter, force_path: str | None = None) -> BudgetPlanner:
-        """A planner for ``drafter`` on this machine; also applies the product paths to the target."""
+    def verify_cost(self, force_path: str | None = None, batch_size: int = 1) -> Callable[[int], float]:
+        """Seconds of one sequence's share of a verification forward over ``n`` nodes: c(n) from the measured curve,
+        or, in a batch of ``batch_size`` sequences each verifying ``n`` nodes, c(batch_size * n) / batch_size (the
+        forward runs every row of the batch; the sequences share its time)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        curve = interpolate(self.sizes, self.verify_curve(force_path))
+        return curve if batch_size == 1 else lambda n: curve(batch_size * n) / batch_size
+
+    def planner(self, target, drafter, force_path: str | None = None, batch_size: int = 1) -> BudgetPlanner:
+        """A planner for ``drafter`` on this machine; also applies the product paths to the target. ``batch_size``:
+        the planner of one sequence in a batch of that many (see :meth:`verify_cost`)."""
         target.matmul_policy.set(self.few_row_sizes(force_path))
         entry = self.drafter_entry(target, drafter)
         hits, trials = np.asarray(entry["hits"]), np.asarray(entry["trials"])
@@ -224,7 +235,7 @@ class Calibration:
         prior = np.where(trials >= MIN_PRIOR_TRIALS, (hits + 0.5) / np.maximum(trials + 1.0, 1.0), np.nan)
         depths = entry["depths"]
         sizes = [n for n in (drafter.plan_sizes() or self.sizes) if n <= 2 * max(self.sizes)]  # little extrapolation
-        return BudgetPlanner(verify_cost=interpolate(self.sizes, self.verify_curve(force_path)),
+        return BudgetPlanner(verify_cost=self.verify_cost(force_path, batch_size),
                              draft_cost=interpolate(depths, entry["draft_seconds"]),
                              profile=AcceptanceProfile(prior), sizes=sizes, max_depth=drafter.max_planned_depth,
                              probe=drafter.cheap_to_follow)

@@ -1,6 +1,8 @@
 """The decode loop: draft a tree, verify it in one target forward, keep the accepted path, repeat.
 
-``SpeculativeGenerator.stream`` is the one loop; ``generate`` collects it. With no drafter (or ``NoDrafter``)
+``SpeculativeGenerator.stream`` is the loop for one sequence; ``generate`` collects it. What happens to one sequence
+in a cycle (propose a tree, accept the verified path, turn tokens into text) is a :class:`SequenceDecoder`, which the
+batched loop (:mod:`.batch`) drives too, several sequences per target forward. With no drafter (or ``NoDrafter``)
 every cycle is one plain autoregressive step through the same engine: the baseline speed-ups are measured against.
 A planned drafter (the default) gets its tree budget from a :class:`~.planner.BudgetPlanner` built from this
 machine's calibration; when the planner expects no tree to beat plain decoding, the loop decodes plainly.
@@ -26,7 +28,7 @@ from .planner import BudgetPlanner
 from .request import GenerationRequest, check_budget, check_input_ids, check_request
 from .sampling import SamplingParams
 from .sequence import Sequence
-from .target import TargetModel
+from .target import TargetModel, TreeOutput
 from .tree import Tree
 from .verify import greedy_verify, sample_verify
 
@@ -51,7 +53,8 @@ class GenerationResult:
 
 class SpeculativeGenerator:
     """Lossless speculative generation for one target and one drafter, one sequence at a time per generator (its
-    planner follows one sequence); generators may share the target and the drafter."""
+    planner follows one sequence); generators may share the target and the drafter. For several sequences in one
+    target forward per cycle, see :class:`~.batch.BatchGenerator`."""
 
     def __init__(self, target: TargetModel, drafter: Drafter | None = None,
                  planner: BudgetPlanner | str | None = "auto", matmul_path: str | None = None):
@@ -79,13 +82,7 @@ class SpeculativeGenerator:
 
     # ---------------------------------------------------------------- public API
     def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
-        text, ids, depths, last = [], [], [], None
-        for chunk in self.stream(prompt, **kwargs):
-            text.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            depths.extend(chunk.token_depths)
-            last = chunk
-        return GenerationResult("".join(text), ids, last.finish_reason, last.stats, depths)
+        return collect(self.stream(prompt, **kwargs))
 
     def stream(
         self,
@@ -107,10 +104,9 @@ class SpeculativeGenerator:
         or ``input_ids``. Invalid arguments raise ``ValueError`` (a :class:`~.request.RequestError`, see
         :mod:`.request`) before any work is done.
         """
-        request = check_request(prompt, messages, input_ids, max_new_tokens=max_new_tokens, stop=stop,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos)
-        prompt_ids = self._prompt_ids(request)
-        check_budget(len(prompt_ids), max_new_tokens, self.target.max_context)
+        request, prompt_ids = check_stream_request(
+            self.target, prompt, messages=messages, input_ids=input_ids, max_new_tokens=max_new_tokens, stop=stop,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, ignore_eos=ignore_eos)
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this generator is already generating: use one generator per concurrent request")
         try:
@@ -119,113 +115,192 @@ class SpeculativeGenerator:
             self._busy.release()
 
     # ---------------------------------------------------------------- the decode loop
-    def _cycles(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
-                stats: SpecStats) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield the tokens each cycle commits (accepted drafts + bonus) and the draft depth of each (bonus: 0)."""
-        target, planner = self.target, self.planner
-        seq = Sequence.start(target, self.drafter, prompt_ids, params)
-        drafter = seq.drafter
-        plan = planner.start() if planner is not None else None
-
-        # 0. prefill everything but the last token, which becomes the first tree's root
-        start = time.perf_counter()
-        hidden = target.prefill(seq.ids[:-1], drafter.feature_layers, cache=seq.cache)
-        # the drafter follows the text while it drafts; one that is cheap to follow also while decoding plainly
-        follow = planner is None or not plan.plain or planner.probe
-        if follow:
-            drafter.begin(seq.ids, hidden)
-        stats.prefill_time = self._elapsed(start)
-        produced = 0
-        while produced < max_new_tokens:
-            # 1. draft a tree within the plan's budget; none when plain decoding is expected to be faster, but for
-            #    an occasional probe; nodes deeper than the remaining budget could never be used
-            start = time.perf_counter()
-            max_depth = min(max_new_tokens - produced, target.max_context - seq.cache.length) - 1
-            budget = planner.probe_plan() if plan is not None and plan.plain else plan
-            if planner is None or budget is not None:
-                if budget is not None:
-                    drafter.set_budget(budget.num_nodes, budget.depth)
-                tree = drafter.propose(seq.ids, max_depth).truncate(max_depth)
-            else:
-                tree = Tree.root_only(seq.root)
-            stats.draft_time += self._elapsed(start)
-
-            # 2. one target forward over the whole tree
-            start = time.perf_counter()
-            out = target.forward_tree(tree, drafter.feature_layers, cache=seq.cache)
-
-            # 3. accept the longest agreeing path and a bonus token
-            if params.greedy:
-                acceptance = greedy_verify(tree, out.logits)
-            else:
-                acceptance = sample_verify(tree, params.target_probs(out.logits), seq.generator)
-
-            # 4. keep only the accepted nodes in the cache
-            target.compact(acceptance.path, tree.num_nodes, cache=seq.cache)
-            stats.verify_time += self._elapsed(start)
-            stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
-
-            # 5. commit, let the drafter see the result, and re-plan from it
-            start = time.perf_counter()
-            seq.commit(acceptance.tokens)
-            if follow:
-                drafter.observe_forward(tree, out.logits)
-                drafter.observe(acceptance, out.features[acceptance.path])
-            if planner is not None:
-                plan = planner.observe(tree, acceptance.path)
-                follow = follow and (not plan.plain or planner.probe)  # else plain for the rest of the generation
-            for listener in self.listeners:
-                listener(tree, acceptance.path)
-            stats.draft_time += self._elapsed(start)
-            produced += len(acceptance.tokens)
-            yield acceptance.tokens, list(range(1, acceptance.num_accepted + 1)) + [0]
-
-    # ---------------------------------------------------------------- text, EOS and stop strings
     def _stream_text(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
                      stops: list[str], ignore_eos: bool) -> Iterator[StreamChunk]:
-        detokenizer = IncrementalDetokenizer(self.target.tokenizer)
-        eos = set() if ignore_eos else self.target.eos_token_ids
-        holdback = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
-        stats = SpecStats(prompt_tokens=len(prompt_ids))
-        started = time.perf_counter()
-        new_ids: list[int] = []
-        depths: list[int] = []
-        sent_ids = sent_chars = 0
-        finish_reason = "length"
-        for tokens, token_depths in self._cycles(prompt_ids, max_new_tokens, params, stats):
-            fresh = len(new_ids)
-            for tok, depth in zip(tokens, token_depths):
-                if tok in eos:
-                    finish_reason = "stop"
-                    break
-                new_ids.append(tok)
-                depths.append(depth)
-            new_ids, depths = new_ids[:max_new_tokens], depths[:max_new_tokens]
-            detokenizer.add(new_ids[fresh:], final=finish_reason == "stop" or len(new_ids) >= max_new_tokens)
-            text = detokenizer.text  # an incomplete multi-byte character at the end waits for the rest
-            stop_at = min((i for i in (text.find(s, max(0, sent_chars - holdback)) for s in stops) if i >= 0),
-                          default=-1)
-            if stop_at >= 0:
-                text, finish_reason = text[:stop_at], "stop"
-            if finish_reason == "stop" or len(new_ids) >= max_new_tokens:
+        """Draft a tree, verify it in one target forward, accept, send the new text; until the last chunk."""
+        decoder = SequenceDecoder(self.target, self.drafter, self.planner, prompt_ids, max_new_tokens, params,
+                                  stops, ignore_eos, self.listeners)
+        decoder.prefill()
+        while True:
+            tree = decoder.propose()
+            chunk = decoder.accept(tree, decoder.forward(tree))
+            if chunk is not None:
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+
+
+def collect(chunks: typing.Iterable[StreamChunk]) -> GenerationResult:
+    """One generation's chunks, the last one included, as one result."""
+    text, ids, depths, last = [], [], [], None
+    for chunk in chunks:
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        depths.extend(chunk.token_depths)
+        last = chunk
+    return GenerationResult("".join(text), ids, last.finish_reason, last.stats, depths)
+
+
+def check_stream_request(target: TargetModel, prompt: str | None = None,
+                         **kwargs) -> tuple[GenerationRequest, list[int]]:
+    """Check the arguments of :meth:`SpeculativeGenerator.stream` (the same keywords) against ``target``: the request
+    and its prompt token ids, or a :class:`~.request.RequestError` before any work is done."""
+    request = check_request(prompt, **kwargs)
+    if request.input_ids is not None:
+        prompt_ids = check_input_ids(request.input_ids, target.vocab_size)
+    else:
+        prompt_ids = check_input_ids(target.encode(request.prompt, request.messages), param="prompt")
+    check_budget(len(prompt_ids), request.max_new_tokens, target.max_context)
+    return request, prompt_ids
+
+
+# ---------------------------------------------------------------------------------------------- one sequence
+class SequenceDecoder:
+    """One sequence's decode, cycle by cycle: the logic the solo loop and the batch (:mod:`.batch`) share.
+
+    :meth:`prefill` once; then every cycle :meth:`propose` a tree, run the target over it (:meth:`forward` alone,
+    or :meth:`~.target.TargetModel.forward_trees` with other sequences), and :meth:`accept` its output: the chunk to
+    send (None while nothing is ready; ``finish_reason`` set on the last one, which carries the stats).
+    """
+
+    def __init__(self, target: TargetModel, drafter: Drafter, planner: BudgetPlanner | None, prompt_ids: list[int],
+                 max_new_tokens: int, params: SamplingParams, stops: list[str], ignore_eos: bool,
+                 listeners: typing.Sequence[Callable[[Tree, list[int]], None]] = ()):
+        self.target, self.planner, self.params, self.listeners = target, planner, params, listeners
+        self.max_new_tokens = max_new_tokens
+        self.stats = SpecStats(prompt_tokens=len(prompt_ids))
+        self.started = time.perf_counter()
+        self.seq = Sequence.start(target, drafter, prompt_ids, params)
+        self.drafter = self.seq.drafter
+        self.text = TextStream(target.tokenizer, set() if ignore_eos else target.eos_token_ids, stops,
+                               max_new_tokens)
+        self.plan = planner.start() if planner is not None else None
+        self.follow = False  # whether the drafter follows the text (see prefill)
+        self.produced = 0  # tokens committed (EOS and tokens past it included)
+
+    @property
+    def cache(self):
+        return self.seq.cache
+
+    def prefill(self) -> None:
+        """Cache everything but the last token, which becomes the first tree's root."""
+        start = time.perf_counter()
+        hidden = self.target.prefill(self.seq.ids[:-1], self.drafter.feature_layers, cache=self.seq.cache)
+        # the drafter follows the text while it drafts; one that is cheap to follow also while decoding plainly
+        self.follow = self.planner is None or not self.plan.plain or self.planner.probe
+        if self.follow:
+            self.drafter.begin(self.seq.ids, hidden)
+        self.stats.prefill_time = elapsed_since(self.target, start)
+
+    def propose(self) -> Tree:
+        """Draft a tree within the plan's budget; none when plain decoding is expected to be faster, but for an
+        occasional probe; nodes deeper than the remaining budget could never be used."""
+        start = time.perf_counter()
+        planner, plan, seq = self.planner, self.plan, self.seq
+        max_depth = min(self.max_new_tokens - self.produced, self.target.max_context - seq.cache.length) - 1
+        budget = planner.probe_plan() if plan is not None and plan.plain else plan
+        if planner is None or budget is not None:
+            if budget is not None:
+                self.drafter.set_budget(budget.num_nodes, budget.depth)
+            tree = self.drafter.propose(seq.ids, max_depth).truncate(max_depth)
+        else:
+            tree = Tree.root_only(seq.root)
+        self.stats.draft_time += elapsed_since(self.target, start)
+        return tree
+
+    def forward(self, tree: Tree) -> TreeOutput:
+        """The target forward over ``tree`` for this sequence alone."""
+        start = time.perf_counter()
+        out = self.target.forward_tree(tree, self.drafter.feature_layers, cache=self.seq.cache)
+        self.stats.verify_time += elapsed_since(self.target, start)
+        return out
+
+    def accept(self, tree: Tree, out: TreeOutput) -> StreamChunk | None:
+        """Verify ``tree`` against the target's output ``out`` (its cache already holds the tree's nodes), keep the
+        accepted path, and return what there is to send."""
+        tokens, depths = self._accept(tree, out)
+        chunk = self.text.add(tokens, depths)
+        if chunk is not None and chunk.finish_reason is not None:
+            self.stats.new_tokens = len(self.text.new_ids)
+            self.stats.total_time = time.perf_counter() - self.started
+            if self.planner is not None:
+                self.stats.record_plans(self.planner)
+            chunk.stats = self.stats
+        return chunk
+
+    def _accept(self, tree: Tree, out: TreeOutput) -> tuple[list[int], list[int]]:
+        """The tokens this cycle commits (accepted drafts + bonus) and the draft depth of each (bonus: 0)."""
+        target, planner, seq, drafter, stats = self.target, self.planner, self.seq, self.drafter, self.stats
+        # accept the longest agreeing path and a bonus token, and keep only the accepted nodes in the cache
+        start = time.perf_counter()
+        if self.params.greedy:
+            acceptance = greedy_verify(tree, out.logits)
+        else:
+            acceptance = sample_verify(tree, self.params.target_probs(out.logits), seq.generator)
+        target.compact(acceptance.path, tree.num_nodes, cache=seq.cache)
+        stats.verify_time += elapsed_since(target, start)
+        stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
+
+        # commit, let the drafter see the result, and re-plan from it
+        start = time.perf_counter()
+        seq.commit(acceptance.tokens)
+        if self.follow:
+            drafter.observe_forward(tree, out.logits)
+            drafter.observe(acceptance, out.features[acceptance.path])
+        if planner is not None:
+            self.plan = planner.observe(tree, acceptance.path)
+            self.follow = self.follow and (not self.plan.plain or planner.probe)  # else plain from now on
+        for listener in self.listeners:
+            listener(tree, acceptance.path)
+        stats.draft_time += elapsed_since(target, start)
+        self.produced += len(acceptance.tokens)
+        return acceptance.tokens, list(range(1, acceptance.num_accepted + 1)) + [0]
+
+
+# ---------------------------------------------------------------------------------------------- text
+class TextStream:
+    """One sequence's committed tokens turned into :class:`StreamChunk` s: EOS, ``max_new_tokens``, stop strings and
+    incremental detokenization (an incomplete character, or text that may be the start of a stop string, waits)."""
+
+    def __init__(self, tokenizer, eos: set[int], stops: list[str], max_new_tokens: int):
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.eos, self.stops, self.max_new_tokens = eos, stops, max_new_tokens
+        self.holdback = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
+        self.new_ids: list[int] = []
+        self.depths: list[int] = []
+        self.sent_ids = self.sent_chars = 0
+
+    def add(self, tokens: list[int], token_depths: list[int]) -> StreamChunk | None:
+        """One cycle's tokens -> the chunk to send: None while nothing is ready, ``finish_reason`` set on the last
+        (its ``stats`` are the caller's to fill)."""
+        new_ids, depths, finish_reason = self.new_ids, self.depths, None
+        fresh = len(new_ids)
+        for tok, depth in zip(tokens, token_depths):
+            if tok in self.eos:
+                finish_reason = "stop"
                 break
-            ready = len(text) - holdback
-            if ready > sent_chars:
-                yield StreamChunk(text[sent_chars:ready], new_ids[sent_ids:], depths[sent_ids:])
-                sent_chars, sent_ids = ready, len(new_ids)
-        stats.new_tokens = len(new_ids)
-        stats.total_time = time.perf_counter() - started
-        if self.planner is not None:
-            stats.record_plans(self.planner)
-        yield StreamChunk(text[sent_chars:], new_ids[sent_ids:], depths[sent_ids:], finish_reason, stats)
+            new_ids.append(tok)
+            depths.append(depth)
+        del new_ids[self.max_new_tokens:], depths[self.max_new_tokens:]
+        full = len(new_ids) >= self.max_new_tokens
+        self.detokenizer.add(new_ids[fresh:], final=finish_reason == "stop" or full)
+        text = self.detokenizer.text  # an incomplete multi-byte character at the end waits for the rest
+        start = max(0, self.sent_chars - self.holdback)
+        stop_at = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        if stop_at >= 0:
+            text, finish_reason = text[:stop_at], "stop"
+        if finish_reason is not None or full:
+            return StreamChunk(text[self.sent_chars:], new_ids[self.sent_ids:], depths[self.sent_ids:],
+                               finish_reason or "length")
+        ready = len(text) - self.holdback
+        if ready <= self.sent_chars:
+            return None
+        chunk = StreamChunk(text[self.sent_chars:ready], new_ids[self.sent_ids:], depths[self.sent_ids:])
+        self.sent_chars, self.sent_ids = ready, len(new_ids)
+        return chunk
 
-    # ---------------------------------------------------------------- checks
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if request.input_ids is not None:
-            return check_input_ids(request.input_ids, self.target.vocab_size)
-        return check_input_ids(self.target.encode(request.prompt, request.messages), param="prompt")
 
-    def _elapsed(self, start: float) -> float:
-        if self.target.device.type == "cuda":
-            torch.cuda.synchronize(self.target.device)
-        return time.perf_counter() - start
+def elapsed_since(target: TargetModel, start: float) -> float:
+    if target.device.type == "cuda":
+        torch.cuda.synchronize(target.device)
+    return time.perf_counter() - start

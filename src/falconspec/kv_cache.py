@@ -2,8 +2,9 @@
 
 The target's cache and the SAR / EAGLE-3 drafters' own caches are all :class:`KVCache` objects: grown by a forward
 that gets :meth:`KVCache.forward_kwargs`, measured by :attr:`KVCache.length`, cut back by :meth:`KVCache.crop_to`
-and compacted to an accepted tree path by :meth:`KVCache.keep`. (Batched verification will put several sequences'
-caches side by side; callers only ever see this interface.)
+and compacted to an accepted tree path by :meth:`KVCache.keep`. Batched verification puts several sequences' caches
+side by side in one :class:`BatchedKVCache` for one forward and writes each sequence's new positions back to its own
+cache; callers only ever see these two interfaces.
 """
 
 from __future__ import annotations
@@ -80,6 +81,54 @@ class KVCache:
         for layer in self._hf.layers:
             layer.keys = layer.keys.index_select(-2, keep)
             layer.values = layer.values.index_select(-2, keep)
+
+
+class BatchedKVCache:
+    """Several sequences' caches side by side for one batched forward, right-padded to the longest.
+
+    Row ``b`` holds sequence ``b``'s ``lengths[b]`` cached positions, then padding up to ``max(lengths)``; the forward
+    appends every row's new positions after that. :meth:`write_back` then gives each sequence's own cache its old
+    positions plus its first ``num_new[b]`` new ones, so that the sequence's cache looks exactly as after a forward
+    of its own. The caches are copied in and out on every forward (simple and exact; a shared paged cache would avoid
+    the copies).
+    """
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        if not caches:
+            raise ValueError("a batched cache needs at least one cache")
+        self.caches = list(caches)
+        self.lengths = [cache.length for cache in caches]
+        self.padded_length = max(self.lengths)
+        first = caches[0]
+        self._hf = KVCache(first.config, first.full_layers)._hf
+        if self.padded_length == 0:
+            return  # nothing cached yet: the forward fills the layers
+        filled = next(cache for cache in caches if cache.length)
+        for index, template in enumerate(filled._hf.layers):
+            keys, values = [], []
+            for cache, length in zip(caches, self.lengths):
+                for rows, source in ((keys, "keys"), (values, "values")):
+                    like = getattr(template, source)
+                    part = getattr(cache._hf.layers[index], source)[..., :length, :] if length else like[..., :0, :]
+                    pad = like.new_zeros(*like.shape[:-2], self.padded_length - length, like.shape[-1])
+                    rows.append(torch.cat([part, pad], dim=-2))
+            self._hf.update(torch.cat(keys), torch.cat(values), index)
+
+    def forward_kwargs(self, forward: Callable) -> dict:
+        """The keyword argument that hands the batched cache to a transformers ``forward`` (see
+        :meth:`KVCache.forward_kwargs`)."""
+        return {cache_keyword(forward): self._hf}
+
+    def write_back(self, num_new: list[int]) -> None:
+        """After the forward: cache ``b`` becomes its old positions plus the first ``num_new[b]`` new positions of
+        row ``b`` (the rest of the row is padding)."""
+        start = self.padded_length
+        for row, (cache, length, new) in enumerate(zip(self.caches, self.lengths, num_new)):
+            cache.clear()
+            for index, layer in enumerate(self._hf.layers):
+                keys, values = (torch.cat([t[row:row + 1, ..., :length, :], t[row:row + 1, ..., start:start + new, :]],
+                                          dim=-2) for t in (layer.keys, layer.values))
+                cache._hf.update(keys, values, index)
 
 
 def forward_kwargs(forward: Callable, cache: KVCache | None) -> dict:

@@ -200,6 +200,15 @@ class BudgetPlanner:
         if any(not math.isfinite(v) or v < 0 for v in self._draft.values()):
             raise ValueError(f"drafting costs must be >= 0 and finite, got {self._draft}")
 
+    def set_verify_cost(self, verify_cost: Callable[[int], float]) -> Plan | None:
+        """Replace the verification cost (a batch's size changed: each sequence's share changed), keeping what this
+        generation has learnt; re-plans at once during a generation and returns the new plan (None before one)."""
+        costs = {n: float(verify_cost(n)) for n in self.sizes}
+        if any(not math.isfinite(v) or v <= 0 for v in costs.values()):
+            raise ValueError(f"verification costs must be positive and finite, got {costs}")
+        self.verify_cost, self._verify = verify_cost, costs
+        return self._replan() if self._current is not None else None
+
     # ---------------------------------------------------------------- per generation
     def start(self) -> Plan:
         """Begin a generation from the prior; returns the first plan."""

@@ -3,8 +3,8 @@
 The target (weights, tokenizer, forwards) and the drafter's weights are shared by every generation on them; what
 one sequence changes while it is decoded lives here: the target's KV cache, the committed token ids, the sampling
 generator and the drafter's per-sequence state (a drafter of its own from :meth:`~.drafters.base.Drafter.for_sequence`).
-Two generations never share a :class:`Sequence`, so they cannot corrupt each other's state. (Batched verification
-will run one target forward over several of them.)
+Two generations never share a :class:`Sequence`, so they cannot corrupt each other's state; batched verification
+(:mod:`.batch`) runs one target forward over several of them, each keeping its own cache.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The model holds weights, tokenizer and the forwards; each forward works on the :class:`~.kv_cache.KVCache` of the
 sequence it is given (a :class:`~.sequence.Sequence` owns one). Without one, the forwards use the target's own
-default cache: a convenience for one-off tools and tests, never shared by generators. Batch size 1 for now.
+default cache: a convenience for one-off tools and tests, never shared by generators. :meth:`TargetModel.forward_trees`
+verifies several sequences' trees in one batched forward (:mod:`.batch`); every other forward is for one sequence.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapter import ModelAdapter, adapt, check_outputs
 from .kernels import MatmulPolicy, attach_policy
-from .kv_cache import KVCache
+from .kv_cache import BatchedKVCache, KVCache
 from .tree import Tree
 
 
@@ -177,6 +178,56 @@ class TargetModel:
         hidden = out.last_hidden_state[0]
         return TreeOutput(logits=self.logits(hidden), hidden_states=hidden,
                           features=self._features(out.last_hidden_state, captured))
+
+    def forward_trees(self, trees: Sequence[Tree], caches: Sequence[KVCache],
+                      feature_layers: Sequence[int] | None = None) -> list[TreeOutput]:
+        """:meth:`forward_tree` for several sequences in one decoder forward: tree ``b`` on top of ``caches[b]``
+        (trees of any sizes, caches of any lengths). Afterwards each cache holds its old positions plus its tree's
+        nodes, exactly as after :meth:`forward_tree`, so :meth:`compact` works unchanged. One tree is
+        :meth:`forward_tree` itself.
+
+        Each sequence's tree is padded to the largest and its cache to the longest; the float mask
+        [B, 1, Nmax, Lmax + Nmax] lets node row ``b`` see its own cached positions and its tree ancestors, and a
+        padding node only itself. The caches are copied into one batched cache and back on every call
+        (:class:`~.kv_cache.BatchedKVCache`)."""
+        if len(trees) != len(caches) or not trees:
+            raise ValueError(f"need one cache per tree and at least one tree, got {len(trees)} trees and "
+                             f"{len(caches)} caches")
+        if len(trees) == 1:
+            return [self.forward_tree(trees[0], feature_layers, cache=caches[0])]
+        return self._forward_batch(trees, caches, feature_layers)
+
+    @torch.no_grad()
+    def _forward_batch(self, trees: Sequence[Tree], caches: Sequence[KVCache],
+                       feature_layers: Sequence[int] | None = None) -> list[TreeOutput]:
+        batch = BatchedKVCache(list(caches))
+        for tree, length in zip(trees, batch.lengths):
+            if length + tree.max_depth >= self.max_context:
+                raise ValueError(f"tree reaches position {length + tree.max_depth}, beyond the context of "
+                                 f"{self.max_context}")
+        width, padded = max(tree.num_nodes for tree in trees), batch.padded_length
+        tokens = torch.zeros(len(trees), width, dtype=torch.long)
+        positions = torch.zeros(len(trees), width, dtype=torch.long)
+        allowed = torch.zeros(len(trees), width, padded + width, dtype=torch.bool)
+        for row, (tree, length) in enumerate(zip(trees, batch.lengths)):
+            n = tree.num_nodes
+            tokens[row, :n] = tree.token_tensor()
+            positions[row] = length  # padding nodes: any valid position
+            positions[row, :n] = tree.position_ids(length)
+            allowed[row, :n, :length] = True
+            allowed[row, :n, padded:padded + n] = tree.ancestor_mask()
+            allowed[row, n:, padded + n:].fill_diagonal_(True)  # a padding node sees itself only: no empty row
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        with self.layer_inputs(feature_layers) as captured:
+            out = self.decoder(input_ids=tokens.to(self.device), position_ids=positions.to(self.device),
+                               attention_mask=mask[:, None].to(self.device), use_cache=True,
+                               **batch.forward_kwargs(self.decoder.forward))
+        batch.write_back([tree.num_nodes for tree in trees])
+        hidden = out.last_hidden_state  # [B, Nmax, hidden]
+        features = torch.cat(captured, dim=-1) if captured else hidden
+        logits = self.logits(hidden)
+        return [TreeOutput(logits=logits[row, :tree.num_nodes], hidden_states=hidden[row, :tree.num_nodes],
+                           features=features[row, :tree.num_nodes]) for row, tree in enumerate(trees)]
 
     def compact(self, path: list[int], num_nodes: int, *, cache: KVCache | None = None) -> None:
         """Keep only the cache entries of the accepted ``path`` (tree node indices) of the last tree forward."""

@@ -54,10 +54,15 @@ engine's):
 
 
 def write_report(out: str | Path, summary: dict) -> list[Path]:
-    """Write summary.json, summary.md and the plots; returns the files written."""
+    """Write summary.json, summary.md and the plots (none in batch mode); returns the files written."""
     out = Path(out)
     files = [out / "summary.json", out / "summary.md"]
     files[0].write_text(json.dumps(summary, indent=1, default=str))
+    if summary.get("mode") == "batch":  # the batched throughput benchmark: no plots
+        from .batch import batch_markdown
+
+        files[1].write_text(batch_markdown(summary))
+        return files
     files[1].write_text(markdown(summary))
     return files + plot(out / "plots", summary["rows"])
 

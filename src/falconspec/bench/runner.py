@@ -56,6 +56,8 @@ class BenchConfig:
     mt_bench_file: str | None = None
     options: MethodOptions = field(default_factory=MethodOptions)
     progress: bool = True
+    batch_sizes: tuple[int, ...] | None = None  # batch mode (bench/batch.py): throughput per batch size
+
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.warmup < 0 or (self.num_prompts is not None and self.num_prompts < 1):
@@ -69,6 +71,9 @@ class BenchConfig:
         expand_method_names(list(self.methods))
         if not self.datasets or len(set(self.datasets)) != len(self.datasets):
             raise ValueError(f"give one or more distinct datasets, got {list(self.datasets)}")
+        if self.batch_sizes is not None and (not self.batch_sizes or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes)):
+            raise ValueError(f"batch sizes must be integers >= 1, got {self.batch_sizes}")
 
     def resumable_fields(self) -> dict:
         """The settings an earlier run must share for its answers to be reused."""
@@ -79,7 +84,12 @@ class BenchConfig:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Run every (dtype, temperature, dataset, method) and return the summary (rows + environment)."""
+    """Run every (dtype, temperature, dataset, method) and return the summary (rows + environment); with
+    ``batch_sizes``, the batched throughput benchmark instead (:mod:`.batch`)."""
+    if config.batch_sizes is not None:
+        from .batch import run_batch_bench
+
+        return run_batch_bench(config)
     out = Path(config.out)
     _check_out(out, config)
     datasets = [load_dataset(name, config.num_prompts, config.mt_bench_file, config.max_turns)

@@ -3,6 +3,9 @@ ShareGPT or your own JSONL prompts. All methods run in one process on the same p
 
 Writes to --out: answers/<dataset>/<method>-<dtype>-t<T>.jsonl (Spec-Bench's answer schema), summary.json,
 summary.md and plots/*.png. Example: falconspec bench --quick --out runs/bench-quick
+
+With --batch-size B [B ...], the batched throughput benchmark instead: tokens/s of each method at each batch size
+(falconspec.bench.batch), in summary.json and summary.md.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=None, metavar="B",
+                        help="batch mode: answer the prompts through the batched engine with at most B sequences at "
+                             "once, for each B given (1 always runs, the reference), and report total tokens/s per "
+                             "method and batch size, and whether greedy answers equal batch size 1's; our engine's "
+                             "methods only, no answer files or plots")
     parser.add_argument("--resume", action="store_true", help="continue a run in --out with the same settings")
     parser.add_argument("--mt-bench-file", default=None,
                         help="MT-bench question.jsonl (relative to the working directory; default "
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         warmup=args.warmup, resume=args.resume, mt_bench_file=args.mt_bench_file, options=options,
-        progress=not args.no_progress)
+        progress=not args.no_progress, batch_sizes=None if args.batch_size is None else tuple(args.batch_size))
     summary = run_bench(config)
     summary["command"] = shlex.join(["falconspec", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None
     files = write_report(args.out, summary)
