@@ -1,8 +1,8 @@
 """The OpenAI-compatible server end to end: a real uvicorn server on loopback, driven by the official openai client.
 
 The main server is ``falconspec serve --max-batch 4`` in a subprocess (the CLI path); other tests run apps in a
-thread, one request at a time, or batched through ``FakeBatchGenerator`` (fake_batch.py), the batch engine's test
-double. Greedy and seeded answers must equal offline ``SpeculativeGenerator.generate`` on the
+thread, one request at a time, or batched through ``RecordingBatchGenerator`` (recording_batch.py: the real batch
+engine, recording what the scheduler asks of it). Greedy and seeded answers must equal offline ``SpeculativeGenerator.generate`` on the
 same tiny model directory, token for token, with the same speculative statistics.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from fake_batch import FakeBatchGenerator
+from recording_batch import RecordingBatchGenerator
 from prometheus_client.parser import text_string_to_metric_families
 
 from falconspec import SpeculativeGenerator
@@ -99,10 +99,10 @@ SERVERS: dict = {}  # base URL of an in-process server -> its uvicorn config
 def thread_server(model_dir, max_queue=8, max_batch=None, **settings):
     """The app in a uvicorn thread of this process, on a free loopback port; ``settings``: ``ServerSettings``.
 
-    ``max_batch``: generate through a ``FakeBatchGenerator`` of that size (``fake_batch(base)``); default: the
+    ``max_batch``: generate through a ``RecordingBatchGenerator`` of that size (``recording_batch(base)``); default: the
     server's own one-request-at-a-time engine."""
     generator = SpeculativeGenerator(load_target(str(model_dir)), make_drafter("pld", num_nodes=BUDGET))
-    batch = None if max_batch is None else FakeBatchGenerator(generator.target, generator.drafter, max_batch)
+    batch = None if max_batch is None else RecordingBatchGenerator(generator.target, generator.drafter, max_batch)
     app = create_app(generator, model_name=MODEL, max_queue=max_queue, settings=ServerSettings(**settings),
                      batch=batch)
     sock = socket.socket()
@@ -768,7 +768,7 @@ def guarded_generator(base) -> SpeculativeGenerator:
     return SERVERS[base].app.state.server.generator
 
 
-def fake_batch(base) -> FakeBatchGenerator:
+def recording_batch(base) -> RecordingBatchGenerator:
     return SERVERS[base].app.state.server.batch
 
 
@@ -791,27 +791,27 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_answer(model_d
              ("chat", "hello hello hello", False, {"max_tokens": 7}),
              ("completion", "sample me, twice", True, {"max_tokens": 16, "temperature": 0.9, "seed": 7})]
     with thread_server(model_dir, max_batch=4) as base:
-        fake = fake_batch(base)
+        batch = recording_batch(base)
         assert health(base) == {"status": "ok", "model": MODEL, "running": 0, "waiting": 0, "max_batch": 4,
                                 "max_queue": 8}
-        fake.open.clear()  # hold the first request's first step until all four are in
+        batch.open.clear()  # hold the first request's first step until all four are in
         with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
             futures = [pool.submit(ask, base, kind, content, stream, ignore_eos=True, **{"temperature": 0, **params})
                        for kind, content, stream, params in cases]
             wait_for(lambda: in_flight(base) == len(cases), "the requests did not all arrive")
-            fake.open.set()
+            batch.open.set()
             answers = [future.result(timeout=120) for future in futures]
         for (kind, content, _, params), got in zip(cases, answers):
             params = {"temperature": 0, **params}
             want = offline_answer(offline, kind, content, max_new_tokens=params.pop("max_tokens"), ignore_eos=True,
                                   **params)
             assert_same(got, want)
-        assert max(fake.step_sizes) == len(cases) and not fake.cancelled
+        assert max(batch.step_sizes) == len(cases) and not batch.cancelled
         samples = metrics(base)
-    steps = len(fake.step_sizes)
+    steps = len(batch.step_sizes)
     assert samples[("falconspec_max_batch", ())] == 4
     assert samples[("falconspec_batch_size_count", ())] == steps
-    assert samples[("falconspec_batch_size_sum", ())] == sum(fake.step_sizes)
+    assert samples[("falconspec_batch_size_sum", ())] == sum(batch.step_sizes)
     assert samples[("falconspec_batch_size_bucket", (("le", "1.0"),))] < steps  # cycles of more than one sequence
     assert samples[("falconspec_batch_step_seconds_count", ())] == steps
     assert samples[("falconspec_queue_time_seconds_count", ())] == len(cases)
@@ -821,15 +821,15 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_answer(model_d
 
 def test_full_batch_and_queue_answer_429_and_a_disconnect_frees_its_slot_at_once(model_dir):
     with thread_server(model_dir, max_batch=2, max_queue=1, max_tokens_limit=LONG) as base:
-        fake = fake_batch(base)
+        batch = recording_batch(base)
         long = body(CHAT, max_tokens=LONG, temperature=0, ignore_eos=True, stream=True)
         pool = concurrent.futures.ThreadPoolExecutor(1)
         with httpx.stream("POST", base + CHAT, json=long, timeout=120) as first:
             first_lines = first.iter_lines()
-            wait_for(lambda: next(first_lines).startswith("data: {") and len(fake.added) == 1, "first never ran")
+            wait_for(lambda: next(first_lines).startswith("data: {") and len(batch.added) == 1, "first never ran")
             with httpx.stream("POST", base + CHAT, json=long, timeout=120) as second:
                 second_lines = second.iter_lines()
-                wait_for(lambda: next(second_lines).startswith("data: {") and len(fake.added) == 2,
+                wait_for(lambda: next(second_lines).startswith("data: {") and len(batch.added) == 2,
                          "second never ran")
                 assert health(base)["running"] == 2
                 waiting = pool.submit(ask, base, "completion", "waiting", True, max_tokens=4, temperature=0)
@@ -839,11 +839,11 @@ def test_full_batch_and_queue_answer_429_and_a_disconnect_frees_its_slot_at_once
                 assert "--max-batch" in resp.json()["error"]["message"]
             # the second stream is closed: its sequence leaves the batch and the waiting request takes its place
             assert waiting.result(timeout=120).finish_reason in ("stop", "length")
-            assert fake.cancelled == [fake.added[1]] and len(fake.added) == 3
+            assert batch.cancelled == [batch.added[1]] and len(batch.added) == 3
             assert next(first_lines) is not None and health(base)["running"] == 1  # the first still generates
         pool.shutdown()
         wait_idle(base)
-        assert fake.cancelled == [fake.added[1], fake.added[0]] and fake.active == 0
+        assert batch.cancelled == [batch.added[1], batch.added[0]] and batch.active == 0
         samples = metrics(base)
     assert samples[("falconspec_requests_finished_total", (("outcome", "cancelled"),))] == 2
     assert samples[("falconspec_requests_total", (("endpoint", COMPLETIONS), ("status", "429")))] == 1
@@ -852,29 +852,29 @@ def test_full_batch_and_queue_answer_429_and_a_disconnect_frees_its_slot_at_once
 def test_a_request_the_batch_refuses_fails_alone(model_dir, offline):
     good = [("chat", "good one", True), ("completion", "good two", False), ("chat", "good three", False)]
     with thread_server(model_dir, max_batch=4) as base:
-        fake = fake_batch(base)
-        fake.refused_seed = 666
-        fake.open.clear()
+        batch = recording_batch(base)
+        batch.refused_seed = 666
+        batch.open.clear()
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(ask, base, kind, content, stream, max_tokens=10, temperature=0)
                        for kind, content, stream in good]
             bad = pool.submit(ask, base, "completion", "bad", False, max_tokens=10, temperature=0, seed=666)
             wait_for(lambda: in_flight(base) + bad.done() == 4, "the requests did not all arrive")
-            fake.open.set()
+            batch.open.set()
             answers = [future.result(timeout=120) for future in futures]
             with pytest.raises(openai.BadRequestError) as err:
                 bad.result(timeout=120)
         assert "seed 666 is refused" in err.value.body["message"]
         for (kind, content, _), got in zip(good, answers):
             assert_same(got, offline_answer(offline, kind, content, max_new_tokens=10, temperature=0))
-        assert len(fake.added) == 3 and health(base)["running"] == 0
+        assert len(batch.added) == 3 and health(base)["running"] == 0
 
 
 def test_a_failing_step_fails_its_requests_and_the_worker_carries_on(model_dir, offline, caplog):
     caplog.set_level(logging.INFO, logger="falconspec")
     with thread_server(model_dir, max_batch=2, max_tokens_limit=LONG) as base:
-        fake = fake_batch(base)
-        fake.fail_at_size = 2
+        batch = recording_batch(base)
+        batch.fail_at_size = 2
         long = body(CHAT, max_tokens=LONG, temperature=0, ignore_eos=True)
         with httpx.Client(timeout=120) as session:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -885,7 +885,7 @@ def test_a_failing_step_fails_its_requests_and_the_worker_carries_on(model_dir, 
             assert resp.status_code == 500 and resp.json()["error"]["code"] == "generation_failed"
             assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "generation_failed"
             assert "secret" not in resp.text + json.dumps(events)
-            assert sorted(fake.cancelled) == sorted(fake.added) and fake.active == 0
+            assert sorted(batch.cancelled) == sorted(batch.added) and batch.active == 0
             # the worker is alive: the next request is served as if nothing had happened
             got = ask(base, "chat", "after the failure", True, max_tokens=12, temperature=0)
         assert_same(got, offline_answer(offline, "chat", "after the failure", max_new_tokens=12, temperature=0))
@@ -896,7 +896,7 @@ def test_a_failing_step_fails_its_requests_and_the_worker_carries_on(model_dir, 
 
 def test_shutdown_ends_every_running_request_and_refuses_the_waiting_ones(model_dir):
     with thread_server(model_dir, max_batch=2, max_queue=2, max_tokens_limit=LONG) as base:
-        fake, server = fake_batch(base), SERVERS[base].app.state.server
+        batch, server = recording_batch(base), SERVERS[base].app.state.server
         long = body(CHAT, max_tokens=LONG, temperature=0, ignore_eos=True)
 
         def stream() -> list:
@@ -905,8 +905,8 @@ def test_shutdown_ends_every_running_request_and_refuses_the_waiting_ones(model_
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             streams = [pool.submit(stream) for _ in range(2)]
-            wait_for(lambda: len(fake.added) == 2 or any(f.done() for f in streams), "the streams never ran")
-            assert len(fake.added) == 2, [f.result() for f in streams if f.done()]
+            wait_for(lambda: len(batch.added) == 2 or any(f.done() for f in streams), "the streams never ran")
+            assert len(batch.added) == 2, [f.result() for f in streams if f.done()]
             waiting = pool.submit(httpx.post, base + CHAT, json=long, timeout=120)
             wait_for(lambda: health(base)["waiting"] == 1, "the third request did not queue")
             server.shutdown()
@@ -914,7 +914,7 @@ def test_shutdown_ends_every_running_request_and_refuses_the_waiting_ones(model_
                 assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
             resp = waiting.result(timeout=60)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
-        assert sorted(fake.cancelled) == sorted(fake.added) and fake.active == 0
+        assert sorted(batch.cancelled) == sorted(batch.added) and batch.active == 0
         resp = httpx.post(base + CHAT, json=body(CHAT), timeout=30)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down"
         assert health(base)["running"] == 0
@@ -937,7 +937,7 @@ def test_the_load_test_script_checks_a_batched_server(model_dir, tmp_path):
         code = load_test.main(["--base-url", base, "--requests", "6", "--concurrency", "3", "--min-tokens", "4",
                                "--max-tokens", "12", "--check-solo", "--out", str(out)])
         assert code == 0
-        assert max(fake_batch(base).step_sizes) > 1
+        assert max(recording_batch(base).step_sizes) > 1
     summary = json.loads(out.read_text())["summary"]
     assert summary["succeeded"] == 6 and summary["failed"] == 0 and summary["identical_to_alone"] == 6
     assert summary["server"]["max_batch"] == 3 and summary["server"]["mean_batch_size"] > 1

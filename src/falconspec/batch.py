@@ -82,6 +82,14 @@ class BatchGenerator:
         self._next_id = 0
         self._lock = threading.RLock()
 
+    @classmethod
+    def from_generator(cls, generator, max_batch: int = 1) -> BatchGenerator:
+        """A batch over ``generator``'s target and drafter that plans as it does: from this machine's calibration
+        (a calibrated generator), a copy of its planner per sequence (a given one), or not at all."""
+        planner = "auto" if generator.calibration is not None else generator.planner
+        return cls(generator.target, generator.drafter, planner=planner, matmul_path=generator.matmul_path,
+                   max_batch=max_batch)
+
     @property
     def active(self) -> int:
         """Sequences added and neither finished nor cancelled."""

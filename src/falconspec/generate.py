@@ -67,6 +67,7 @@ class SpeculativeGenerator:
         self.drafter = drafter or NoDrafter()
         self.calibration = None
         self.planner: BudgetPlanner | None = None
+        self.matmul_path = matmul_path
         if self.drafter.planned and not isinstance(self.drafter, NoDrafter) and planner is not None:
             if planner == "auto":
                 from .calibrate import Calibration

@@ -67,6 +67,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..batch import BatchGenerator
     from ..generate import SpeculativeGenerator
     from ..server import ServerSettings, create_app, make_server
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     generator = SpeculativeGenerator(target, drafter, matmul_path=args.matmul_path)
     app = create_app(generator, model_name=args.served_model_name or args.model, max_queue=args.max_queue,
                      worker_thread=False, settings=settings,
-                     batch=make_batch(generator, args.max_batch, args.matmul_path))
+                     batch=BatchGenerator.from_generator(generator, args.max_batch))
     # HTTP on a helper thread, generation on this (main) thread, the one that loaded the model: see scheduler.py.
     # On shutdown the server ends open generations first (guard.Server), so the 5 s grace is rarely needed.
     server = make_server(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
@@ -116,16 +117,3 @@ def run(args: argparse.Namespace) -> int:
     scheduler.run_forever()  # returns once the scheduler is stopped (on shutdown, or when the HTTP server ended)
     http.join(10)
     return 0 if server.started else 1
-
-
-def make_batch(generator, max_batch: int, matmul_path: str | None):
-    """The batch engine behind ``falconspec serve``: ``generator`` alone for ``max_batch = 1`` (one request at a time,
-    the plain decode loop), else ``batch.BatchGenerator`` (one target forward verifies every sequence's tree) once it
-    is implemented, and until then ``InterleavedBatch`` (the sequences take turns, cycle by cycle)."""
-    from .. import batch
-    from ..server.engine import InterleavedBatch
-
-    if max_batch == 1 or not hasattr(batch, "BatchGenerator"):
-        return InterleavedBatch.from_generator(generator, max_batch, matmul_path)
-    return batch.BatchGenerator(generator.target, generator.drafter, planner="auto", matmul_path=matmul_path,
-                                max_batch=max_batch)

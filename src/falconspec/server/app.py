@@ -4,7 +4,7 @@
 ``GET /health`` and ``GET /metrics`` (Prometheus). Requests pass ``Guard`` (guard.py: Host, API key, body size,
 read timeout, last-resort 500), are validated and tokenized on a tokenizer thread (long prompts never block the event
 loop), then queued for the generation worker, which runs up to ``max_batch`` of them at once through a batch engine
-(continuous batching, see scheduler.py; the engine is ``batch.BatchGenerator`` or ``engine.InterleavedBatch``). A client that disconnects cancels its generation;
+(continuous batching through ``batch.BatchGenerator``, see scheduler.py). A client that disconnects cancels its generation;
 so does its deadline (``request_timeout``) and a shutdown, which end an open stream with an error event and
 ``data: [DONE]``. Limits and security options: settings.py.
 """
@@ -22,8 +22,8 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..batch import BatchGenerator
 from ..generate import SpeculativeGenerator
-from .engine import InterleavedBatch
 from .errors import APIError, install_error_handlers
 from .guard import Guard
 from .metrics import ServerMetrics
@@ -45,7 +45,7 @@ class OpenAIServer:
     def __init__(self, generator: SpeculativeGenerator, model_name: str | None = None, max_queue: int = 16,
                  settings: ServerSettings | None = None, batch: BatchEngine | None = None):
         self.generator = generator
-        self.batch = batch if batch is not None else InterleavedBatch.from_generator(generator)
+        self.batch = batch if batch is not None else BatchGenerator.from_generator(generator)
         self.settings = (settings or ServerSettings()).resolve(generator.target.max_context)
         self.model_name = model_name or generator.target.name
         self.drafter_name = generator.drafter.name
@@ -207,7 +207,7 @@ def create_app(generator: SpeculativeGenerator, model_name: str | None = None, m
 
     ``batch``: the engine that generates, an object with the ``BatchGenerator`` interface (batch.py) over the same
     target and drafter; it runs up to ``batch.max_batch`` requests at once (continuous batching). Default:
-    ``generator`` itself, one request at a time (``InterleavedBatch.from_generator``). ``generator``'s target
+    a ``BatchGenerator`` over ``generator``'s target and drafter, one request at a time. ``generator``'s target
     tokenizes the requests and names the model. At most ``max_queue`` requests wait for a place in the batch; more
     get a 429. ``settings``: limits and
     security options (default ``ServerSettings()``). With ``worker_thread=False`` the app starts no generation

@@ -1,8 +1,7 @@
 """Continuous batching: a bounded waiting line in front of a batch of sequences stepped by one worker.
 
-The worker drives a batch engine with the ``BatchGenerator`` interface (batch.py; ``InterleavedBatch`` in engine.py
-until it lands): ``add`` a request, ``step()`` one cycle of every active sequence, ``cancel`` one. Requests join the
-running batch at cycle boundaries, as long as fewer than ``max_batch`` sequences are active, and leave it when they
+The worker drives a batch engine with the ``BatchGenerator`` interface (batch.py): ``add`` a request, ``step()`` one
+cycle of every active sequence, ``cancel`` one. Requests join the running batch at cycle boundaries, as long as fewer than ``max_batch`` sequences are active, and leave it when they
 finish; the others wait in arrival order. Admission is decided up front: a request arriving while ``max_batch +
 max_queue`` requests are running or waiting is refused (``QueueFullError``, a 429 to the client) instead of waiting
 without bound. With ``max_batch = 1`` this is the one-request-at-a-time server.

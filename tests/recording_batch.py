@@ -1,20 +1,19 @@
-"""A test double of ``batch.BatchGenerator`` for the server's tests: ``InterleavedBatch`` (every active sequence's own
-``SpeculativeGenerator.stream`` advanced by one chunk per ``step()``) that records what the scheduler asks of it and
-misbehaves on demand."""
+"""The real ``batch.BatchGenerator`` for the server's tests, recording what the scheduler asks of it and misbehaving
+on demand."""
 
 from __future__ import annotations
 
 import threading
 
 from falconspec.request import RequestError
-from falconspec.server.engine import InterleavedBatch
+from falconspec.batch import BatchGenerator
 
 
 class StepFailure(RuntimeError):
-    """The fault ``FakeBatchGenerator.fail_at_size`` injects."""
+    """The fault ``RecordingBatchGenerator.fail_at_size`` injects."""
 
 
-class FakeBatchGenerator(InterleavedBatch):
+class RecordingBatchGenerator(BatchGenerator):
     def __init__(self, target, drafter, max_batch: int = 4):
         super().__init__(target, drafter, planner=None, max_batch=max_batch)
         self.added: list[int] = []  # seq ids, in the order they joined
@@ -24,7 +23,6 @@ class FakeBatchGenerator(InterleavedBatch):
         self.open.set()
         self.fail_at_size: int | None = None  # the next step with this many sequences raises StepFailure
         self.refused_seed: int | None = None  # add() refuses requests with this seed (RequestError)
-        self._stepping = False
 
     def add(self, **kwargs) -> int:
         if self.refused_seed is not None and kwargs.get("seed") == self.refused_seed:
@@ -34,7 +32,7 @@ class FakeBatchGenerator(InterleavedBatch):
         return seq_id
 
     def cancel(self, seq_id: int) -> None:
-        if not self._stepping and seq_id in self._streams:
+        if seq_id in self._joining or seq_id in self._decoding:
             self.cancelled.append(seq_id)
         super().cancel(seq_id)
 
@@ -44,8 +42,4 @@ class FakeBatchGenerator(InterleavedBatch):
             self.fail_at_size = None
             raise StepFailure("injected step failure: secret detail /etc/shadow")
         self.step_sizes.append(self.active)
-        self._stepping = True
-        try:
-            return super().step()
-        finally:
-            self._stepping = False
+        return super().step()
