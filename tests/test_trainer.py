@@ -19,7 +19,12 @@ TIMINGS = {"tok_per_s", "seconds", "elapsed"}
 
 def heldout_token_shards(root: Path, vocab_size: int) -> Path:
     """A one-shard token dataset (held-out split) for EAGLE-3's acc@d."""
-    from falconspec.token_data import FORMAT_NAME, FORMAT_VERSION, TokenSample, write_token_shard
+    from falconspec.token_data import (
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        TokenSample,
+        write_token_shard,
+    )
 
     out = root / "tokens"
     g = torch.Generator().manual_seed(5)
@@ -45,12 +50,13 @@ def summary(out: Path) -> dict:
 def run_every_objective(root: Path) -> dict:
     from falconspec.testing import tiny_target
     from falconspec.train import TrainConfig, train
-    from falconspec.train_eagle3 import Eagle3TrainConfig, train as train_eagle3
+    from falconspec.train_eagle3 import Eagle3TrainConfig
+    from falconspec.train_eagle3 import train as train_eagle3
 
-    common = dict(data=str(root / "train"), eval_data=str(root / "held"), model=str(root / "tiny"), max_steps=3,
-                  eval_every=2, save_every=2, log_every=1, draft_vocab=40, lr=3e-3, warmup=2, batch_size=2,
-                  eval_samples=2)
-    runs = {"falcon": dict(k=2), "eagle": dict(k=1, glance=False), "medusa": dict(kind="medusa", medusa_heads=3)}
+    common = {"data": str(root / "train"), "eval_data": str(root / "held"), "model": str(root / "tiny"), "max_steps": 3,
+                  "eval_every": 2, "save_every": 2, "log_every": 1, "draft_vocab": 40, "lr": 3e-3, "warmup": 2, "batch_size": 2,
+                  "eval_samples": 2}
+    runs = {"falcon": {"k": 2}, "eagle": {"k": 1, "glance": False}, "medusa": {"kind": "medusa", "medusa_heads": 3}}
     result = {}
     for name, options in runs.items():
         out = root / f"ref-{name}"

@@ -1,6 +1,7 @@
-"""What both drafter trainers share (:mod:`.train`, CSGD for SAR drafters; :mod:`.train_medusa`, Medusa heads):
-the run's settings, the learning-rate schedule, resumable data order, the draft vocabulary, loading gen-data
-shards, atomic checkpoints, the run log and the recipe's description of the data slice.
+"""What the training objectives share (:mod:`.trainer` runs them): the learning-rate schedule, atomic
+checkpoints and the run log; and for the objectives over gen-data shards (``falconspec train``: CSGD for SAR
+drafters in :mod:`.train`, Medusa heads in :mod:`.train_medusa`) their settings, resumable data order, the draft
+vocabulary, loading the shards, :class:`ShardObjective` and the recipe's description of the data slice.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,13 +26,13 @@ def _opt(default, help_text: str):
 @dataclass
 class TrainConfig:
     """Settings of a training run (``falconspec train`` builds its flags from these fields and their help)."""
-    data: str  # gen-data directory
-    out: str  # run directory
+    data: str = field(metadata={"help": "gen-data directory (training split)"})
+    out: str = field(metadata={"help": "run directory: checkpoint/, drafter/, log.jsonl"})
     eval_data: str = _opt("", "gen-data directory of held-out conversations (default: the last --eval-samples of "
                               "--data)")
     model: str = _opt("smollm2-135m", "target model the data was generated with")
-    kind: str = _opt("sar", "sar: a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: EAGLE-style head); medusa: "
-                            "Medusa heads (--medusa-heads)")
+    kind: str = _opt("sar", "training objective: sar, a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: "
+                            "EAGLE-style head); medusa, Medusa heads (--medusa-heads)")
     k: int = _opt(2, "tokens per drafter forward: 2 = Falcon SAR drafter, 1 = EAGLE-style head")
     medusa_heads: int = _opt(4, "number of Medusa heads (--kind medusa)")
     num_layers: int = _opt(1, "drafter decoder layers")
@@ -166,3 +167,62 @@ def log_record(out: Path, record: dict) -> None:
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     log.info("%s", json.dumps(record))
+
+
+class ShardObjective:
+    """Mixin of the :class:`~.trainer.Objective` s that train on gen-data shards (``falconspec train --kind``): the
+    target, the train and held-out samples, the drafter (resumed, ``--init-from`` or fresh), the frozen head rows
+    it scores with, and the recipe. A subclass says how its drafter loads (:meth:`load`), is checked against the
+    settings (:meth:`check`) and is made fresh (:meth:`fresh`)."""
+
+    config: TrainConfig
+
+    def setup(self, device: torch.device, checkpoint: Path | None):
+        from .models import load_target
+
+        cfg = self.config
+        target = load_target(cfg.model, device=device)
+        self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target.hidden_size)
+        if checkpoint is not None or cfg.init_from:
+            source = checkpoint if checkpoint is not None else resolve_init_from(cfg)
+            model = self.load(source, target)
+            self.check(model, "resume" if checkpoint is not None else "init_from", source)
+        else:
+            model = self.fresh(target)
+        self.head = model.head_weight(target.lm_head.weight.detach()).float()  # [D, H], frozen
+        self.vocab = model.draft_vocab if model.draft_vocab is not None else torch.arange(target.vocab_size)  # [D]
+        vocab_index = torch.full((target.vocab_size,), -1, dtype=torch.long)  # target id -> draft index, or -1
+        vocab_index[self.vocab.cpu()] = torch.arange(len(self.vocab))
+        self.vocab_index = vocab_index.to(device)
+        self.keep_from_target(target)  # the target itself is not kept: only the frozen tensors the objective needs
+        return model
+
+    def load(self, directory: str | Path, target):
+        """The drafter module saved in ``directory`` (a checkpoint to resume, or ``--init-from``)."""
+        raise NotImplementedError
+
+    def check(self, model, why: str, source) -> None:
+        """Refuse a loaded drafter that does not match the settings (``why``: ``resume`` or ``init_from``)."""
+
+    def fresh(self, target):
+        """An untrained drafter for ``target``."""
+        raise NotImplementedError
+
+    def keep_from_target(self, target) -> None:
+        """Keep what the objective needs of the target (e.g. its frozen embedding)."""
+
+    def session(self) -> dict:
+        return {"data": self.config.data, "train_samples": len(self.train_samples)}
+
+    def batch_samples(self, step: int, rank: int, world: int) -> list[dict]:
+        """This process's training samples of ``step``."""
+        return [self.train_samples[i] for i in batch_indices(len(self.train_samples), step, self.config, rank, world)]
+
+    def recipe(self, model, run) -> dict:
+        from .trainer import command_line
+
+        cfg, meta = self.config, self.data_meta
+        return {"command": command_line(), "config": asdict(cfg), "data": meta, "data_slice": describe_slice(meta),
+                "seed": cfg.seed, "train_samples": len(self.train_samples), "eval_samples": len(self.eval_samples),
+                "processes": run.processes, "parameters": model.num_parameters(), "sessions": run.sessions,
+                "history": run.history, "final": run.history[-1] if run.history else {}}
