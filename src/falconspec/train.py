@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .train_common import ShardObjective, TrainConfig, draft_vocabulary
+from .train_common import (
+    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
+)
 from .trainer import Objective, Progress, StepResult
 
 log = logging.getLogger(__name__)
@@ -121,11 +123,6 @@ class Losses:
     count: int
 
 
-def draft_index(labels: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
-    """Target token ids -> draft-vocabulary indices (-1 where the token is outside the draft vocabulary)."""
-    return vocab_index[labels.clamp(min=0)].masked_fill(labels < 0, -1)
-
-
 def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, head: torch.Tensor,
                    vocab_index: torch.Tensor, cfg: TrainConfig) -> Losses:
     """SmoothL1(o_j, h_{j+k}) + dist_weight * (kl_weight * KL(target || drafter) + (1 - kl_weight) * CE(greedy)),
@@ -136,34 +133,15 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
     pred = outputs[valid].float()  # [n, H]
     true = batch.target_features[valid]
     reg = F.smooth_l1_loss(pred, true, reduction="none").mean(-1).mean()
-    draft_logits = F.linear(pred, head) / cfg.temperature  # [n, D]
-    target_logits = F.linear(true, head) / cfg.temperature
-    target_logp = target_logits.log_softmax(-1)
-    draft_logp = draft_logits.log_softmax(-1)
-    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
     label = draft_index(batch.labels[valid], vocab_index)
-    has_label = label >= 0
-    ce = F.nll_loss(draft_logp[has_label], label[has_label]) if has_label.any() else draft_logp.sum() * 0
+    kl, ce, draft_logp = distillation_losses(F.linear(pred, head) / cfg.temperature,
+                                             F.linear(true, head) / cfg.temperature, label)
     dist = cfg.kl_weight * kl + (1 - cfg.kl_weight) * ce
-    acc = (draft_logits.argmax(-1) == label).float().mean()
+    acc = (draft_logp.argmax(-1) == label).float().mean()
     return Losses(cfg.reg_weight * reg + cfg.dist_weight * dist, reg, kl, ce, acc, int(valid.sum()))
 
 
 # ----------------------------------------------------------------------------- held-out rollout accuracy
-def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
-    """Positions t where drafting x_{t+1..t+depth} can be scored: the root x_t and k earlier features exist, the
-    window is assistant text, and the data follows the target's greedy tokens in it (so the target's answer to
-    every drafted prefix is known)."""
-    ids, greedy, mask = sample["input_ids"].long(), sample["target_tokens"].long(), sample["loss_mask"].bool()
-    L = len(ids)
-    t = torch.arange(k, max(L - depth, k))
-    if len(t) == 0:
-        return t
-    window = t[:, None] + torch.arange(1, depth + 1)[None]  # [n, depth] positions of x_{t+1..t+depth}
-    ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
-    return t[ok]
-
-
 @torch.no_grad()
 def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, sample: dict, starts: torch.Tensor,
             depth: int) -> torch.Tensor:
@@ -232,10 +210,7 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
         n = sum(x.count for x in losses)
         for name in ("total", "reg", "kl", "ce", "acc"):
             result[f"eval_{name}"] = sum(float(getattr(x, name)) * x.count for x in losses) / n
-    if chains:
-        acc = torch.cat(chains).float().mean(0)
-        result.update({f"acc@{d + 1}": round(float(acc[d]), 4) for d in range(depth)})
-        result["rollouts"] = sum(len(c) for c in chains)
+    result.update(chain_accuracy(chains))
     return result
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,50 @@ def load_data(cfg: TrainConfig, hidden_size: int) -> tuple[list[dict], list[dict
                              f"{cfg.eval_samples}; pass --eval-data or lower --eval-samples")
         train_samples, eval_samples = train_samples[: -cfg.eval_samples], train_samples[-cfg.eval_samples:]
     return train_samples, eval_samples, data.meta
+
+
+def draft_index(labels: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
+    """Target token ids -> draft-vocabulary indices (-1 where the token is outside the draft vocabulary or the
+    label is missing, -1)."""
+    return vocab_index[labels.clamp(min=0)].masked_fill(labels < 0, -1)
+
+
+def distillation_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL(target || drafter) and CE to the target's greedy token (draft indices ``labels`` [n]; -1 = not in the
+    draft vocabulary, left out), both over the draft vocabulary, from logits [n, D]; also the drafter's
+    log-probabilities [n, D]."""
+    target_logp = target_logits.log_softmax(-1)
+    draft_logp = draft_logits.log_softmax(-1)
+    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
+    has_label = labels >= 0
+    ce = F.nll_loss(draft_logp[has_label], labels[has_label]) if has_label.any() else draft_logp.sum() * 0
+    return kl, ce, draft_logp
+
+
+def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
+    """The held-out acc@d windows of a gen-data sample: positions t where drafting x_{t+1..t+depth} can be scored: the root x_t and k earlier features exist, the
+    window is assistant text, and the data follows the target's greedy tokens in it (so the target's answer to
+    every drafted prefix is known)."""
+    ids, greedy, mask = sample["input_ids"].long(), sample["target_tokens"].long(), sample["loss_mask"].bool()
+    L = len(ids)
+    t = torch.arange(k, max(L - depth, k))
+    if len(t) == 0:
+        return t
+    window = t[:, None] + torch.arange(1, depth + 1)[None]  # [n, depth] positions of x_{t+1..t+depth}
+    ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
+    return t[ok]
+
+
+def chain_accuracy(chains: list[torch.Tensor]) -> dict:
+    """acc@1..d from per-window chains [n, d] (1 while every drafted token so far equals the target's greedy
+    token): the share of windows whose first d drafted tokens are all right, so the sum over d is the expected
+    accepted chain length; plus the number of windows (``rollouts``). Empty without windows."""
+    if not chains:
+        return {}
+    acc = torch.cat(chains).float().mean(0)
+    return {**{f"acc@{d + 1}": round(float(acc[d]), 4) for d in range(len(acc))},
+            "rollouts": sum(len(c) for c in chains)}
 
 
 def save_checkpoint(directory: Path, model, state: dict) -> None:

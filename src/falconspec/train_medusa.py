@@ -16,7 +16,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .train_common import ShardObjective, TrainConfig, draft_vocabulary
+from .train_common import (
+    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
+)
 from .trainer import Objective, Progress, StepResult
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,8 @@ def medusa_losses(model, batch: dict, head: torch.Tensor, vocab_index: torch.Ten
     guesses = model(batch["features"])  # [B, L, K, H]
     b_idx = torch.arange(valid.shape[0])[:, None, None].expand_as(valid)
     true = batch["features"][b_idx, batch["source"]][valid]  # [n, H] h_{j+1+i}
-    draft_logp = F.linear(guesses[valid].float(), head).log_softmax(-1)  # [n, D]
-    target_logp = F.linear(true, head).log_softmax(-1)
-    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
-    label = vocab_index[batch["labels"][valid].clamp(min=0)]
-    has = label >= 0
-    ce = F.nll_loss(draft_logp[has], label[has]) if has.any() else kl * 0
+    label = draft_index(batch["labels"][valid], vocab_index)
+    kl, ce, draft_logp = distillation_losses(F.linear(guesses[valid].float(), head), F.linear(true, head), label)
     hits = torch.zeros(valid.shape, dtype=torch.float)
     hits[valid] = (draft_logp.argmax(-1) == label).float()
     acc = hits.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)  # [K]
@@ -74,24 +72,14 @@ def evaluate_medusa(model, head, vocab, samples: list[dict], cfg: TrainConfig) -
     K, chains = model.config.num_heads, []
     for s in samples:
         s = {key: v[: cfg.max_len] for key, v in s.items()}
-        ids, greedy, mask = s["input_ids"].long(), s["target_tokens"].long(), s["loss_mask"].bool()
-        L = len(ids)
-        j = torch.arange(0, max(L - K - 1, 0))
-        if len(j) == 0:
-            continue
-        window = j[:, None] + 1 + torch.arange(K + 1)[None]  # positions j+1 .. j+K+1
-        ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
-        j = j[ok]
+        j = rollout_starts(s, 0, K + 1)  # x_{j+1..j+K+1}, the root x_{j+1} and the K guessed tokens, are scored
         if len(j) == 0:
             continue
         guesses = model(s["hidden_states"].float()[j])  # [n, K, H]
         drafted = vocab[F.linear(guesses.float(), head).argmax(-1)]  # [n, K]
-        truth = greedy[j[:, None] + 1 + torch.arange(K)[None]]
+        truth = s["target_tokens"].long()[j[:, None] + 1 + torch.arange(K)[None]]
         chains.append((drafted == truth).long().cumprod(1))
-    if not chains:
-        return {}
-    acc = torch.cat(chains).float().mean(0)
-    return {**{f"acc@{d + 1}": round(float(acc[d]), 4) for d in range(K)}, "rollouts": sum(len(c) for c in chains)}
+    return chain_accuracy(chains)
 
 
 class MedusaObjective(ShardObjective, Objective):
