@@ -86,8 +86,9 @@ class Objective(ABC):
 
     @abstractmethod
     def step(self, model: nn.Module, step: int, rank: int, world: int) -> StepResult:
-        """The loss of 0-based step ``step`` (with gradients) on this process's batch. ``model`` may be wrapped
-        for distributed training: call it, do not read its attributes."""
+        """The loss of 0-based step ``step`` (with gradients) on this process's batch (``rank`` of ``world``).
+        For an ``accelerated`` objective ``model`` may be wrapped for distributed training: call it, do not read
+        its attributes (keep what you need from :meth:`setup`)."""
 
     @abstractmethod
     def train_record(self, result: StepResult, progress: Progress) -> dict:
