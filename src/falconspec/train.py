@@ -7,27 +7,24 @@ inputs become the ground truth of position j+k, and their own losses are dropped
 the draft vocabulary); AdamW, warmup + cosine decay, gradient-norm clipping. ``glance=False`` is plain token-shift
 training; ``k=1`` trains an EAGLE-style head (glancing needs k >= 2 and is skipped).
 
-Run directory: ``log.jsonl`` (train and eval records), ``checkpoint/`` (drafter files + ``state.pt`` with optimizer,
-scheduler and step; resumed automatically), ``drafter/`` (the final drafter + ``recipe.json``).
+:class:`SARObjective` is this objective in the one training loop (:mod:`.trainer`, which also describes the run
+directory); :func:`train` runs any gen-data objective (``falconspec train --kind sar|medusa``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .train_common import (
-    TrainConfig, batch_indices, describe_slice, draft_vocabulary, load_data, log_record, lr_at, resolve_init_from,
-    save_checkpoint,
+    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
 )
+from .trainer import Objective, Progress, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +123,6 @@ class Losses:
     count: int
 
 
-def draft_index(labels: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
-    """Target token ids -> draft-vocabulary indices (-1 where the token is outside the draft vocabulary)."""
-    return vocab_index[labels.clamp(min=0)].masked_fill(labels < 0, -1)
-
-
 def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, head: torch.Tensor,
                    vocab_index: torch.Tensor, cfg: TrainConfig) -> Losses:
     """SmoothL1(o_j, h_{j+k}) + dist_weight * (kl_weight * KL(target || drafter) + (1 - kl_weight) * CE(greedy)),
@@ -141,34 +133,15 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
     pred = outputs[valid].float()  # [n, H]
     true = batch.target_features[valid]
     reg = F.smooth_l1_loss(pred, true, reduction="none").mean(-1).mean()
-    draft_logits = F.linear(pred, head) / cfg.temperature  # [n, D]
-    target_logits = F.linear(true, head) / cfg.temperature
-    target_logp = target_logits.log_softmax(-1)
-    draft_logp = draft_logits.log_softmax(-1)
-    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
     label = draft_index(batch.labels[valid], vocab_index)
-    has_label = label >= 0
-    ce = F.nll_loss(draft_logp[has_label], label[has_label]) if has_label.any() else draft_logp.sum() * 0
+    kl, ce, draft_logp = distillation_losses(F.linear(pred, head) / cfg.temperature,
+                                             F.linear(true, head) / cfg.temperature, label)
     dist = cfg.kl_weight * kl + (1 - cfg.kl_weight) * ce
-    acc = (draft_logits.argmax(-1) == label).float().mean()
+    acc = (draft_logp.argmax(-1) == label).float().mean()
     return Losses(cfg.reg_weight * reg + cfg.dist_weight * dist, reg, kl, ce, acc, int(valid.sum()))
 
 
 # ----------------------------------------------------------------------------- held-out rollout accuracy
-def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
-    """Positions t where drafting x_{t+1..t+depth} can be scored: the root x_t and k earlier features exist, the
-    window is assistant text, and the data follows the target's greedy tokens in it (so the target's answer to
-    every drafted prefix is known)."""
-    ids, greedy, mask = sample["input_ids"].long(), sample["target_tokens"].long(), sample["loss_mask"].bool()
-    L = len(ids)
-    t = torch.arange(k, max(L - depth, k))
-    if len(t) == 0:
-        return t
-    window = t[:, None] + torch.arange(1, depth + 1)[None]  # [n, depth] positions of x_{t+1..t+depth}
-    ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
-    return t[ok]
-
-
 @torch.no_grad()
 def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, sample: dict, starts: torch.Tensor,
             depth: int) -> torch.Tensor:
@@ -237,10 +210,7 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
         n = sum(x.count for x in losses)
         for name in ("total", "reg", "kl", "ce", "acc"):
             result[f"eval_{name}"] = sum(float(getattr(x, name)) * x.count for x in losses) / n
-    if chains:
-        acc = torch.cat(chains).float().mean(0)
-        result.update({f"acc@{d + 1}": round(float(acc[d]), 4) for d in range(depth)})
-        result["rollouts"] = sum(len(c) for c in chains)
+    result.update(chain_accuracy(chains))
     return result
 
 
@@ -288,124 +258,79 @@ def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Te
     return model(features, F.embedding(tokens, embed), positions, mask)
 
 
-def init_drafter(cfg: TrainConfig, target, train_samples: list[dict], ckpt: Path):
-    """The drafter and trainer state to start from: the checkpoint if there is one, else a fresh drafter."""
-    from .drafters.sar_model import SARDrafterModel
+class SARObjective(ShardObjective, Objective):
+    """CSGD for a SAR drafter (``falconspec train --kind sar``; ``--k 2``: Falcon, ``--k 1``: EAGLE-style head),
+    on gen-data shards, in one or several processes."""
 
-    if (ckpt / "state.pt").exists():
-        model = SARDrafterModel.from_pretrained(ckpt, target)
-        if (model.config.k, model.config.num_layers) != (cfg.k, cfg.num_layers):
-            raise ValueError(f"{ckpt} holds a drafter with k={model.config.k}, num_layers={model.config.num_layers}: "
-                             "resume with the same settings or use a new --out")
-        return model, torch.load(ckpt / "state.pt", weights_only=False)
-    if cfg.init_from:
-        model = SARDrafterModel.from_pretrained(resolve_init_from(cfg), target)
-        if (model.config.k, model.config.num_layers) != (cfg.k, cfg.num_layers):
-            raise ValueError(f"--init-from {cfg.init_from} holds a drafter with k={model.config.k}, num_layers="
-                             f"{model.config.num_layers}: pass --k {model.config.k} --num-layers "
-                             f"{model.config.num_layers}")
-        return model, None
-    vocab_ids = draft_vocabulary(train_samples, target, cfg)
-    torch.manual_seed(cfg.seed)
-    model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids)
-    if cfg.init_from_target:
-        for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
-            mine.load_state_dict(theirs.state_dict())
-    return model, None
+    name = "sar"
+    accelerated = True
+
+    def load(self, directory, target):
+        from .drafters.sar_model import SARDrafterModel
+
+        return SARDrafterModel.from_pretrained(directory, target)
+
+    def check(self, model, why: str, source) -> None:
+        cfg = self.config
+        if (model.config.k, model.config.num_layers) == (cfg.k, cfg.num_layers):
+            return
+        held = f"a drafter with k={model.config.k}, num_layers={model.config.num_layers}"
+        if why == "resume":
+            raise ValueError(f"{source} holds {held}: resume with the same settings or use a new --out")
+        raise ValueError(f"--init-from {cfg.init_from} holds {held}: pass --k {model.config.k} --num-layers "
+                         f"{model.config.num_layers}")
+
+    def fresh(self, target):
+        """Draft vocabulary from the data, then seeded weights (decoder layers copied from the target's last ones
+        with ``--init-from-target``)."""
+        from .drafters.sar_model import SARDrafterModel
+
+        cfg = self.config
+        vocab_ids = draft_vocabulary(self.train_samples, target, cfg)
+        torch.manual_seed(cfg.seed)
+        model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids)
+        if cfg.init_from_target:
+            for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
+                mine.load_state_dict(theirs.state_dict())
+        return model
+
+    def keep_from_target(self, target) -> None:
+        self.embed = target.model.get_input_embeddings().weight.detach()  # [V, H], frozen
+
+    def step(self, model, step: int, rank: int, world: int) -> StepResult:
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * world + rank)
+        batch = make_batch(self.batch_samples(step, rank, world), cfg.k, cfg.max_len).to(self.head.device)
+        with autocast(cfg, self.head.device.type):
+            losses, record = csgd_step(model, self.embed, self.head, self.vocab_index, batch, cfg,
+                                       glance_ratio(step, cfg), gen)
+        return StepResult(losses.total, int(batch.key_padding.sum()), (losses, record))
+
+    def train_record(self, result: StepResult, progress: Progress) -> dict:
+        losses, record = result.details
+        record = {**record, "step": progress.step, "lr": progress.lr}
+        if progress.grad_norm is not None:
+            record["grad_norm"] = progress.grad_norm
+        record.update({n: round(float(getattr(losses, n).detach()), 4) for n in ("total", "reg", "kl", "ce", "acc")},
+                      positions=losses.count, tok_per_s=round(progress.tokens / progress.seconds, 1))
+        return record
+
+    def evaluate(self, model) -> dict:
+        return evaluate(model, self.embed, self.head, self.vocab, self.vocab_index, self.eval_samples, self.config)
+
+    def describe(self, model) -> str:
+        cfg = self.config
+        return (f"{cfg.num_layers}-layer k={cfg.k} drafter ({model.num_parameters() / 1e6:.2f}M params, draft vocab "
+                f"{len(self.vocab)}) on {len(self.train_samples)} samples, eval on {len(self.eval_samples)}")
 
 
 def train(cfg: TrainConfig) -> Path | None:
-    """Train (or resume) a drafter; returns the final drafter directory (on the main process)."""
-    from accelerate import Accelerator
+    """Train (or resume) a drafter on gen-data shards with the objective ``cfg.kind`` names (sar or medusa) in the
+    one training loop (:func:`.trainer.train`); returns the final drafter directory (on the main process)."""
+    from . import trainer
+    from .drafters.registry import shard_objectives
 
-    if cfg.kind not in ("sar", "medusa"):
-        raise ValueError(f"--kind must be sar or medusa, got {cfg.kind!r}")
-    if cfg.kind == "medusa":
-        from .train_medusa import train_medusa
-
-        return train_medusa(cfg)
-
-    from .models import load_target
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    out, world, rank = Path(cfg.out), acc.num_processes, acc.process_index
-    target = load_target(cfg.model, device=acc.device)
-    train_samples, eval_samples, data_meta = load_data(cfg, target.hidden_size)
-    embed = target.model.get_input_embeddings().weight.detach()  # [V, H], frozen
-    lm_head = target.lm_head.weight.detach()  # [V, H], frozen
-    ckpt = out / "checkpoint"
-    model, state = init_drafter(cfg, target, train_samples, ckpt)
-    model.train()
-    head = model.head_weight(lm_head).float()  # [D, H]
-    vocab = model.draft_vocab if model.draft_vocab is not None else torch.arange(target.vocab_size)
-    vocab_index = torch.full((target.vocab_size,), -1, dtype=torch.long)
-    vocab_index[vocab.cpu()] = torch.arange(len(vocab))
-    vocab_index = vocab_index.to(acc.device)
-    del target
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    model, optimizer = acc.prepare(model, optimizer)
-    raw = acc.unwrap_model(model)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        log.info("training %d-layer k=%d drafter (%.2fM params, draft vocab %d) on %d samples, eval on %d, "
-                 "%d process(es)",
-                 cfg.num_layers, cfg.k, raw.num_parameters() / 1e6, len(vocab), len(train_samples), len(eval_samples),
-                 world)
-    history = state["history"] if state else []
-    sessions = (state.get("sessions", []) if state else []) + [
-        {"start_step": step, "command": " ".join(["falconspec"] + sys.argv[1:]), "data": cfg.data,
-         "train_samples": len(train_samples), "max_steps": cfg.max_steps}]
-    t0, tokens_seen = time.time(), 0
-    while step < cfg.max_steps:
-        # ---- schedule, batch, noise
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * world + rank)
-        batch = make_batch([train_samples[i] for i in batch_indices(len(train_samples), step, cfg, rank, world)],
-                           cfg.k, cfg.max_len).to(acc.device)
-        with autocast(cfg, acc.device.type):
-            losses, record = csgd_step(model, embed, head, vocab_index, batch, cfg, glance_ratio(step, cfg), gen)
-        record.update(step=step + 1, lr=lr)
-        acc.backward(losses.total)
-        if cfg.grad_clip > 0:
-            record["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += int(batch.key_padding.sum())
-        # ---- log, evaluate, checkpoint
-        if acc.is_main_process and (step % cfg.log_every == 0 or step == 1):
-            record.update({n: round(float(getattr(losses, n).detach()), 4) for n in ("total", "reg", "kl", "ce",
-                                                                                      "acc")},
-                          positions=losses.count, tok_per_s=round(tokens_seen / (time.time() - t0), 1))
-            log_record(out, record)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            if acc.is_main_process:
-                raw.eval()
-                result = {"step": step, **evaluate(raw, embed, head, vocab, vocab_index, eval_samples, cfg)}
-                raw.train()
-                history.append(result)
-                log_record(out, {"eval": result})
-            acc.wait_for_everyone()
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            if acc.is_main_process:
-                save_checkpoint(ckpt, raw, {"optimizer": optimizer.state_dict(), "step": step, "history": history,
-                                            "sessions": sessions, "config": asdict(cfg)})
-            acc.wait_for_everyone()
-    final = None
-    if acc.is_main_process:
-        final = out / "drafter"
-        raw.save_pretrained(final)
-        recipe = {"command": " ".join(["falconspec"] + sys.argv[1:]), "config": asdict(cfg), "data": data_meta,
-                  "data_slice": describe_slice(data_meta), "seed": cfg.seed, "train_samples": len(train_samples),
-                  "eval_samples": len(eval_samples), "processes": world, "parameters": raw.num_parameters(),
-                  "sessions": sessions, "history": history, "final": history[-1] if history else {}}
-        (final / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
-    acc.wait_for_everyone()
-    acc.end_training()
-    return final
+    objectives = shard_objectives()
+    if cfg.kind not in objectives:
+        raise ValueError(f"--kind must be {' or '.join(objectives)}, got {cfg.kind!r}")
+    return trainer.train(objectives[cfg.kind](cfg))

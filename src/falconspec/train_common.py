@@ -1,6 +1,7 @@
-"""What both drafter trainers share (:mod:`.train`, CSGD for SAR drafters; :mod:`.train_medusa`, Medusa heads):
-the run's settings, the learning-rate schedule, resumable data order, the draft vocabulary, loading gen-data
-shards, atomic checkpoints, the run log and the recipe's description of the data slice.
+"""What the training objectives share (:mod:`.trainer` runs them): the learning-rate schedule, atomic
+checkpoints and the run log; and for the objectives over gen-data shards (``falconspec train``: CSGD for SAR
+drafters in :mod:`.train`, Medusa heads in :mod:`.train_medusa`) their settings, resumable data order, the draft
+vocabulary, loading the shards, :class:`ShardObjective` and the recipe's description of the data slice.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,13 @@ def _opt(default, help_text: str):
 @dataclass
 class TrainConfig:
     """Settings of a training run (``falconspec train`` builds its flags from these fields and their help)."""
-    data: str  # gen-data directory
-    out: str  # run directory
+    data: str = field(metadata={"help": "gen-data directory (training split)"})
+    out: str = field(metadata={"help": "run directory: checkpoint/, drafter/, log.jsonl"})
     eval_data: str = _opt("", "gen-data directory of held-out conversations (default: the last --eval-samples of "
                               "--data)")
     model: str = _opt("smollm2-135m", "target model the data was generated with")
-    kind: str = _opt("sar", "sar: a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: EAGLE-style head); medusa: "
-                            "Medusa heads (--medusa-heads)")
+    kind: str = _opt("sar", "training objective: sar, a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: "
+                            "EAGLE-style head); medusa, Medusa heads (--medusa-heads)")
     k: int = _opt(2, "tokens per drafter forward: 2 = Falcon SAR drafter, 1 = EAGLE-style head")
     medusa_heads: int = _opt(4, "number of Medusa heads (--kind medusa)")
     num_layers: int = _opt(1, "drafter decoder layers")
@@ -131,6 +133,50 @@ def load_data(cfg: TrainConfig, hidden_size: int) -> tuple[list[dict], list[dict
     return train_samples, eval_samples, data.meta
 
 
+def draft_index(labels: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
+    """Target token ids -> draft-vocabulary indices (-1 where the token is outside the draft vocabulary or the
+    label is missing, -1)."""
+    return vocab_index[labels.clamp(min=0)].masked_fill(labels < 0, -1)
+
+
+def distillation_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL(target || drafter) and CE to the target's greedy token (draft indices ``labels`` [n]; -1 = not in the
+    draft vocabulary, left out), both over the draft vocabulary, from logits [n, D]; also the drafter's
+    log-probabilities [n, D]."""
+    target_logp = target_logits.log_softmax(-1)
+    draft_logp = draft_logits.log_softmax(-1)
+    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
+    has_label = labels >= 0
+    ce = F.nll_loss(draft_logp[has_label], labels[has_label]) if has_label.any() else draft_logp.sum() * 0
+    return kl, ce, draft_logp
+
+
+def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
+    """The held-out acc@d windows of a gen-data sample: positions t where drafting x_{t+1..t+depth} can be scored: the root x_t and k earlier features exist, the
+    window is assistant text, and the data follows the target's greedy tokens in it (so the target's answer to
+    every drafted prefix is known)."""
+    ids, greedy, mask = sample["input_ids"].long(), sample["target_tokens"].long(), sample["loss_mask"].bool()
+    L = len(ids)
+    t = torch.arange(k, max(L - depth, k))
+    if len(t) == 0:
+        return t
+    window = t[:, None] + torch.arange(1, depth + 1)[None]  # [n, depth] positions of x_{t+1..t+depth}
+    ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
+    return t[ok]
+
+
+def chain_accuracy(chains: list[torch.Tensor]) -> dict:
+    """acc@1..d from per-window chains [n, d] (1 while every drafted token so far equals the target's greedy
+    token): the share of windows whose first d drafted tokens are all right, so the sum over d is the expected
+    accepted chain length; plus the number of windows (``rollouts``). Empty without windows."""
+    if not chains:
+        return {}
+    acc = torch.cat(chains).float().mean(0)
+    return {**{f"acc@{d + 1}": round(float(acc[d]), 4) for d in range(len(acc))},
+            "rollouts": sum(len(c) for c in chains)}
+
+
 def save_checkpoint(directory: Path, model, state: dict) -> None:
     """Drafter files + state.pt, swapped in atomically (a crash mid-save keeps the previous checkpoint)."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -166,3 +212,62 @@ def log_record(out: Path, record: dict) -> None:
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     log.info("%s", json.dumps(record))
+
+
+class ShardObjective:
+    """Mixin of the :class:`~.trainer.Objective` s that train on gen-data shards (``falconspec train --kind``): the
+    target, the train and held-out samples, the drafter (resumed, ``--init-from`` or fresh), the frozen head rows
+    it scores with, and the recipe. A subclass says how its drafter loads (:meth:`load`), is checked against the
+    settings (:meth:`check`) and is made fresh (:meth:`fresh`)."""
+
+    config: TrainConfig
+
+    def setup(self, device: torch.device, checkpoint: Path | None):
+        from .models import load_target
+
+        cfg = self.config
+        target = load_target(cfg.model, device=device)
+        self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target.hidden_size)
+        if checkpoint is not None or cfg.init_from:
+            source = checkpoint if checkpoint is not None else resolve_init_from(cfg)
+            model = self.load(source, target)
+            self.check(model, "resume" if checkpoint is not None else "init_from", source)
+        else:
+            model = self.fresh(target)
+        self.head = model.head_weight(target.lm_head.weight.detach()).float()  # [D, H], frozen
+        self.vocab = model.draft_vocab if model.draft_vocab is not None else torch.arange(target.vocab_size)  # [D]
+        vocab_index = torch.full((target.vocab_size,), -1, dtype=torch.long)  # target id -> draft index, or -1
+        vocab_index[self.vocab.cpu()] = torch.arange(len(self.vocab))
+        self.vocab_index = vocab_index.to(device)
+        self.keep_from_target(target)  # the target itself is not kept: only the frozen tensors the objective needs
+        return model
+
+    def load(self, directory: str | Path, target):
+        """The drafter module saved in ``directory`` (a checkpoint to resume, or ``--init-from``)."""
+        raise NotImplementedError
+
+    def check(self, model, why: str, source) -> None:
+        """Refuse a loaded drafter that does not match the settings (``why``: ``resume`` or ``init_from``)."""
+
+    def fresh(self, target):
+        """An untrained drafter for ``target``."""
+        raise NotImplementedError
+
+    def keep_from_target(self, target) -> None:
+        """Keep what the objective needs of the target (e.g. its frozen embedding)."""
+
+    def session(self) -> dict:
+        return {"data": self.config.data, "train_samples": len(self.train_samples)}
+
+    def batch_samples(self, step: int, rank: int, world: int) -> list[dict]:
+        """This process's training samples of ``step``."""
+        return [self.train_samples[i] for i in batch_indices(len(self.train_samples), step, self.config, rank, world)]
+
+    def recipe(self, model, run) -> dict:
+        from .trainer import command_line
+
+        cfg, meta = self.config, self.data_meta
+        return {"command": command_line(), "config": asdict(cfg), "data": meta, "data_slice": describe_slice(meta),
+                "seed": cfg.seed, "train_samples": len(self.train_samples), "eval_samples": len(self.eval_samples),
+                "processes": run.processes, "parameters": model.num_parameters(), "sessions": run.sessions,
+                "history": run.history, "final": run.history[-1] if run.history else {}}

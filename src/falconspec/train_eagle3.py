@@ -17,15 +17,13 @@ cross-entropy), on positions whose next token is assistant text.
 Held-out evaluation: acc@d (d = s + 1) on self-distilled held-out answers (the committed token shards' held-out
 split, ``recipes/data/sharegpt-sd``): the drafter's greedy token at step s equals the target's greedy token.
 
-Run directory: ``log.jsonl``, ``checkpoint/`` (drafter + ``state.pt``; resumed automatically), ``drafter/`` (final
-drafter + ``recipe.json``).
+:class:`Eagle3Objective` is this objective in the one training loop (:mod:`.trainer`, which also describes the run
+directory).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 
 from .drafters.eagle3_model import Eagle3DrafterModel
 from .drafters.sar_model import additive_mask, most_frequent_tokens
-from .train_common import log_record, lr_at, save_checkpoint
+from .trainer import Objective, Progress, RunSummary, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +59,7 @@ class Eagle3TrainConfig:
     eval_samples: int = 200
     eval_every: int = 100
     save_every: int = 25
+    log_every: int = 1
     seed: int = 0
 
 
@@ -206,73 +205,72 @@ def evaluate(model, target, samples: list, cfg: Eagle3TrainConfig, draft_index: 
             **{f"acc@{s + 1}": hits[s] / max(counts[s], 1) for s in range(cfg.ttt_steps)}}
 
 
-def train(cfg: Eagle3TrainConfig) -> Path:
-    from .models import load_target
+class Eagle3Objective(Objective):
+    """EAGLE-3 with training-time test (``falconspec train-eagle3``), one process: the target runs teacher-forced
+    over every batch of conversations."""
 
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    target = load_target(cfg.model, dtype="float32")
-    for p in target.model.parameters():
-        p.requires_grad_(False)
-    samples = training_samples(cfg, target.tokenizer)
-    held = eval_samples(cfg)
-    checkpoint = out / "checkpoint"
-    if (checkpoint / "state.pt").is_file():
-        model = Eagle3DrafterModel.from_pretrained(checkpoint, target)
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        log.info("resuming from step %d", state["step"])
-    else:
-        model = Eagle3DrafterModel.for_target(target, draft_vocab=choose_draft_vocab(target, samples, cfg))
-        state = None
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    draft_index = torch.full((target.vocab_size,), -1, dtype=torch.long)
-    draft_index[model.draft_vocab] = torch.arange(len(model.draft_vocab))
-    embedding = target.model.get_input_embeddings().weight
-    epoch_batches = batches(samples, cfg.tokens_per_batch, cfg.max_len, cfg.seed, 0)
-    log.info("%d training conversations in %d batches per epoch; %d held-out samples", len(samples),
-             len(epoch_batches), len(held))
-    started = time.time()
-    tokens = 0
-    metrics = None
-    while step < cfg.max_steps:
-        epoch, index = divmod(step, len(epoch_batches))
-        group = batches(samples, cfg.tokens_per_batch, cfg.max_len, cfg.seed, epoch)[index]
-        batch = target_pass(target, group, model.feature_layers, cfg.max_len)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss, hits, counts = ttt_losses(model, embedding, batch, draft_index, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        tokens += int(batch["lengths"].sum())
-        log_record(out, {"step": step, "loss": float(loss), "lr": lr_at(step - 1, cfg), "epoch": epoch,
-                         **{f"train_acc@{s + 1}": hits[s] / max(counts[s], 1) for s in range(cfg.ttt_steps)},
-                         "tokens": tokens, "elapsed": time.time() - started})
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(checkpoint, model, {"step": step, "optimizer": optimizer.state_dict(),
-                                                "config": asdict(cfg)})
-        if held and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            model.eval()
-            metrics = evaluate(model, target, held, cfg, draft_index)
-            log_record(out, {"step": step, **metrics})
-            model.train()
-    model.eval()
-    final = out / "drafter"
-    model.save_pretrained(final)
-    if held and metrics is None:  # resumed at the last step: nothing evaluated in this process
-        metrics = evaluate(model, target, held, cfg, draft_index)
-    recipe = {"trainer": "falconspec.train_eagle3", "config": asdict(cfg), "steps": step,
-              "training_conversations": len(samples), "metrics": metrics or {},
-              "command": "falconspec train-eagle3 " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out") + f" --out {cfg.out}"}
-    (final / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    return final
+    name = "eagle3"
+
+    def setup(self, device, checkpoint):
+        from .models import load_target
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        target = load_target(cfg.model, dtype="float32")
+        for p in target.model.parameters():
+            p.requires_grad_(False)
+        self.target = target  # runs every step: it gives the inputs and the labels
+        self.samples = training_samples(cfg, target.tokenizer)
+        self.held = eval_samples(cfg)
+        if checkpoint is not None:
+            model = Eagle3DrafterModel.from_pretrained(checkpoint, target)
+        else:
+            model = Eagle3DrafterModel.for_target(target, draft_vocab=choose_draft_vocab(target, self.samples, cfg))
+        self.draft_index = torch.full((target.vocab_size,), -1, dtype=torch.long)  # target id -> draft id, or -1
+        self.draft_index[model.draft_vocab] = torch.arange(len(model.draft_vocab))
+        self.embedding = target.model.get_input_embeddings().weight
+        self.batches_per_epoch = len(batches(self.samples, cfg.tokens_per_batch, cfg.max_len, cfg.seed, 0))
+        return model
+
+    def step(self, model, step: int, rank: int, world: int) -> StepResult:
+        cfg = self.config
+        epoch, index = divmod(step, self.batches_per_epoch)
+        group = batches(self.samples, cfg.tokens_per_batch, cfg.max_len, cfg.seed, epoch)[index]
+        batch = target_pass(self.target, group, model.feature_layers, cfg.max_len)
+        loss, hits, counts = ttt_losses(model, self.embedding, batch, self.draft_index, cfg)
+        return StepResult(loss, int(batch["lengths"].sum()), (epoch, hits, counts))
+
+    def train_record(self, result: StepResult, progress: Progress) -> dict:
+        epoch, hits, counts = result.details
+        return {"step": progress.step, "loss": float(result.loss.detach()), "lr": progress.lr, "epoch": epoch,
+                **{f"train_acc@{s + 1}": hits[s] / max(counts[s], 1) for s in range(self.config.ttt_steps)},
+                "tokens": progress.tokens, "elapsed": progress.seconds}
+
+    def evaluate(self, model) -> dict | None:
+        return evaluate(model, self.target, self.held, self.config, self.draft_index) if self.held else None
+
+    def eval_record(self, entry: dict) -> dict:
+        return entry
+
+    def session(self) -> dict:
+        return {"data": self.config.data, "training_conversations": len(self.samples)}
+
+    def describe(self, model) -> str:
+        return (f"an EAGLE-3 drafter ({model.num_parameters() / 1e6:.2f}M params, draft vocab "
+                f"{len(model.draft_vocab)}) on {len(self.samples)} conversations in {self.batches_per_epoch} "
+                f"batches per epoch, eval on {len(self.held)} held-out samples")
+
+    def recipe(self, model, run: RunSummary) -> dict:
+        cfg = self.config
+        metrics = {k: v for k, v in run.history[-1].items() if k != "step"} if run.history else {}
+        return {"trainer": "falconspec.train_eagle3", "config": asdict(cfg), "steps": run.step,
+                "training_conversations": len(self.samples), "metrics": metrics,
+                "command": "falconspec train-eagle3 " + " ".join(
+                    f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out") + f" --out {cfg.out}"}
+
+
+def train(cfg: Eagle3TrainConfig) -> Path:
+    """Train (or resume) an EAGLE-3 drafter in the one training loop; returns the final drafter directory."""
+    from . import trainer
+
+    return trainer.train(Eagle3Objective(cfg))

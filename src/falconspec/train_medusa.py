@@ -1,5 +1,6 @@
-"""Train Medusa heads on gen-data shards (``falconspec train --kind medusa``): the same data, vocabulary, schedule,
-checkpointing and run directory as the CSGD trainer (:mod:`.train`), with a simpler loss.
+"""Train Medusa heads on gen-data shards (``falconspec train --kind medusa``): :class:`MedusaObjective` in the one
+training loop (:mod:`.trainer`), with the same data and vocabulary as the CSGD objective (:mod:`.train`) and a
+simpler loss.
 
 Head i at position j reads h_j and guesses x_{j+2+i}. Its target distribution is the target's own at position
 j+1+i, softmax(LM_head(h_{j+1+i})), taken from the stored features; its label is the target's greedy token there.
@@ -10,20 +11,15 @@ heads and over positions whose guessed token is assistant text. Held-out: per-de
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .train_common import (
-    TrainConfig, batch_indices, describe_slice, draft_vocabulary, load_data, log_record, lr_at, resolve_init_from,
-    save_checkpoint,
+    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
 )
+from .trainer import Objective, Progress, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +57,8 @@ def medusa_losses(model, batch: dict, head: torch.Tensor, vocab_index: torch.Ten
     guesses = model(batch["features"])  # [B, L, K, H]
     b_idx = torch.arange(valid.shape[0])[:, None, None].expand_as(valid)
     true = batch["features"][b_idx, batch["source"]][valid]  # [n, H] h_{j+1+i}
-    draft_logp = F.linear(guesses[valid].float(), head).log_softmax(-1)  # [n, D]
-    target_logp = F.linear(true, head).log_softmax(-1)
-    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
-    label = vocab_index[batch["labels"][valid].clamp(min=0)]
-    has = label >= 0
-    ce = F.nll_loss(draft_logp[has], label[has]) if has.any() else kl * 0
+    label = draft_index(batch["labels"][valid], vocab_index)
+    kl, ce, draft_logp = distillation_losses(F.linear(guesses[valid].float(), head), F.linear(true, head), label)
     hits = torch.zeros(valid.shape, dtype=torch.float)
     hits[valid] = (draft_logp.argmax(-1) == label).float()
     acc = hits.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)  # [K]
@@ -80,91 +72,53 @@ def evaluate_medusa(model, head, vocab, samples: list[dict], cfg: TrainConfig) -
     K, chains = model.config.num_heads, []
     for s in samples:
         s = {key: v[: cfg.max_len] for key, v in s.items()}
-        ids, greedy, mask = s["input_ids"].long(), s["target_tokens"].long(), s["loss_mask"].bool()
-        L = len(ids)
-        j = torch.arange(0, max(L - K - 1, 0))
-        if len(j) == 0:
-            continue
-        window = j[:, None] + 1 + torch.arange(K + 1)[None]  # positions j+1 .. j+K+1
-        ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
-        j = j[ok]
+        j = rollout_starts(s, 0, K + 1)  # x_{j+1..j+K+1}, the root x_{j+1} and the K guessed tokens, are scored
         if len(j) == 0:
             continue
         guesses = model(s["hidden_states"].float()[j])  # [n, K, H]
         drafted = vocab[F.linear(guesses.float(), head).argmax(-1)]  # [n, K]
-        truth = greedy[j[:, None] + 1 + torch.arange(K)[None]]
+        truth = s["target_tokens"].long()[j[:, None] + 1 + torch.arange(K)[None]]
         chains.append((drafted == truth).long().cumprod(1))
-    if not chains:
-        return {}
-    acc = torch.cat(chains).float().mean(0)
-    return {**{f"acc@{d + 1}": round(float(acc[d]), 4) for d in range(K)}, "rollouts": sum(len(c) for c in chains)}
+    return chain_accuracy(chains)
 
 
-def train_medusa(cfg: TrainConfig) -> Path:
-    """Train (or resume) Medusa heads; single process. Returns the final drafter directory."""
-    from .drafters.medusa import MedusaHeads
-    from .models import load_target
+class MedusaObjective(ShardObjective, Objective):
+    """Medusa heads on gen-data shards (``falconspec train --kind medusa --medusa-heads K``), one process."""
 
-    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
-    target = load_target(cfg.model)
-    train_samples, eval_samples, data_meta = load_data(cfg, target.hidden_size)
-    state = None
-    if (ckpt / "state.pt").exists():
-        model = MedusaHeads.from_pretrained(ckpt, target)
-        if model.config.num_heads != cfg.medusa_heads:
-            raise ValueError(f"{ckpt} holds {model.config.num_heads} heads: resume with --medusa-heads "
+    name = "medusa"
+
+    def load(self, directory, target):
+        from .drafters.medusa import MedusaHeads
+
+        return MedusaHeads.from_pretrained(directory, target)
+
+    def check(self, model, why: str, source) -> None:
+        if why == "resume" and model.config.num_heads != self.config.medusa_heads:
+            raise ValueError(f"{source} holds {model.config.num_heads} heads: resume with --medusa-heads "
                              f"{model.config.num_heads} or use a new --out")
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-    elif cfg.init_from:
-        model = MedusaHeads.from_pretrained(resolve_init_from(cfg), target)
-    else:
+
+    def fresh(self, target):
+        from .drafters.medusa import MedusaHeads
+
+        cfg = self.config
         torch.manual_seed(cfg.seed)
-        model = MedusaHeads.for_target(target, cfg.medusa_heads, draft_vocabulary(train_samples, target, cfg))
-    head = model.head_weight(target.lm_head.weight.detach()).float()  # [D, H]
-    vocab = model.draft_vocab if model.draft_vocab is not None else torch.arange(target.vocab_size)
-    vocab_index = torch.full((target.vocab_size,), -1, dtype=torch.long)
-    vocab_index[vocab] = torch.arange(len(vocab))
-    del target
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step, history = 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("training %d Medusa heads (%.2fM params, draft vocab %d) on %d samples, eval on %d",
-             cfg.medusa_heads, model.num_parameters() / 1e6, len(vocab), len(train_samples), len(eval_samples))
-    t0 = time.time()
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        picked = [train_samples[i] for i in batch_indices(len(train_samples), step, cfg, 0, 1)]
-        losses = medusa_losses(model, head_targets(picked, cfg.medusa_heads, cfg.max_len), head, vocab_index,
-                               cfg.kl_weight)
-        losses["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % cfg.log_every == 0 or step == 1:
-            log_record(out, {"step": step, "lr": lr, "total": round(float(losses["total"].detach()), 4),
-                       "acc": [round(float(a), 4) for a in losses["acc"].detach()], "positions": losses["count"],
-                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "seconds": round(time.time() - t0, 1)})
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            model.eval()
-            history.append({"step": step, **evaluate_medusa(model, head, vocab, eval_samples, cfg)})
-            model.train()
-            log_record(out, {"eval": history[-1]})
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(ckpt, model, {"optimizer": optimizer.state_dict(), "step": step, "history": history,
-                                          "config": asdict(cfg)})
-    final = out / "drafter"
-    model.save_pretrained(final)
-    recipe = {"command": " ".join(["falconspec"] + sys.argv[1:]), "config": asdict(cfg), "data": data_meta,
-              "data_slice": describe_slice(data_meta), "seed": cfg.seed, "train_samples": len(train_samples),
-              "eval_samples": len(eval_samples), "processes": 1, "parameters": model.num_parameters(),
-              "history": history, "final": history[-1] if history else {}}
-    (final / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
-    return final
+        return MedusaHeads.for_target(target, cfg.medusa_heads, draft_vocabulary(self.train_samples, target, cfg))
+
+    def step(self, model, step: int, rank: int, world: int) -> StepResult:
+        cfg = self.config
+        batch = head_targets(self.batch_samples(step, rank, world), cfg.medusa_heads, cfg.max_len)
+        losses = medusa_losses(model, batch, self.head, self.vocab_index, cfg.kl_weight)
+        return StepResult(losses["total"], details=losses)
+
+    def train_record(self, result: StepResult, progress: Progress) -> dict:
+        losses = result.details
+        return {"step": progress.step, "lr": progress.lr, "total": round(float(losses["total"].detach()), 4),
+                "acc": [round(float(a), 4) for a in losses["acc"].detach()], "positions": losses["count"],
+                "grad_norm": progress.grad_norm, "seconds": round(progress.seconds, 1)}
+
+    def evaluate(self, model) -> dict:
+        return evaluate_medusa(model, self.head, self.vocab, self.eval_samples, self.config)
+
+    def describe(self, model) -> str:
+        return (f"{self.config.medusa_heads} Medusa heads ({model.num_parameters() / 1e6:.2f}M params, draft vocab "
+                f"{len(self.vocab)}) on {len(self.train_samples)} samples, eval on {len(self.eval_samples)}")

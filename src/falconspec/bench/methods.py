@@ -1,9 +1,10 @@
 """The decoding methods a benchmark compares, behind one interface: token ids in, a :class:`TurnResult` out.
 
 * ``greedy``: plain decoding in our engine (``SpeculativeGenerator`` without a drafter), the speed-up baseline;
-* ``pld``: our prompt-lookup drafter; ``falcon``/``eagle``/``medusa``: trained drafter checkpoints, run in the
-  target's dtype (default: the ones shipped for a built-in model); ``lookahead``: lookahead decoding (a Jacobi
-  window and an n-gram pool, no training);
+* every drafter kind of :mod:`..drafters.registry` but ``none``: ``pld``, our prompt-lookup drafter;
+  ``falcon``/``eagle``/``eagle3``/``medusa``, trained drafter checkpoints, run in the target's dtype (default: the
+  ones shipped for a built-in model); ``lookahead``, lookahead decoding (a Jacobi window and an n-gram pool, no
+  training);
 * ``hf``, ``hf-pld``, ``hf-assisted``: Hugging Face ``generate`` plain, with prompt lookup, and with an assistant
   model (a copy of the target's first layers sharing its weights, or a small model given by path);
 * ``llamacpp``, ``llamacpp-ngram``, ``llamacpp-eagle3``: llama.cpp on the target's GGUF file, plain, with its
@@ -30,18 +31,20 @@ from pathlib import Path
 import torch
 
 from ..drafters import make_drafter, shipped_drafter_dir
+from ..drafters.registry import KINDS, MODEL_FREE_NAMES, TRAINED_NAMES
 from ..generate import SpeculativeGenerator
 from ..target import TargetModel
 from .datasets import display_path
 
 log = logging.getLogger(__name__)
 
-ENGINE_METHODS = ("greedy", "pld", "falcon", "eagle", "eagle3", "medusa", "lookahead")
+BASELINE = "greedy"
+# our engine: the baseline, then every drafter kind of the registry (drafters.registry) but "none"
+ENGINE_METHODS = (BASELINE,) + tuple(kind.name for kind in KINDS if kind.name != "none")
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
 LLAMACPP_METHODS = ("llamacpp", "llamacpp-ngram", "llamacpp-eagle3")
 METHOD_NAMES = ENGINE_METHODS[:2] + HF_METHODS + ENGINE_METHODS[2:] + LLAMACPP_METHODS
-CHECKPOINT_METHODS = ("falcon", "eagle", "eagle3", "medusa")  # need a trained drafter directory
-BASELINE = "greedy"
+CHECKPOINT_METHODS = TRAINED_NAMES  # need a trained drafter directory
 # The method a method's speed and answers are compared with, where it is not the baseline greedy. llama.cpp computes
 # with its quantized weights times 8-bit activations, so only its own plain decoding is expected to give the same
 # tokens as its speculative methods; llama.cpp's plain decoding itself is compared with our greedy.
@@ -79,7 +82,7 @@ class Skipped:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    drafter_dirs: dict[str, str] = field(default_factory=dict)  # falcon/eagle/medusa -> checkpoint dir
+    drafter_dirs: dict[str, str] = field(default_factory=dict)  # trained drafter kind -> checkpoint dir
     assistant: str = "6"  # hf-assisted: number of target layers to keep, or an assistant model directory
     prompt_lookup_tokens: int = 10  # hf-pld: prompt_lookup_num_tokens
     matmul_path: str = "auto"  # our drafters: few-row product path per row count, measured (auto) or forced
@@ -261,7 +264,7 @@ def _build(name: str, target: TargetModel, model: str, options: MethodOptions) -
     if name == "greedy":
         return EngineMethod(name, target)
     budget = {k: v for k, v in (("num_nodes", options.num_nodes), ("depth", options.depth)) if v is not None}
-    if name in ("pld", "lookahead"):  # model-free drafters
+    if name in MODEL_FREE_NAMES:  # model-free drafters
         return EngineMethod(name, target, make_drafter(name, target, **budget), matmul_path=options.matmul_path)
     if name == "hf":
         return HFMethod(name, target)

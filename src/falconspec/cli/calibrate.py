@@ -33,12 +33,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..calibrate import FULL, QUICK, Calibration
     from ..drafters import SHIPPED_KINDS, make_drafter, shipped_drafter_dir
+    from ..drafters.registry import MODEL_FREE_NAMES
     from ..models import load_target
 
     effort = QUICK if args.quick else FULL
     target = load_target(args.model, dtype=args.dtype, device=args.device)
     names = args.drafters or ([k for k in SHIPPED_KINDS if shipped_drafter_dir(target.name, k).is_dir()]
-                              + ["pld", "lookahead"])
+                              + [name for name in MODEL_FREE_NAMES if name != "none"])
     start = time.perf_counter()
     calibration = Calibration.for_target(target, effort, recalibrate=args.recalibrate)
     if args.recalibrate:

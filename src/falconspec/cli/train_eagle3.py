@@ -1,4 +1,5 @@
-"""``falconspec train-eagle3``: train an EAGLE-3 drafter with training-time test (see :mod:`falconspec.train_eagle3`).
+"""``falconspec train-eagle3``: train an EAGLE-3 drafter with training-time test (see :mod:`falconspec.train_eagle3`)
+in the one training loop (:mod:`falconspec.trainer`).
 
 The target runs teacher-forced over each batch of conversations, so no gen-data step is needed. Re-running the same
 command resumes from ``--out``/checkpoint. The drafter lands in ``--out``/drafter, loadable by every falconspec
@@ -8,28 +9,22 @@ command and exportable with ``falconspec export --format eagle3|gguf``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def register(subparsers) -> None:
     from ..train_eagle3 import Eagle3TrainConfig
+    from .common import add_config_flags
 
     parser = subparsers.add_parser("train-eagle3", help="train an EAGLE-3 drafter (training-time test)",
                                    description=__doc__)
-    for field in dataclasses.fields(Eagle3TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.default is dataclasses.MISSING:
-            parser.add_argument(flag, required=True)
-        else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
-            parser.add_argument(flag, type=kind, default=field.default, help="(default: %(default)s)")
+    add_config_flags(parser, Eagle3TrainConfig)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train_eagle3 import Eagle3TrainConfig, train
+    from .common import config_from_args
 
-    names = {f.name for f in dataclasses.fields(Eagle3TrainConfig)}
-    result = train(Eagle3TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    result = train(config_from_args(Eagle3TrainConfig, args))
     print(f"train-eagle3: drafter saved to {result}")
     return 0

@@ -1,20 +1,19 @@
-"""Drafters: who proposes the token trees the target verifies."""
+"""Drafters: who proposes the token trees the target verifies. Which kinds exist is :mod:`.registry`'s table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .base import Drafter, NoDrafter
 from .lookahead import LookaheadDrafter
 from .ngram import PromptLookupDrafter
+from .registry import BY_NAME, MODEL_FREE_NAMES, TRAINED_NAMES, kind_for_format
 
 __all__ = ["Drafter", "LookaheadDrafter", "NoDrafter", "PromptLookupDrafter", "load_checkpoint",
            "make_drafter", "shipped_drafter_dir"]
 
-MODEL_FREE = {"none": NoDrafter, "pld": PromptLookupDrafter, "lookahead": LookaheadDrafter}
-SHIPPED_KINDS = ("falcon", "eagle", "eagle3", "medusa")  # trained drafters a built-in model may ship with
+MODEL_FREE = {name: BY_NAME[name] for name in MODEL_FREE_NAMES}  # drafters that need no checkpoint
+SHIPPED_KINDS = TRAINED_NAMES  # trained drafters a built-in model may ship with
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "drafters"
 
 
@@ -24,8 +23,9 @@ def shipped_drafter_dir(model: str, kind: str) -> Path:
 
 
 def make_drafter(name: str, target=None, **options) -> Drafter:
-    """A drafter by name (``none``, ``pld``, ``lookahead``; ``falcon``, ``eagle`` or ``medusa``: the drafter shipped
-    for a built-in target) or from a trained drafter checkpoint directory for ``target``.
+    """A drafter by name (model-free: ``none``, ``pld``, ``lookahead``; trained: ``falcon``, ``eagle``, ``eagle3`` or
+    ``medusa``, the drafter shipped for a built-in target; see :mod:`.registry`) or from a trained drafter
+    checkpoint directory for ``target``.
 
     ``options`` go to the drafter's constructor (``num_nodes``, ``depth``, ...; ``dtype`` for trained drafters,
     by default the target's).
@@ -33,7 +33,7 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
     measured costs (:mod:`..planner`).
     """
     if name in MODEL_FREE:
-        return MODEL_FREE[name](**options)
+        return MODEL_FREE[name].make(**options)
     if name in SHIPPED_KINDS:
         if target is None:
             raise ValueError(f"the {name} drafter needs the target model it drafts for")
@@ -54,7 +54,8 @@ def make_drafter(name: str, target=None, **options) -> Drafter:
 
 
 def load_checkpoint(directory: str | Path, target, **options) -> Drafter:
-    """A trained drafter from its checkpoint directory; the ``format`` in its config.json picks the class."""
+    """A trained drafter from its checkpoint directory; the ``format`` in its config.json picks the loader
+    (:func:`.registry.kind_for_format`)."""
     import json
 
     from .sar_model import CONFIG_FILE
@@ -69,16 +70,4 @@ def load_checkpoint(directory: str | Path, target, **options) -> Drafter:
         kind = json.loads(config.read_text()).get("format")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"{config} is not a drafter config: {err}") from err
-    if kind == "falconspec-medusa":
-        from .medusa import MedusaDrafter
-
-        return MedusaDrafter.from_pretrained(directory, target, **options)
-    if kind == "falconspec-eagle3":
-        from .eagle3_model import Eagle3DrafterModel
-        from .sar import SARDrafter  # an EAGLE-3 head drafts like a k=1 SAR drafter
-
-        dtype = options.pop("dtype", torch.float32)
-        return SARDrafter(Eagle3DrafterModel.from_pretrained(directory, target, dtype), target, **options)
-    from .sar import SARDrafter  # SAR configs name their own format; from_config reports any other
-
-    return SARDrafter.from_pretrained(directory, target, **options)
+    return kind_for_format(kind).load(directory, target, **options)

@@ -248,3 +248,11 @@ class Eagle3DrafterModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def load_drafter(directory: str | Path, target, dtype: torch.dtype = torch.float32, **options):
+    """A drafter over the EAGLE-3 checkpoint in ``directory``: it drafts like a k=1 SAR drafter
+    (:class:`~.sar.SARDrafter`); ``options`` go to that."""
+    from .sar import SARDrafter
+
+    return SARDrafter(Eagle3DrafterModel.from_pretrained(directory, target, dtype), target, **options)
