@@ -248,3 +248,24 @@ def test_a_fallback_that_would_be_final_waits_for_evidence():
     plans = [planner.observe(chain, [0]) for _ in range(12)]
     assert not any(p.plain for p in plans[:7])  # fewer than MIN_FALLBACK_TRIALS trials: keep drafting
     assert plans[-1].plain
+
+
+def test_a_batch_plans_one_budget_for_all_its_sequences():
+    """The forward pads every tree to the largest: one sequence's tree costs every sequence its rows."""
+    from falconspec.planner import batch_plan
+
+    def share(batch):  # per sequence: c(B * n) / B, each row beyond the first costing a tenth of a step
+        return lambda n: (1.0 + 0.1 * (batch * n - 1)) / batch
+
+    sure, hopeless = np.full((6, 4), 0.01), np.full((6, 4), 0.01)
+    sure[:, 0], hopeless[:, 0] = 0.95, 0.02  # the top candidate at every depth
+    good = BudgetPlanner(share(4), lambda d: 0.0, AcceptanceProfile(sure), SIZES, max_depth=4)
+    bad = BudgetPlanner(share(4), lambda d: 0.0, AcceptanceProfile(hopeless), SIZES, max_depth=4)
+    alone = good.best_plan()
+    assert alone.num_nodes >= 3
+    together = batch_plan([good, good, good, good], [True] * 4)
+    assert (together.num_nodes, together.depth) == (alone.num_nodes, alone.depth)  # the same sequences agree
+    # three sequences whose drafters stopped following pay for the fourth's padded rows and gain nothing from them
+    assert batch_plan([good, bad, bad, bad], [True, False, False, False]).num_nodes < alone.num_nodes
+    assert batch_plan([bad] * 4, [True] * 4).plain
+    assert batch_plan([good, good], [False, False]).plain

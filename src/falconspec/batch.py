@@ -25,7 +25,8 @@ draws exactly the same tokens.
 Budgets: each sequence has a planner of its own (it follows that sequence's acceptance). The forward runs every row
 of the batch, so with ``planner="auto"`` a sequence's planner sees its share of the cost: ``c(B * n) / B`` for a tree
 of ``n`` nodes in a batch of ``B`` (:meth:`~.calibrate.Calibration.verify_cost`), updated whenever ``B`` changes.
-A given :class:`~.planner.BudgetPlanner` is copied for each sequence and used with its own costs as given; None
+Trees are padded to the largest in the forward, so the batch drafts with one budget for all its sequences, the one
+with the most expected tokens per second over the batch (:func:`~.planner.batch_plan`). A given :class:`~.planner.BudgetPlanner` is copied for each sequence and used with its own costs as given; None
 leaves the drafter's budget as it is.
 
 The methods are serialized by a lock: ``add`` and ``cancel`` from other threads wait for a running ``step``.
@@ -41,7 +42,7 @@ from typing import Callable
 
 from .drafters.base import Drafter, NoDrafter
 from .generate import GenerationResult, SequenceDecoder, StreamChunk, check_stream_request, collect, elapsed_since
-from .planner import BudgetPlanner
+from .planner import BudgetPlanner, batch_plan
 from .target import TargetModel
 from .tree import Tree
 
@@ -152,6 +153,7 @@ class BatchGenerator:
                 return {}
             ids = list(self._decoding)
             decoders = [self._decoding[i] for i in ids]
+            self._plan_together(decoders)
             trees = [decoder.propose() for decoder in decoders]
             start = time.perf_counter()
             outs = self.target.forward_trees(trees, [d.cache for d in decoders], self.drafter.feature_layers)
@@ -194,6 +196,17 @@ class BatchGenerator:
         if self.calibration is not None:
             return self.calibration.planner(self.target, self.drafter, self.matmul_path, batch_size)
         return copy.deepcopy(self._template) if self._template is not None else None
+
+    def _plan_together(self, decoders: list[SequenceDecoder]) -> None:
+        """Give every drafting sequence the batch's one budget (:func:`~.planner.batch_plan`): the forward pads every
+        tree to the largest, so a tree one sequence alone would choose costs every sequence its rows."""
+        planned = [d for d in decoders if d.planner is not None]
+        if len(planned) < 2:
+            return  # one sequence (or fixed budgets): its own plan
+        plan = batch_plan([d.planner for d in planned], [d.follow for d in planned])
+        for decoder in planned:
+            if decoder.follow:
+                decoder.plan = plan
 
     def _replan(self, batch_size: int) -> None:
         """Give every sequence's planner its share of a forward over ``batch_size`` sequences."""

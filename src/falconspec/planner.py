@@ -209,6 +209,10 @@ class BudgetPlanner:
         self.verify_cost, self._verify = verify_cost, costs
         return self._replan() if self._current is not None else None
 
+    def verify_seconds(self, num_nodes: int) -> float:
+        """The verification cost this planner plans with for a tree of ``num_nodes`` (one of :attr:`sizes`)."""
+        return self._verify[num_nodes]
+
     # ---------------------------------------------------------------- per generation
     def start(self) -> Plan:
         """Begin a generation from the prior; returns the first plan."""
@@ -272,6 +276,33 @@ class BudgetPlanner:
     def best_plan(self) -> Plan:
         """The candidate with the most expected tokens per second (plain decoding wins ties)."""
         return max(self.candidates(), key=lambda plan: (plan.tokens_per_second, plan.plain))
+
+
+def batch_plan(planners: Sequence[BudgetPlanner], drafting: Sequence[bool]) -> Plan:
+    """One budget for every sequence of a batch. A batched forward pads every tree to the largest, so each sequence
+    pays for as many rows as the largest tree: the batch gains most from one (nodes, depth) for all, the one with
+    the most expected tokens per second over the batch, sum of expected tokens / sum of cycle seconds (each
+    sequence's share of the forward plus its drafting; each planner plans with its share, see
+    :meth:`BudgetPlanner.set_verify_cost`). A sequence that does not draft (``drafting`` False: its drafter stopped
+    following the text) commits one token per cycle and still pays its share of the padded rows. Returns the plan of
+    an average sequence of the batch; plain decoding when no sequence drafts."""
+    options: dict[tuple[int, int], list[float]] | None = None
+    for planner, drafts in zip(planners, drafting):
+        if not drafts:
+            continue
+        plans = {(plan.num_nodes, plan.depth): plan for plan in planner.candidates()}
+        sums = options if options is not None else {key: [0.0, 0.0] for key in plans}
+        options = {key: [total[0] + plans[key].expected_tokens, total[1] + plans[key].cycle_seconds]
+                   for key, total in sums.items() if key in plans}
+    if not options:
+        return Plan(1, 0, 1.0, sum(planner.verify_seconds(1) for planner in planners) / max(len(planners), 1))
+    for planner, drafts in zip(planners, drafting):
+        if not drafts:
+            for (n, _), total in options.items():
+                total[0] += 1.0
+                total[1] += planner.verify_seconds(n)
+    (n, depth), (tokens, seconds) = max(options.items(), key=lambda item: (item[1][0] / item[1][1], item[0] == (1, 0)))
+    return Plan(n, depth, tokens / len(planners), seconds / len(planners))
 
 
 def interpolate(sizes: Sequence[int], values: Sequence[float]) -> Callable[[int], float]:

@@ -162,19 +162,10 @@ COLUMNS = ("dataset", "method", "batch size", "tokens/s", "vs batch 1", "vs gree
 
 
 def batch_markdown(summary: dict) -> str:
-    from .report import _by_setting, _load, contended
+    from .report import _by_setting, header
 
-    config, env = summary["config"], summary["environment"]
-    start, end = env["start"], env.get("end", env["start"])
-    lines = [f"# falconspec bench (batched): {config['model']}", "",
-             f"{start['time']} to {end['time']} on {start['cpu'] or start['platform']} ({start['cpu_count']} cores, "
-             f"{start['torch_threads']} torch threads), torch {start['torch']}, transformers {start['transformers']}, "
-             f"falconspec {start['falconspec']}. Load average at start {_load(start)}, at end {_load(end)}.", ""]
-    if contended(start, end):
-        lines += ["> **Contended machine**: other processes loaded the CPU during the run, so these timings are not "
-                  "results.", ""]
-    if summary.get("command"):
-        lines += [f"Command: `{summary['command']}`", ""]
+    config = summary["config"]
+    lines = header(summary, f"falconspec bench (batched): {config['model']}")
     lines += [f"Batch sizes {', '.join(map(str, summary['batch_sizes']))}; max-new-tokens {config['max_new_tokens']}, "
               f"seed {config['seed']}, device {config['device']}.", ""]
     for entry in summary["datasets"]:

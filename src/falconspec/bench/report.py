@@ -68,10 +68,11 @@ def write_report(out: str | Path, summary: dict) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def markdown(summary: dict, legend: bool = True) -> str:
-    config, env = summary["config"], summary["environment"]
+def header(summary: dict, title: str) -> list[str]:
+    """A report's first lines: title, when and on what machine, a warning if it was contended, the command."""
+    env = summary["environment"]
     start, end = env["start"], env.get("end", env["start"])
-    lines = [f"# falconspec bench: {config['model']}", "",
+    lines = [f"# {title}", "",
              f"{start['time']} to {end['time']} on {start['cpu'] or start['platform']} ({start['cpu_count']} cores, "
              f"{start['torch_threads']} torch threads), torch {start['torch']}, transformers {start['transformers']}, "
              f"falconspec {start['falconspec']}. Load average at start {_load(start)}, at end {_load(end)}.", ""]
@@ -80,6 +81,12 @@ def markdown(summary: dict, legend: bool = True) -> str:
                   "benchmark's own threads), so these timings are not results.", ""]
     if summary.get("command"):
         lines += [f"Command: `{summary['command']}`", ""]
+    return lines
+
+
+def markdown(summary: dict, legend: bool = True) -> str:
+    config = summary["config"]
+    lines = header(summary, f"falconspec bench: {config['model']}")
     lines += [f"max-new-tokens {config['max_new_tokens']}, seed {config['seed']}, device {config['device']}.", ""]
     for entry in summary["datasets"]:
         skipped = entry.get("skipped_too_long") or []
