@@ -42,7 +42,7 @@ from typing import Callable
 
 from .drafters.base import Drafter, NoDrafter
 from .generate import GenerationResult, SequenceDecoder, StreamChunk, check_stream_request, collect, elapsed_since
-from .planner import BudgetPlanner, batch_plan
+from .planner import BudgetPlanner, Plan, batch_plan
 from .target import TargetModel
 from .tree import Tree
 
@@ -204,9 +204,13 @@ class BatchGenerator:
         if len(planned) < 2:
             return  # one sequence (or fixed budgets): its own plan
         plan = batch_plan([d.planner for d in planned], [d.follow for d in planned])
+        plain = Plan(1, 0, 1.0, plan.cycle_seconds)
         for decoder in planned:
             if decoder.follow:
-                decoder.plan = plan
+                # as alone, a drafter that cannot be probed stops following when it is not to draft: no drafter pass
+                # per cycle for trees the batch will not verify
+                decoder.follow = not plan.plain or decoder.planner.probe
+            decoder.plan = plan if decoder.follow else plain  # one that does not follow never drafts again
 
     def _replan(self, batch_size: int) -> None:
         """Give every sequence's planner its share of a forward over ``batch_size`` sequences."""

@@ -199,6 +199,8 @@ class SequenceDecoder:
         start = time.perf_counter()
         planner, plan, seq = self.planner, self.plan, self.seq
         max_depth = min(self.max_new_tokens - self.produced, self.target.max_context - seq.cache.length) - 1
+        if plan is not None:
+            self.stats.note_plan(plan)
         budget = planner.probe_plan() if plan is not None and plan.plain else plan
         if planner is None or budget is not None:
             if budget is not None:
@@ -224,8 +226,6 @@ class SequenceDecoder:
         if chunk is not None and chunk.finish_reason is not None:
             self.stats.new_tokens = len(self.text.new_ids)
             self.stats.total_time = time.perf_counter() - self.started
-            if self.planner is not None:
-                self.stats.record_plans(self.planner)
             chunk.stats = self.stats
         return chunk
 

@@ -22,7 +22,8 @@ class SpecStats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     total_time: float = 0.0
-    # the planner's choices: one entry per change, {"cycle", "num_nodes", "depth", "expected_tokens"}
+    # the budgets drafted with (the planner's, or a batch's): one entry per change, {"cycle", "num_nodes", "depth",
+    # "expected_tokens"}
     plans: list[dict] = field(default_factory=list)
     fell_back: bool = False  # the planner expected no tree to beat plain decoding and decoded plainly
     # per cycle: the drafting seconds since the previous cycle's verification (its drafter update, then this
@@ -30,10 +31,13 @@ class SpecStats:
     cycle_draft_seconds: list[float] = field(default_factory=list, repr=False)
     _draft_time_seen: float = field(default=0.0, repr=False)
 
-    def record_plans(self, planner) -> None:
-        self.plans = [{"cycle": c.cycle, "num_nodes": c.plan.num_nodes, "depth": c.plan.depth,
-                       "expected_tokens": round(c.plan.expected_tokens, 3)} for c in planner.history]
-        self.fell_back = planner.fell_back
+    def note_plan(self, plan) -> None:
+        """The budget the coming cycle drafts with (a :class:`~.planner.Plan`): recorded when it changes."""
+        last = self.plans[-1] if self.plans else None
+        if last is None or (last["num_nodes"], last["depth"]) != (plan.num_nodes, plan.depth):
+            self.plans.append({"cycle": self.cycles, "num_nodes": plan.num_nodes, "depth": plan.depth,
+                               "expected_tokens": round(float(plan.expected_tokens), 3)})
+        self.fell_back = self.fell_back or plan.plain
 
     @property
     def plan_summary(self) -> str:
