@@ -8,5 +8,5 @@ from .target import TargetModel
 from .tree import Tree, TreeError
 
 __version__ = "0.1.0"
-__all__ = ["BatchFullError", "BatchGenerator", "GenerationResult", "SamplingParams", "SpeculativeGenerator", "TargetModel", "Tree", "TreeError",
-           "load_target", "__version__"]
+__all__ = ["BatchFullError", "BatchGenerator", "GenerationResult", "SamplingParams", "SpeculativeGenerator",
+           "TargetModel", "Tree", "TreeError", "load_target", "__version__"]

@@ -89,8 +89,8 @@ class BatchedKVCache:
     Row ``b`` holds sequence ``b``'s ``lengths[b]`` cached positions, then padding up to ``max(lengths)``; the forward
     appends every row's new positions after that. :meth:`write_back` then gives each sequence's own cache its old
     positions plus its first ``num_new[b]`` new ones, so that the sequence's cache looks exactly as after a forward
-    of its own. The caches are copied in and out on every forward (simple and exact; a shared paged cache would avoid
-    the copies).
+    of its own (it appends them: the sequence's cache is only read while stacking). The caches are copied into the
+    batch on every forward (simple and exact; a shared paged cache would avoid the copies).
     """
 
     def __init__(self, caches: list[KVCache]) -> None:
@@ -123,12 +123,10 @@ class BatchedKVCache:
         """After the forward: cache ``b`` becomes its old positions plus the first ``num_new[b]`` new positions of
         row ``b`` (the rest of the row is padding)."""
         start = self.padded_length
-        for row, (cache, length, new) in enumerate(zip(self.caches, self.lengths, num_new)):
-            cache.clear()
-            for index, layer in enumerate(self._hf.layers):
-                keys, values = (torch.cat([t[row:row + 1, ..., :length, :], t[row:row + 1, ..., start:start + new, :]],
-                                          dim=-2) for t in (layer.keys, layer.values))
-                cache._hf.update(keys, values, index)
+        for row, (cache, new) in enumerate(zip(self.caches, num_new)):
+            for index, layer in enumerate(self._hf.layers):  # the cache still holds its old positions: append
+                cache._hf.update(layer.keys[row:row + 1, ..., start:start + new, :],
+                                 layer.values[row:row + 1, ..., start:start + new, :], index)
 
 
 def forward_kwargs(forward: Callable, cache: KVCache | None) -> dict:
