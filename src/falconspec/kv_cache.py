@@ -76,11 +76,13 @@ class KVCache:
         if path == list(range(len(path))):  # a prefix of the forward's positions: dropping the tail is enough
             self.crop_to(prefix_len + len(path))
             return
-        device = self._hf.layers[0].keys.device
-        keep = torch.cat([torch.arange(prefix_len), prefix_len + torch.tensor(path, dtype=torch.long)]).to(device)
+        # move only the accepted nodes, in place, to the front of the forward's positions; then drop the rest
+        source = prefix_len + torch.tensor(path, dtype=torch.long, device=self._hf.layers[0].keys.device)
+        kept = slice(prefix_len, prefix_len + len(path))
         for layer in self._hf.layers:
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
+            layer.keys[..., kept, :] = layer.keys.index_select(-2, source)
+            layer.values[..., kept, :] = layer.values.index_select(-2, source)
+        self.crop_to(prefix_len + len(path))
 
 
 class BatchedKVCache:

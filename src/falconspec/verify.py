@@ -55,24 +55,31 @@ def sample_verify(tree: Tree, target_probs: torch.Tensor, generator: torch.Gener
     drafter: at a node with target distribution p, child token x is accepted with probability p(x); on
     rejection p becomes p with x removed, renormalised, and the next child is tried. If every child is
     rejected, the bonus token is drawn from what is left of p. So P(x) = p(x) for every token x.
+
+    One host synchronisation per cycle. Once children x_1..x_{j-1} are rejected, x_j's residual probability is
+    p(x_j) / (1 - p(x_1) - ... - p(x_{j-1})), so the tests need only p at the drafted tokens; and a node's bonus, drawn
+    when all its children were rejected, comes from p without all of them. So the device draws one uniform per
+    drafted node and one bonus candidate per node up front, and the walk down the tree runs on the host.
     """
     assert target_probs.shape[0] == tree.num_nodes, (target_probs.shape, tree.num_nodes)
+    device, drafted = target_probs.device, tree.num_nodes - 1
+    parents = torch.tensor(tree.parents[1:], dtype=torch.long, device=device)
+    tokens = torch.tensor(tree.tokens[1:], dtype=torch.long, device=device)
+    residual = target_probs.clone()
+    residual[parents, tokens] = 0.0  # every node's p without its children: where its bonus comes from
+    empty = residual.sum(-1, keepdim=True) <= 0  # its children held all the mass: never all rejected, never used
+    bonus = torch.multinomial(torch.where(empty, target_probs, residual), 1, generator=generator).squeeze(-1)
+    uniform = torch.rand(drafted, generator=generator, device=device, dtype=torch.float64)
+    values = torch.cat([target_probs[parents, tokens].double(), uniform, bonus.double()]).tolist()  # the one sync
+    mass, uniform, bonus = values[:drafted], values[drafted:2 * drafted], [int(b) for b in values[2 * drafted:]]
     path = [0]
     while True:
-        node = path[-1]
-        residual = target_probs[node]
-        accepted_child = None
-        for token, child in tree.children[node].items():
-            mass = float(residual[token])
-            if mass <= 0:
-                continue
-            if float(torch.rand((), generator=generator, device=residual.device)) < mass:
-                accepted_child = child
+        node, left, accepted = path[-1], 1.0, None  # left: the probability its rejected children did not take
+        for child in tree.children[node].values():
+            if mass[child - 1] > 0 and uniform[child - 1] * left < mass[child - 1]:
+                accepted = child
                 break
-            residual = residual.clone()  # never write into target_probs
-            residual[token] = 0.0
-            residual /= residual.sum()
-        if accepted_child is None:
-            bonus = int(torch.multinomial(residual, 1, generator=generator))
-            return Acceptance(path, [tree.tokens[i] for i in path[1:]] + [bonus])
-        path.append(accepted_child)
+            left -= mass[child - 1]
+        if accepted is None:
+            return Acceptance(path, [tree.tokens[i] for i in path[1:]] + [bonus[node]])
+        path.append(accepted)
