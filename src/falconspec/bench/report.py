@@ -98,6 +98,7 @@ def markdown(summary: dict, legend: bool = True) -> str:
         lines += [f"## {dtype}, {mode}", "", _table(rows), ""]
         lines += _not_run(rows) + [""]
     llamacpp = any(r["method"] in LLAMACPP_METHODS and r["status"] == "ok" for r in summary["rows"])
+    start = summary["environment"]["start"]
     legend_text = LEGEND + (LLAMACPP_LEGEND.format(version=start.get("xllamacpp") or "?") if llamacpp else "")
     return "\n".join(lines + ([legend_text] if legend else []))
 
