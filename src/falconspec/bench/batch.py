@@ -39,6 +39,7 @@ from .runner import (
     _write_config,
     encode_turn,
     environment,
+    finish_summary,
     fits_context,
     seed_for,
 )
@@ -81,10 +82,7 @@ def run_batch_bench(config: BenchConfig) -> dict:
                                         for s in skipped]
             del target, methods, engine
             gc.collect()
-    for entry in summary["datasets"]:
-        entry["skipped_too_long"] = sorted(too_long[entry["name"]], key=str)
-    summary["environment"]["end"] = environment()
-    return summary
+    return finish_summary(summary, too_long)
 
 
 def _run_setting(config: BenchConfig, target: TargetModel, methods: list[EngineMethod], sizes: list[int],

@@ -113,6 +113,11 @@ def run_bench(config: BenchConfig) -> dict:
                 summary["rows"] += setting.run(methods, skipped, datasets, too_long)
             del target, methods, setting
             gc.collect()
+    return finish_summary(summary, too_long)
+
+
+def finish_summary(summary: dict, too_long: dict[str, set]) -> dict:
+    """Close a run's summary: the prompts each dataset skipped as too long, and the machine's state at the end."""
     for entry in summary["datasets"]:
         entry["skipped_too_long"] = sorted(too_long[entry["name"]], key=str)
     summary["environment"]["end"] = environment()
