@@ -11,7 +11,8 @@ import torch
 from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel, relaxed_causal_mask
 from falconspec.testing import tiny_target
 from falconspec.train import (
-    TrainConfig, apply_glances, choose_glances, csgd_step, make_batch, rollout, rollout_starts, train,
+    TrainConfig, apply_glances, choose_glances, compute_losses, csgd_step, forward, make_batch, rollout, rollout_starts,
+    train,
 )
 
 def sample(ids, mask, hidden=4):
@@ -69,6 +70,34 @@ def test_csgd_step_excludes_glanced_positions(llama):
     plain, record = csgd_step(model, embed, head, vocab_index, batch, TrainConfig(data="", out="", glance=False,
                                                                                  feature_noise=0.0), 0.5, None)
     assert record == {} and plain.count == int(batch.valid.sum())
+
+
+def test_later_slot_weight_weighs_the_second_token_of_each_block(llama):
+    torch.manual_seed(0)
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
+    s = {"input_ids": torch.randint(4, 100, (30,)), "loss_mask": torch.tensor([0] * 6 + [1] * 24)}
+    with torch.no_grad():
+        s["hidden_states"] = llama.decoder(input_ids=s["input_ids"][None]).last_hidden_state[0]
+    s["target_tokens"] = llama.lm_head(s["hidden_states"]).argmax(-1)
+    batch = make_batch([s, s], k=2, max_len=64)
+    head, vocab_index = llama.lm_head.weight.detach(), torch.arange(llama.vocab_size)
+    offsets = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = forward(model, 2, llama.model.get_input_embeddings().weight.detach(), batch, batch.features,
+                      batch.tokens, offsets)
+
+    def total(weight, valid=batch.valid):
+        cfg = TrainConfig(data="", out="", k=2, later_slot_weight=weight)
+        return float(compute_losses(out, batch, valid, head, vocab_index, cfg, offsets).total)
+
+    slot = (torch.arange(batch.valid.shape[1])[None] + offsets[:, None]) % 2
+    assert total(1.0) == pytest.approx(float(compute_losses(out, batch, batch.valid, head, vocab_index,
+                                                            TrainConfig(data="", out="", k=2)).total))
+    # a huge weight leaves (almost) only the second slots' losses; weight 0 only the first slots'
+    assert total(1e6) == pytest.approx(total(1.0, batch.valid & (slot == 1)), rel=1e-4)
+    assert total(0.0) == pytest.approx(total(1.0, batch.valid & (slot == 0)), rel=1e-5)
+    first, second = total(0.0), total(1e6)  # equal weights: the mean of all positions lies between the two
+    assert min(first, second) - 1e-6 <= total(1.0) <= max(first, second) + 1e-6
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .train_common import (
     ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
+    weighted_mean,
 )
 from .trainer import Objective, Progress, StepResult
 
@@ -124,18 +125,24 @@ class Losses:
 
 
 def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, head: torch.Tensor,
-                   vocab_index: torch.Tensor, cfg: TrainConfig) -> Losses:
+                   vocab_index: torch.Tensor, cfg: TrainConfig, block_offset: torch.Tensor | None = None) -> Losses:
     """SmoothL1(o_j, h_{j+k}) + dist_weight * (kl_weight * KL(target || drafter) + (1 - kl_weight) * CE(greedy)),
-    averaged over the ``valid`` [B, S] positions. Both distributions live on the draft vocabulary (``head`` [D, H])."""
+    averaged over the ``valid`` [B, S] positions, slot s of a block (blocks aligned by ``block_offset`` [B]) weighing
+    ``cfg.later_slot_weight ** s``. Both distributions live on the draft vocabulary (``head`` [D, H])."""
     if not valid.any():  # nothing to learn here (keeps the graph, so distributed backward still syncs)
         zero = outputs.sum() * 0
         return Losses(zero, zero, zero, zero, zero.detach(), 0)
     pred = outputs[valid].float()  # [n, H]
     true = batch.target_features[valid]
-    reg = F.smooth_l1_loss(pred, true, reduction="none").mean(-1).mean()
+    weights = None
+    if cfg.later_slot_weight != 1.0 and block_offset is not None:
+        positions = torch.arange(valid.shape[1], device=valid.device)[None]
+        slot = (positions + block_offset[:, None].to(valid.device)) % cfg.k
+        weights = cfg.later_slot_weight ** slot[valid].float()
+    reg = weighted_mean(F.smooth_l1_loss(pred, true, reduction="none").mean(-1), weights)
     label = draft_index(batch.labels[valid], vocab_index)
     kl, ce, draft_logp = distillation_losses(F.linear(pred, head) / cfg.temperature,
-                                             F.linear(true, head) / cfg.temperature, label)
+                                             F.linear(true, head) / cfg.temperature, label, weights)
     dist = cfg.kl_weight * kl + (1 - cfg.kl_weight) * ce
     acc = (draft_logp.argmax(-1) == label).float().mean()
     return Losses(cfg.reg_weight * reg + cfg.dist_weight * dist, reg, kl, ce, acc, int(valid.sum()))
@@ -234,7 +241,7 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
         features, tokens = apply_glances(batch, chosen, features)
         record.update(hamming=int(mismatches.sum()), glanced=int(chosen.sum()), ratio=round(ratio, 4))
     out2 = forward(model, cfg.k, embed, batch, features, tokens, offsets)
-    losses = compute_losses(out2, batch, batch.valid & ~chosen, head, vocab_index, cfg)
+    losses = compute_losses(out2, batch, batch.valid & ~chosen, head, vocab_index, cfg, offsets)
     return losses, record
 
 

@@ -58,6 +58,8 @@ class TrainConfig:
     dtype: str = _opt("float32", "float32, or bfloat16 autocast (fast only on CPUs/GPUs with native bf16)")
     reg_weight: float = _opt(1.0, "weight of the SmoothL1 feature regression")
     dist_weight: float = _opt(0.1, "weight of the distillation loss")
+    later_slot_weight: float = _opt(1.0, "loss weight of the later slots of a SAR block relative to its first (slot s "
+                                         "of a block weighs w**s; k=2: the block's second token)")
     kl_weight: float = _opt(0.9, "share of KL(target || drafter) in the distillation loss; the rest is CE to the "
                                   "target's greedy token")
     temperature: float = _opt(1.0, "distillation temperature (both distributions)")
@@ -139,23 +141,33 @@ def draft_index(labels: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor
     return vocab_index[labels.clamp(min=0)].masked_fill(labels < 0, -1)
 
 
-def distillation_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor,
-                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distillation_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL(target || drafter) and CE to the target's greedy token (draft indices ``labels`` [n]; -1 = not in the
-    draft vocabulary, left out), both over the draft vocabulary, from logits [n, D]; also the drafter's
-    log-probabilities [n, D]."""
+    draft vocabulary, left out), both over the draft vocabulary, from logits [n, D], averaged with per-position
+    ``weights`` [n] (default: equal); also the drafter's log-probabilities [n, D]."""
     target_logp = target_logits.log_softmax(-1)
     draft_logp = draft_logits.log_softmax(-1)
-    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1).mean()
+    kl = weighted_mean((target_logp.exp() * (target_logp - draft_logp)).sum(-1), weights)
     has_label = labels >= 0
-    ce = F.nll_loss(draft_logp[has_label], labels[has_label]) if has_label.any() else draft_logp.sum() * 0
+    if not has_label.any():
+        ce = draft_logp.sum() * 0
+    elif weights is None:
+        ce = F.nll_loss(draft_logp[has_label], labels[has_label])
+    else:
+        nll = -draft_logp[has_label].gather(-1, labels[has_label, None])[:, 0]
+        ce = weighted_mean(nll, weights[has_label])
     return kl, ce, draft_logp
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return values.mean() if weights is None else (values * weights).sum() / weights.sum()
+
+
 def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
-    """The held-out acc@d windows of a gen-data sample: positions t where drafting x_{t+1..t+depth} can be scored: the root x_t and k earlier features exist, the
-    window is assistant text, and the data follows the target's greedy tokens in it (so the target's answer to
-    every drafted prefix is known)."""
+    """The held-out acc@d windows of a gen-data sample: positions t where drafting x_{t+1..t+depth} can be scored:
+    the root x_t and k earlier features exist, the window is assistant text, and the data follows the target's
+    greedy tokens in it (so the target's answer to every drafted prefix is known)."""
     ids, greedy, mask = sample["input_ids"].long(), sample["target_tokens"].long(), sample["loss_mask"].bool()
     L = len(ids)
     t = torch.arange(k, max(L - depth, k))
