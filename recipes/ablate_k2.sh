@@ -3,6 +3,7 @@
 # same data with the same steps, evaluated on the same held-out self-distilled conversations. Stages (resumable):
 #   bash recipes/ablate_k2.sh data        # features: ShareGPT's own answers (the paper's "fixed" data) + held-out
 #   bash recipes/ablate_k2.sh train NAME  # one run (names below); run two at once on two cores
+#   bash recipes/ablate_k2.sh final NAME  # a finished run's drafter on the whole held-out set
 #   bash recipes/ablate_k2.sh shipped     # the shipped round-3 drafters on the same held-out set (no training)
 #   bash recipes/ablate_k2.sh tau NAME    # tau at fixed 4- and 16-node trees on MT-bench first turns
 # Paths are relative to the repository root; runs/ is git-ignored.
@@ -10,10 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FS=${FALCONSPEC:-.venv/bin/falconspec}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-DATA=runs/data/fixed-train-1000
+DATA=runs/data/fixed-train
 HELDOUT=runs/data/sd4-heldout
-STEPS=${STEPS:-600}
-COMMON=(--data $DATA --eval-data $HELDOUT --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt
+EVAL=${EVAL:-$HELDOUT}  # held-out set of the in-training evaluations
+STEPS=${STEPS:-300}
+COMMON=(--data $DATA --eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt
         --lr 1e-3 --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
 declare -A RUNS=(
@@ -26,16 +28,22 @@ declare -A RUNS=(
 )
 case "${1:-}" in
   data)
-    $FS gen-data --mode fixed --split train --limit 1000 --max-len 512 --shard-size 64 --dtype float32 --out $DATA
+    $FS gen-data --mode fixed --split train --limit 832 --max-len 512 --shard-size 64 --dtype float32 --out $DATA
     $FS gen-data --from-tokens recipes/data/sharegpt-sd --split heldout --out $HELDOUT ;;
   train)
     name=$2; [[ -n "${RUNS[$name]+x}" ]] || { echo "unknown run $name: ${!RUNS[*]}"; exit 2; }
     # shellcheck disable=SC2086
     $FS train "${COMMON[@]}" ${RUNS[$name]} --out runs/ablate/$name ;;
-  shipped)
+  final)  # a finished run's drafter evaluated on the whole held-out set (no training: --max-steps 0)
+    name=$2; k=$(grep -o -- '--k [12]' <<< "${RUNS[$name]}" | cut -d' ' -f2)
+    # shellcheck disable=SC2086
+    $FS train "${COMMON[@]}" --eval-data $HELDOUT ${RUNS[$name]} --init-from runs/ablate/$name/drafter --max-steps 0 \
+      --out runs/ablate/final/$name ;;
+  shipped)  # the shipped round-3 drafters on the whole held-out set
     for kind in falcon eagle; do
       k=$([[ $kind == falcon ]] && echo 2 || echo 1)
-      $FS train "${COMMON[@]}" --k $k --init-from $kind --max-steps 0 --out runs/ablate/shipped-$kind
+      $FS train "${COMMON[@]}" --eval-data $HELDOUT --k $k --init-from $kind --max-steps 0 \
+        --out runs/ablate/final/shipped-$kind
     done ;;
   tau)
     name=$2; k=$(grep -o -- '--k [12]' <<< "${RUNS[$name]}" | cut -d' ' -f2)
@@ -43,5 +51,5 @@ case "${1:-}" in
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter runs/ablate/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume \
       --out runs/ablate/$name/tau ;;
-  *) echo "usage: $0 data | train NAME | shipped | tau NAME"; exit 2 ;;
+  *) echo "usage: $0 data | train NAME | final NAME | shipped | tau NAME"; exit 2 ;;
 esac
