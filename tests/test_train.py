@@ -54,13 +54,20 @@ def test_glancing_rule_count_slots_inputs_and_losses():
     assert features[0, 6, 0] == 18 and features[0, 10, 0] == 22  # h_{j+2}
 
 
+def target_sample(llama, length: int, prompt: int) -> dict:
+    """A random sequence with the tiny target's features and greedy tokens; loss on all but the first ``prompt``."""
+    s = {"input_ids": torch.randint(4, 100, (length,)),
+         "loss_mask": torch.tensor([0] * prompt + [1] * (length - prompt))}
+    with torch.no_grad():
+        s["hidden_states"] = llama.decoder(input_ids=s["input_ids"][None]).last_hidden_state[0]
+        s["target_tokens"] = llama.lm_head(s["hidden_states"]).argmax(-1)
+    return s
+
+
 def test_csgd_step_excludes_glanced_positions(llama):
     cfg = TrainConfig(data="", out="", k=2, num_layers=1, feature_noise=0.0)
     model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
-    s = {"input_ids": torch.randint(4, 100, (40,)), "loss_mask": torch.tensor([0] * 8 + [1] * 32)}
-    with torch.no_grad():
-        s["hidden_states"] = llama.decoder(input_ids=s["input_ids"][None]).last_hidden_state[0]
-    s["target_tokens"] = llama.lm_head(s["hidden_states"]).argmax(-1)
+    s = target_sample(llama, 40, 8)
     batch = make_batch([s, s], k=2, max_len=64)
     head, vocab_index = llama.lm_head.weight.detach(), torch.arange(llama.vocab_size)
     embed = llama.model.get_input_embeddings().weight.detach()
@@ -75,10 +82,7 @@ def test_csgd_step_excludes_glanced_positions(llama):
 def test_later_slot_weight_weighs_the_second_token_of_each_block(llama):
     torch.manual_seed(0)
     model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
-    s = {"input_ids": torch.randint(4, 100, (30,)), "loss_mask": torch.tensor([0] * 6 + [1] * 24)}
-    with torch.no_grad():
-        s["hidden_states"] = llama.decoder(input_ids=s["input_ids"][None]).last_hidden_state[0]
-    s["target_tokens"] = llama.lm_head(s["hidden_states"]).argmax(-1)
+    s = target_sample(llama, 30, 6)
     batch = make_batch([s, s], k=2, max_len=64)
     head, vocab_index = llama.lm_head.weight.detach(), torch.arange(llama.vocab_size)
     offsets = torch.tensor([0, 1])
