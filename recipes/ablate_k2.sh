@@ -26,16 +26,17 @@ declare -A RUNS=(
   [k2-first]="--k 2 --later-slot-weight 0.5"    # the block's first token weighs 2x its second
   [k2-second]="--k 2 --later-slot-weight 2.0"   # the block's second token weighs 2x its first
 )
+if [[ "${1:-}" =~ ^(train|final|tau)$ ]]; then
+  name=${2:-}; [[ -n "${RUNS[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS[*]}"; exit 2; }
+fi
 case "${1:-}" in
   data)
     $FS gen-data --mode fixed --split train --limit 832 --max-len 512 --shard-size 64 --dtype float32 --out $DATA
     $FS gen-data --from-tokens recipes/data/sharegpt-sd --split heldout --out $HELDOUT ;;
   train)
-    name=$2; [[ -n "${RUNS[$name]+x}" ]] || { echo "unknown run $name: ${!RUNS[*]}"; exit 2; }
     # shellcheck disable=SC2086
     $FS train "${COMMON[@]}" ${RUNS[$name]} --out runs/ablate/$name ;;
   final)  # a finished run's drafter evaluated on the whole held-out set (no training: --max-steps 0)
-    name=$2; k=$(grep -o -- '--k [12]' <<< "${RUNS[$name]}" | cut -d' ' -f2)
     # shellcheck disable=SC2086
     $FS train "${COMMON[@]}" --eval-data $HELDOUT ${RUNS[$name]} --init-from runs/ablate/$name/drafter --max-steps 0 \
       --out runs/ablate/final/$name ;;
@@ -46,7 +47,7 @@ case "${1:-}" in
         --out runs/ablate/final/shipped-$kind
     done ;;
   tau)
-    name=$2; k=$(grep -o -- '--k [12]' <<< "${RUNS[$name]}" | cut -d' ' -f2)
+    k=$(grep -o -- '--k [12]' <<< "${RUNS[$name]}" | cut -d' ' -f2)
     method=$([[ $k == 2 ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter runs/ablate/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume \

@@ -15,11 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def evals(log: Path) -> list[dict]:
-    if not log.is_file():
-        return []
-    return [json.loads(line)["eval"] for line in log.read_text().splitlines() if line.startswith('{"eval"')]
+from falconspec.train_common import eval_history
 
 
 def tau_rows(summary: Path) -> dict:
@@ -36,10 +32,10 @@ def tau_rows(summary: Path) -> dict:
 
 def collect(root: Path) -> dict:
     runs = {}
-    for final in sorted((root / "final").glob("*/log.jsonl")):
-        name = final.parent.name
-        last = evals(final)[-1]
-        recipe = json.loads((final.parent / "drafter" / "recipe.json").read_text())
+    for final in sorted(path.parent for path in (root / "final").glob("*/log.jsonl")):
+        name = final.name
+        last = eval_history(final)[-1]
+        recipe = json.loads((final / "drafter" / "recipe.json").read_text())
         accs = [last[f"acc@{d}"] for d in range(1, 5)]
         runs[name] = {
             "config": {key: recipe["config"].get(key) for key in ("k", "num_layers", "glance", "later_slot_weight",
@@ -49,7 +45,7 @@ def collect(root: Path) -> dict:
             "final": {"acc": accs, "rollouts": last["rollouts"], "eval_kl": round(last["eval_kl"], 4),
                       "depth2_given_depth1": round(accs[1] / accs[0], 4) if accs[0] else None},
             "curve": [{"step": e["step"], "acc@1": e["acc@1"], "acc@2": e["acc@2"], "rollouts": e["rollouts"]}
-                      for e in evals(root / name / "log.jsonl")],
+                      for e in eval_history(root / name)],
             "tau": tau_rows(root / name / "tau" / "summary.json"),
         }
     return runs

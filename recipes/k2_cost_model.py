@@ -32,14 +32,14 @@ import json
 import math
 from pathlib import Path
 
+from falconspec.calibrate import Calibration
+from falconspec.planner import interpolate
+from falconspec.train_common import eval_history
+
 
 def accuracies(source: str) -> list[float]:
     path = Path(source)
-    if path.is_dir():
-        evals = [json.loads(line)["eval"] for line in (path / "log.jsonl").read_text().splitlines() if '"eval"' in line]
-        record = evals[-1]
-    else:
-        record = json.loads(path.read_text())
+    record = eval_history(path)[-1] if path.is_dir() else json.loads(path.read_text())
     accs, d = [], 1
     while f"acc@{d}" in record:
         accs.append(float(record[f"acc@{d}"]))
@@ -50,19 +50,9 @@ def accuracies(source: str) -> list[float]:
 
 
 def verify_curve(calibration: dict) -> dict[int, float]:
-    """n -> seconds of one verification forward over n nodes, the faster measured path per n."""
-    verify = calibration["verify"]
-    return {n: min(seconds[i] for seconds in verify["seconds"].values()) for i, n in enumerate(verify["sizes"])}
-
-
-def interpolate(curve: dict[int, float], n: int) -> float:
-    sizes = sorted(curve)
-    if n <= sizes[0]:
-        return curve[sizes[0]]
-    for lo, hi in zip(sizes, sizes[1:]):
-        if lo <= n <= hi:
-            return curve[lo] + (curve[hi] - curve[lo]) * (n - lo) / (hi - lo)
-    raise ValueError(f"the calibration measured up to {sizes[-1]} nodes, not {n}")
+    """n -> seconds of one verification forward over n nodes, with the product path the engine would use per n."""
+    measured = Calibration(calibration)
+    return dict(zip(measured.sizes, measured.verify_curve()))
 
 
 def pass_seconds(calibration: dict, name: str, k: int) -> float:
@@ -76,13 +66,13 @@ def pass_seconds(calibration: dict, name: str, k: int) -> float:
 
 
 def chain_model(accs: list[float], k: int, curve: dict[int, float], pass_cost: float) -> list[dict]:
-    plain = curve[min(curve)]
+    plain, verify = curve[min(curve)], interpolate(list(curve), list(curve.values()))
     rows = []
     for d in range(0, len(accs) + 1):
-        if d + 1 > max(curve):
+        if d + 1 > max(curve):  # no extrapolation beyond the measured sizes
             break
         tau = 1 + sum(accs[:d])
-        seconds = interpolate(curve, d + 1) + math.ceil(d / k) * pass_cost
+        seconds = verify(d + 1) + math.ceil(d / k) * pass_cost
         rows.append({"depth": d, "tau": round(tau, 4), "cycle_ms": round(seconds * 1000, 2),
                      "speedup": round(tau * plain / seconds, 4)})
     return rows

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
+
+import numpy as np
 
 ROUNDS = {"falcon": ["final-k2", "falcon-r2", "falcon-r3"], "eagle": ["final-k1", "eagle-r2", "eagle-r3"]}
 GOALS = {"acc@1": 0.60, "acc@2": 0.35}
@@ -22,11 +23,8 @@ GOALS = {"acc@1": 0.60, "acc@2": 0.35}
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least squares y = a + b * log2(x)."""
-    xs = [math.log2(x) for x, _ in points]
-    ys = [y for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
+    b, a = np.polyfit(np.log2([x for x, _ in points]), [y for _, y in points], 1)
+    return float(a), float(b)
 
 
 def main(argv=None) -> dict:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from falconspec.calibrate import FORMAT
+
 SPEC = importlib.util.spec_from_file_location("k2_cost_model",
                                               Path(__file__).parents[1] / "recipes" / "k2_cost_model.py")
 k2 = importlib.util.module_from_spec(SPEC)
@@ -23,7 +25,7 @@ def test_chain_model_counts_passes_per_block():
 
 def test_interpolated_verification_and_fallback_to_plain():
     steep = {1: 0.1, 2: 0.2, 4: 0.24}
-    assert k2.interpolate(steep, 3) == pytest.approx(0.22)
+    assert k2.interpolate(list(steep), list(steep.values()))(3) == pytest.approx(0.22)
     rows = k2.chain_model([0.5, 0.25, 0.1], 1, steep, 0.01)
     assert k2.best(rows)["depth"] == 0  # nothing pays when a second row costs a whole step
 
@@ -43,7 +45,8 @@ def test_cli_reads_run_logs_and_calibration(tmp_path):
     (run / "log.jsonl").write_text(json.dumps({"eval": {"step": 5, "acc@1": 0.1}}) + "\n"
                                    + json.dumps({"eval": {"step": 10, "acc@1": 0.5, "acc@2": 0.2}}) + "\n")
     (tmp_path / "e.json").write_text(json.dumps({"acc@1": 0.6, "acc@2": 0.3}))
-    cal = {"verify": {"sizes": [1, 2, 4], "seconds": {"stock": [0.1, 0.11, 0.13], "few-row": [0.1, 0.12, 0.12]}},
+    cal = {"format": FORMAT,
+           "verify": {"sizes": [1, 2, 4], "seconds": {"stock": [0.1, 0.11, 0.13], "few-row": [0.1, 0.12, 0.12]}},
            "drafters": {"x": {"name": "falcon", "depths": [1, 2], "draft_seconds": [0.01, 0.01]},
                         "y": {"name": "eagle", "depths": [1, 2], "draft_seconds": [0.01, 0.02]}}}
     (tmp_path / "cal.json").write_text(json.dumps(cal))

@@ -86,6 +86,13 @@ def glance_ratio(step: int, cfg: TrainConfig) -> float:
     return cfg.glance_start + (cfg.glance_end - cfg.glance_start) * min(step / max(cfg.max_steps, 1), 1.0)
 
 
+def block_slots(width: int, block_offset: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, width]: each position's slot in its SAR block, blocks aligned by ``block_offset`` [B] (0 = a block's
+    first position)."""
+    positions = torch.arange(width, device=block_offset.device)[None]
+    return (positions + block_offset[:, None]) % k
+
+
 def choose_glances(valid: torch.Tensor, mismatches: torch.Tensor, block_offset: torch.Tensor, ratio: float, k: int,
                    generator: torch.Generator) -> torch.Tensor:
     """[B, S] bool: the positions whose inputs are replaced by ground truth.
@@ -94,8 +101,7 @@ def choose_glances(valid: torch.Tensor, mismatches: torch.Tensor, block_offset: 
     tokens vs the target's over trained positions). Only the first slot of a block is eligible: its block-mates
     then see the exact autoregressive context for their own targets, and no earlier slot sees a later one's truth.
     """
-    slot = (torch.arange(valid.shape[1])[None] + block_offset[:, None]) % k
-    eligible = valid & (slot == 0)
+    eligible = valid & (block_slots(valid.shape[1], block_offset, k) == 0)
     chosen = torch.zeros_like(valid)
     for b in range(valid.shape[0]):
         candidates = eligible[b].nonzero().flatten()
@@ -136,8 +142,7 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
     true = batch.target_features[valid]
     weights = None
     if cfg.later_slot_weight != 1.0 and block_offset is not None:
-        positions = torch.arange(valid.shape[1], device=valid.device)[None]
-        slot = (positions + block_offset[:, None].to(valid.device)) % cfg.k
+        slot = block_slots(valid.shape[1], block_offset.to(valid.device), cfg.k)
         weights = cfg.later_slot_weight ** slot[valid].float()
     reg = weighted_mean(F.smooth_l1_loss(pred, true, reduction="none").mean(-1), weights)
     label = draft_index(batch.labels[valid], vocab_index)

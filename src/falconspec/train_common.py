@@ -226,6 +226,15 @@ def log_record(out: Path, record: dict) -> None:
     log.info("%s", json.dumps(record))
 
 
+def eval_history(out: str | Path) -> list[dict]:
+    """The held-out evaluations a run directory's ``log.jsonl`` records, in order (none if it has no log)."""
+    path = Path(out) / "log.jsonl"
+    if not path.is_file():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r["eval"] for r in records if "eval" in r]
+
+
 class ShardObjective:
     """Mixin of the :class:`~.trainer.Objective` s that train on gen-data shards (``falconspec train --kind``): the
     target, the train and held-out samples, the drafter (resumed, ``--init-from`` or fresh), the frozen head rows
