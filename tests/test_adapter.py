@@ -95,7 +95,7 @@ def test_sampled_tokens_follow_the_capped_softmax(capped):
     n = 4000
     counts = torch.zeros_like(expected)
     for _ in range(n):
-        counts[sample_verify(tree, probs, generator).tokens[0]] += 1
+        counts[sample_verify(tree, probs, torch.rand(2, generator=generator, dtype=torch.float64)).tokens[0]] += 1
     big = expected * n >= 5  # chi-square over the tokens expected 5+ times, the rest pooled
     observed = torch.cat([counts[big], counts[~big].sum()[None]])
     wanted = torch.cat([expected[big], expected[~big].sum()[None]]) * n

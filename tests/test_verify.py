@@ -35,11 +35,16 @@ def test_greedy_verify_tables(argmax, path, tokens):
     assert acceptance.num_accepted == len(path) - 1 and acceptance.bonus_token == tokens[-1]
 
 
+def uniforms_for(tree, generator):
+    """Fresh uniforms for every depth of ``tree`` (the engine derives them from the seed and the position)."""
+    return torch.rand(max(tree.depth) + 1, generator=generator, dtype=torch.float64)
+
+
 def first_token_histogram(tree, probs, n, seed, verify=sample_verify):
     generator = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB)
     for _ in range(n):
-        counts[verify(tree, probs, generator).tokens[0]] += 1
+        counts[verify(tree, probs, uniforms_for(tree, generator)).tokens[0]] += 1
     return counts
 
 
@@ -51,11 +56,11 @@ def chi_square(counts, probs):
     return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()), df
 
 
-def always_accept(tree, probs, generator):
+def always_accept(tree, probs, uniforms):
     """A deliberately lossy verifier (accepts the first draft whatever the target says): the negative control."""
     child = next(iter(tree.children[0].values()), None)
     if child is None:
-        return sample_verify(tree, probs, generator)
+        return sample_verify(tree, probs, uniforms)
     return Acceptance([0, child], [tree.tokens[child], 0])
 
 
@@ -81,7 +86,7 @@ def test_sample_verify_second_token_follows_accepted_node():
     generator = torch.Generator().manual_seed(2)
     counts = torch.zeros(VOCAB)
     for _ in range(10_000):
-        acceptance = sample_verify(TREE, probs, generator)
+        acceptance = sample_verify(TREE, probs, uniforms_for(TREE, generator))
         assert acceptance.tokens[0] == 1
         counts[acceptance.tokens[1]] += 1
     stat, df = chi_square(counts, probs[1])
@@ -91,9 +96,24 @@ def test_sample_verify_second_token_follows_accepted_node():
 def test_sample_verify_is_seeded_and_leaves_inputs_alone():
     probs = torch.softmax(torch.randn(TREE.num_nodes, VOCAB), -1)
     before = probs.clone()
-    runs = [[sample_verify(TREE, probs, torch.Generator().manual_seed(5)).tokens for _ in range(1)] for _ in range(20)]
+    uniforms = torch.tensor([0.3, 0.6, 0.1, 0.9])
+    runs = [sample_verify(TREE, probs, uniforms).tokens for _ in range(20)]
     assert all(r == runs[0] for r in runs)
     assert torch.equal(probs, before)
+
+
+def test_sample_verify_commits_the_targets_own_samples_whatever_the_tree():
+    """The committed tokens are the inverse-CDF samples of the accepted path's rows, so a tree that holds them, one
+    that holds none of them and no tree at all commit the same first token."""
+    probs = torch.softmax(torch.randn(TREE.num_nodes, VOCAB, generator=torch.Generator().manual_seed(3)), -1)
+    for seed in range(50):
+        uniforms = uniforms_for(TREE, torch.Generator().manual_seed(seed))
+        acceptance = sample_verify(TREE, probs, uniforms)
+        path, tokens = acceptance.path, acceptance.tokens
+        for node, token in zip(path, tokens):  # every committed token is the sample of its parent's row
+            assert token == int(torch.searchsorted(probs[node].double().cumsum(0), uniforms[TREE.depth[node]].item() * probs[node].double().sum(), right=True))
+        alone = sample_verify(Tree.root_only(0), probs[:1], uniforms)
+        assert alone.tokens == tokens[:1]
 
 
 def test_sampling_params_warp_and_validate():

@@ -7,7 +7,7 @@ every cycle is one plain autoregressive step through the same engine: the baseli
 A planned drafter (the default) gets its tree budget from a :class:`~.planner.BudgetPlanner` built from this
 machine's calibration; when the planner expects no tree to beat plain decoding, the loop decodes plainly.
 
-What one generation changes (KV cache, committed ids, sampling generator, drafter state) lives in its own
+What one generation changes (KV cache, committed ids, sampling seed, drafter state) lives in its own
 :class:`~.sequence.Sequence`: any number of generators may share one target and one drafter.
 """
 
@@ -237,7 +237,7 @@ class SequenceDecoder:
         if self.params.greedy:
             acceptance = greedy_verify(tree, out.logits)
         else:
-            acceptance = sample_verify(tree, self.params.target_probs(out.logits), seq.generator)
+            acceptance = sample_verify(tree, self.params.target_probs(out.logits), seq.uniforms(max(tree.depth) + 1))
         target.compact(acceptance.path, tree.num_nodes, cache=seq.cache)
         stats.verify_time += elapsed_since(target, start)
         stats.observe(drafted=tree.num_nodes - 1, accepted=acceptance.num_accepted)
