@@ -7,12 +7,14 @@ cd "$(dirname "$0")/.."
 FS=".venv/bin/falconspec"
 OUT=benchmarks/results
 PROMPTS="${PROMPTS:-16}"
+METHODS="${METHODS:-greedy falcon eagle pld falcon@4 eagle@4 pld@4}"  # fp32 run; NAME: its results directory
+NAME="${NAME:-mt-bench-$PROMPTS-planner}"
 for run in "${@:-fp32 paths bf16}"; do
   case "$run" in
     fp32)  # MT-bench, both turns: the planner against the hand-tuned 4-node budgets, in one interleaved run
       $FS calibrate --model smollm2-135m
-      $FS bench --methods greedy falcon eagle pld falcon@4 eagle@4 pld@4 --datasets mt-bench --max-new-tokens 64 \
-        --num-prompts "$PROMPTS" --out $OUT/mt-bench-$PROMPTS-planner --no-progress --resume ;;
+      $FS bench --methods $METHODS --datasets mt-bench --max-new-tokens 64 \
+        --num-prompts "$PROMPTS" --out "$OUT/$NAME" --no-progress --resume ;;
     paths)  # each product path forced in turn, MT-bench first turns
       for path in auto stock few-row; do
         $FS bench --methods greedy falcon eagle --datasets mt-bench --max-turns 1 --num-prompts 8 \

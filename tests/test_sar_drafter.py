@@ -22,11 +22,15 @@ def prompts(n, vocab, seed):
     return [[rng.randrange(4, vocab) for _ in range(length)] for length in lengths]
 
 
-def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, **options):
-    """Trees larger than the CPU default (16 nodes, depth 6) unless the test says otherwise: more paths to check."""
+def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, newest_pair=False, **options):
+    """Trees larger than the CPU default (16 nodes, depth 6) unless the test says otherwise: more paths to check.
+    ``newest_pair``: the blocks' newest-pair Linear gets random (not zero) weights, so that it matters."""
     torch.manual_seed(seed)
-    model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab).to(dtype)
-    return SARDrafter(model, target, **{"num_nodes": 16, "depth": 6, **options})
+    model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab, newest_pair=newest_pair)
+    if newest_pair:
+        with torch.no_grad():
+            model.newest.weight.normal_(0, 0.05)
+    return SARDrafter(model.to(dtype), target, **{"num_nodes": 16, "depth": 6, **options})
 
 
 # ----------------------------------------------------------------------------- lossless output, in sync
@@ -51,6 +55,7 @@ def test_greedy_output_equals_plain_greedy(arch, k):
 
 @pytest.mark.parametrize("options", [
     {"dtype": torch.bfloat16, "draft_vocab": range(20, 90)},
+    {"newest_pair": True},
     {"static_tree": "k2-16"},
     {"num_nodes": 6, "depth": 3, "top_k": 2, "branches": 1},
 ])
@@ -103,14 +108,15 @@ def test_tree_shape_vocab_and_kv_discarded(llama):
         drafter.propose(ids[:-1], max_depth=4)
 
 
-def test_expansion_equals_one_pass_over_the_branch(llama):
+@pytest.mark.parametrize("newest_pair", [False, True])
+def test_expansion_equals_one_pass_over_the_branch(llama, newest_pair):
     """Update and expansion outputs equal one fresh forward over committed pairs + ancestor blocks + own block."""
-    drafter = drafter_for(llama, 2, depth=6, branches=3)
+    drafter = drafter_for(llama, 2, depth=6, branches=3, newest_pair=newest_pair)
     calls = []
     forward = drafter._forward
 
-    def spy(features, tokens, positions, mask):
-        out = forward(features, tokens, positions, mask)
+    def spy(features, tokens, positions, mask, block_offset):
+        out = forward(features, tokens, positions, mask, block_offset)
         calls.append((features, tokens, out))
         return out
 
@@ -131,7 +137,7 @@ def test_expansion_equals_one_pass_over_the_branch(llama):
         n = len(tokens)
         model = drafter.model
         fresh = model(features[None], model.embed(drafter.embedding, tokens)[None], torch.arange(n)[None],
-                      relaxed_causal_mask(n, 0, 2, end_aligned_offset(n, 2)))[0]
+                      relaxed_causal_mask(n, 0, 2, end_aligned_offset(n, 2)), block_offset=end_aligned_offset(n, 2))[0]
         torch.testing.assert_close(fresh[n - 6:n - 4], drafter.block)
         torch.testing.assert_close(fresh[n - 4:n - 2], o1[rows1])
         torch.testing.assert_close(fresh[n - 2:], o2[rows2])
@@ -158,7 +164,7 @@ class TruthModel(SARDrafterModel):
         self.truth = target.model.model.norm(embedding)  # [V, H]: the target's feature of each token
         self.next_token = target.lm_head(self.truth).argmax(-1)  # [V]
 
-    def forward(self, features, token_embeds, position_ids, attention_mask, past_key_values=None):
+    def forward(self, features, token_embeds, position_ids, attention_mask, past_key_values=None, **blocks):
         super().forward(features, token_embeds, position_ids, attention_mask, past_key_values)  # keeps the KV
         ids = (token_embeds[0, :, None, :] == self.table[None]).all(-1).float().argmax(-1)  # [S] x_{j+1}
         size = ids.shape[0]

@@ -9,6 +9,7 @@ from falconspec.drafters.sar import SARDrafter
 from falconspec.drafters.sar_model import (
     DrafterMismatchError,
     SARDrafterModel,
+    block_last_index,
     check_draft_vocab,
     end_aligned_offset,
     most_frequent_tokens,
@@ -87,6 +88,66 @@ def test_forward_shapes_and_cached_chunks_match_one_pass(llama):
     torch.testing.assert_close(torch.cat([first, rest], 1), full)
 
 
+def test_block_last_index():
+    assert block_last_index(5, 2, 0).tolist() == [[1, 1, 3, 3, 4]]
+    assert block_last_index(5, 2, 1).tolist() == [[0, 2, 2, 4, 4]]
+    assert block_last_index(5, 2, torch.tensor([0, 1]), lengths=torch.tensor([3, 5])).tolist() == [
+        [1, 1, 2, 2, 2], [0, 2, 2, 4, 4]]
+    assert block_last_index(4, 1, 0).tolist() == [[0, 1, 2, 3]]
+    assert block_last_index(6, 3, 1).tolist() == [[1, 1, 4, 4, 4, 5]]
+
+
+def newest_pair_model(target, seed=0):
+    """A drafter that reads its blocks' newest pairs, with a trained-looking (non-zero) newest-pair Linear."""
+    torch.manual_seed(seed)
+    model = SARDrafterModel.for_target(target, k=2, newest_pair=True).eval()
+    with torch.no_grad():
+        model.newest.weight.normal_(0, 0.05)
+    return model
+
+
+def test_newest_pair_reads_the_blocks_last_pair(llama):
+    torch.manual_seed(0)
+    plain = SARDrafterModel.for_target(llama, k=2).eval()
+    model = SARDrafterModel.for_target(llama, k=2, newest_pair=True).eval()
+    model.load_state_dict({**plain.state_dict(), "newest.weight": model.newest.weight}, strict=True)
+    features, embeds = inputs(llama, model, 9)
+    mask = relaxed_causal_mask(8, 0, 2, 1)
+    with pytest.raises(ValueError, match="block_offset"):
+        model(features, embeds, torch.arange(8)[None], mask)
+    # untrained (zero) it changes nothing; trained, slot j's output moves with its block's last pair only
+    torch.testing.assert_close(model(features, embeds, torch.arange(8)[None], mask, block_offset=1),
+                               plain(features, embeds, torch.arange(8)[None], mask), rtol=0, atol=0)
+    model = newest_pair_model(llama)
+    base = model(features, embeds, torch.arange(8)[None], mask, block_offset=1)
+    moved = features.clone()
+    moved[:, 4] += 1.0  # pair 4 ends the block {3, 4} (offset 1: blocks {0}, {1, 2}, {3, 4}, {5, 6}, {7})
+    out = model(moved, embeds, torch.arange(8)[None], mask, block_offset=1)
+    changed = (out - base).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False, False, False, True, True, True, True, True]
+    hidden_moved = model.fuse(torch.cat([model.embed_norm(embeds), model.feature_norm(moved)], -1))
+    assert (hidden_moved[0, 3] == model.fuse(torch.cat([model.embed_norm(embeds), model.feature_norm(features)],
+                                                     -1))[0, 3]).all(), "slot 3's own pair did not move"
+    with pytest.raises(ValueError, match="k >= 2"):
+        SARDrafterModel.for_target(llama, k=1, newest_pair=True)
+
+
+def test_newest_pair_cached_chunks_match_one_pass(llama):
+    """Chunks that keep the blocks of one pass give its outputs. (A cached pair's keys carry the newest pair of the
+    block it was computed in, so unlike the plain drafter's first layer they depend on how blocks fell.)"""
+    model = newest_pair_model(llama, seed=2)
+    features, embeds = inputs(llama, model, 9)
+    full = model(features, embeds, torch.arange(8)[None], relaxed_causal_mask(8, 0, 2), block_offset=0)
+    cache = model.new_cache()
+    first = model(features[:, :2], embeds[:, :2], torch.arange(2)[None], relaxed_causal_mask(2, 0, 2), cache,
+                  block_offset=0)
+    rest = model(features[:, 2:], embeds[:, 2:], torch.arange(2, 8)[None], relaxed_causal_mask(6, 2, 2), cache,
+                 block_offset=0)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+    other = model(features, embeds, torch.arange(8)[None], relaxed_causal_mask(8, 0, 2, 1), block_offset=1)
+    assert not torch.allclose(other, full), "another block alignment, other outputs"
+
+
 def test_bf16_drafter_takes_a_float32_mask(llama):
     model = SARDrafterModel.for_target(llama, k=2, num_layers=1).to(torch.bfloat16)
     features, embeds = inputs(llama, model, 6)
@@ -115,7 +176,7 @@ def test_save_load_round_trip(llama, tmp_path):
     assert (config["hidden_size"], config["vocab_size"]) == (llama.hidden_size, llama.vocab_size)
     assert (config["target_model_type"], config["target_architecture"]) == ("llama", "LlamaForCausalLM")
     loaded = SARDrafterModel.from_pretrained(tmp_path / "d", llama)
-    assert torch.equal(loaded.draft_vocab, model.draft_vocab)
+    assert torch.equal(loaded.draft_vocab, model.draft_vocab) and loaded.newest is None
     names = set(loaded.state_dict())
     assert not any("embed_tokens" in n or "lm_head" in n for n in names), "target tensors are not stored"
     features, embeds = inputs(llama, model, 8)
@@ -158,3 +219,11 @@ def test_missing_checkpoint_errors(llama, tmp_path):
         SARDrafterModel.from_pretrained(tmp_path / "d", llama)
     with pytest.raises(ValueError, match="unknown drafter"):
         make_drafter("falcon-please", llama)
+
+
+def test_newest_pair_save_load_round_trip(llama, tmp_path):
+    model = newest_pair_model(llama, seed=3)
+    model.save_pretrained(tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["newest_pair"] is True
+    loaded = SARDrafterModel.from_pretrained(tmp_path / "d", llama)
+    torch.testing.assert_close(loaded.newest.weight, model.newest.weight, rtol=0, atol=0)

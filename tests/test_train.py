@@ -104,10 +104,13 @@ def test_later_slot_weight_weighs_the_second_token_of_each_block(llama):
     assert min(first, second) - 1e-6 <= total(1.0) <= max(first, second) + 1e-6
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_rollout_matches_uncached_reference(llama, k):
+@pytest.mark.parametrize("k, newest_pair", [(1, False), (2, False), (2, True)])
+def test_rollout_matches_uncached_reference(llama, k, newest_pair):
     torch.manual_seed(k)
-    model = SARDrafterModel.for_target(llama, k=k, num_layers=2).eval()
+    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair).eval()
+    if newest_pair:
+        with torch.no_grad():
+            model.newest.weight.normal_(0, 0.05)
     ids = torch.randint(4, 100, (30,))
     with torch.no_grad():
         hidden = llama.decoder(input_ids=ids[None]).last_hidden_state[0]
@@ -123,7 +126,8 @@ def test_rollout_matches_uncached_reference(llama, k):
             while len(drafted) < depth:
                 n = len(toks)
                 mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
-                out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask)[0, -k:]
+                out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
+                            block_offset=(-n) % k)[0, -k:]
                 new = (out @ head.T).argmax(-1)
                 drafted += new.tolist()
                 feats, toks = torch.cat([feats, out]), torch.cat([toks, new])
@@ -157,6 +161,22 @@ def test_overfitting_a_few_conversations_lowers_the_loss(tiny_data):
     assert recipe["config"]["max_steps"] == 60 and recipe["data"]["mode"] == "self-distilled"
     drafter = SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama"))
     assert drafter.config.draft_vocab_size == 48 and drafter.k == 2
+
+
+def test_newest_pair_trains_and_is_checked_on_resume(tiny_data):
+    out = tiny_data / "newest"
+    cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "held"),
+                      model=str(tiny_data / "tiny"), max_steps=12, eval_every=12, save_every=12, log_every=4,
+                      draft_vocab=48, lr=3e-3, warmup=2, batch_size=4, eval_samples=2, newest_pair=True)
+    train(cfg)
+    losses = [r["total"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "total" in r]
+    assert losses[-1] < losses[0]
+    drafter = SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama"))
+    assert drafter.config.newest_pair and drafter.newest.weight.abs().sum() > 0, "the newest-pair Linear trained"
+    cfg.newest_pair, cfg.max_steps = False, 14
+    with pytest.raises(ValueError, match="newest_pair=True"):
+        train(cfg)  # resuming with other settings is refused
+    shutil.rmtree(out)
 
 
 def test_two_process_training_resumes_and_loads(tiny_data):

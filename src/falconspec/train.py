@@ -175,7 +175,8 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
         t, n = starts[pick], len(pick)
         cache = model.new_cache()
         mask = relaxed_causal_mask(S, 0, k, block_offset=offset, device=dev)
-        out = model(h, model.embed(embed, ids[None, 1 : S + 1]), torch.arange(S, device=dev)[None], mask, cache)[0]
+        out = model(h, model.embed(embed, ids[None, 1 : S + 1]), torch.arange(S, device=dev)[None], mask, cache,
+                    block_offset=offset)[0]
         feats = out[t[:, None] - k + torch.arange(k)[None]]  # [n, k, H]: predicted h_t .. h_{t+k-1}
         drafted = [vocab[F.linear(feats.float(), head).argmax(-1)]]  # [n, k]
         owner = torch.arange(n).repeat_interleave(k)  # start of each query in a feedback block
@@ -188,7 +189,7 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
             positions = (t[:, None] + (p - 1) * k + torch.arange(k)[None]).reshape(1, -1)
             tokens = drafted[-1].reshape(1, -1)
             o = model(feats.reshape(1, n * k, -1), model.embed(embed, tokens), positions.to(dev),
-                      additive_mask(allowed.to(dev), torch.float32), cache)[0]
+                      additive_mask(allowed.to(dev), torch.float32), cache, block_offset=0)[0]
             feats = o.reshape(n, k, -1)
             drafted.append(vocab[F.linear(feats.float(), head).argmax(-1)])
         tokens = torch.cat(drafted, dim=1)[:, :depth].cpu()  # [n, depth]
@@ -267,7 +268,8 @@ def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Te
     mask = relaxed_causal_mask(S, 0, k, block_offset=block_offset.long(), key_padding=batch.key_padding,
                                device=tokens.device)
     positions = torch.arange(S, device=tokens.device)[None].expand(B, S)
-    return model(features, F.embedding(tokens, embed), positions, mask)
+    return model(features, F.embedding(tokens, embed), positions, mask, block_offset=block_offset.long(),
+                 lengths=batch.key_padding.sum(-1))
 
 
 class SARObjective(ShardObjective, Objective):
@@ -284,13 +286,14 @@ class SARObjective(ShardObjective, Objective):
 
     def check(self, model, why: str, source) -> None:
         cfg = self.config
-        if (model.config.k, model.config.num_layers) == (cfg.k, cfg.num_layers):
+        mine = model.config
+        if (mine.k, mine.num_layers, mine.newest_pair) == (cfg.k, cfg.num_layers, cfg.newest_pair):
             return
-        held = f"a drafter with k={model.config.k}, num_layers={model.config.num_layers}"
+        held = f"a drafter with k={mine.k}, num_layers={mine.num_layers}, newest_pair={mine.newest_pair}"
         if why == "resume":
             raise ValueError(f"{source} holds {held}: resume with the same settings or use a new --out")
-        raise ValueError(f"--init-from {cfg.init_from} holds {held}: pass --k {model.config.k} --num-layers "
-                         f"{model.config.num_layers}")
+        raise ValueError(f"--init-from {cfg.init_from} holds {held}: pass --k {mine.k} --num-layers "
+                         f"{mine.num_layers}{' --newest-pair' if mine.newest_pair else ''}")
 
     def fresh(self, target):
         """Draft vocabulary from the data, then seeded weights (decoder layers copied from the target's last ones
@@ -300,7 +303,8 @@ class SARObjective(ShardObjective, Objective):
         cfg = self.config
         vocab_ids = draft_vocabulary(self.train_samples, target, cfg)
         torch.manual_seed(cfg.seed)
-        model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids)
+        model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids,
+                                           newest_pair=cfg.newest_pair)
         if cfg.init_from_target:
             for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
                 mine.load_state_dict(theirs.state_dict())

@@ -60,6 +60,8 @@ class TrainConfig:
     dist_weight: float = _opt(0.1, "weight of the distillation loss")
     later_slot_weight: float = _opt(1.0, "loss weight of the later slots of a SAR block relative to its first (slot s "
                                          "of a block weighs w**s; k=2: the block's second token)")
+    newest_pair: bool = _opt(False, "SAR k>=2: every slot of a block also reads the block's newest (feature, token) "
+                                    "pair directly (the block's first slot drafts the nearest token)")
     kl_weight: float = _opt(0.9, "share of KL(target || drafter) in the distillation loss; the rest is CE to the "
                                   "target's greedy token")
     temperature: float = _opt(1.0, "distillation temperature (both distributions)")

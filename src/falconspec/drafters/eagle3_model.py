@@ -219,9 +219,11 @@ class Eagle3DrafterModel(nn.Module):
         return embed_tokens(embedding, ids, self.dtype)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor, past_key_values: KVCache | None = None,
+                block_offset: int | torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """features [B, S, 3H] (fused target layers) or [B, S, H] (the drafter's own outputs), token_embeds
-        [B, S, H] of x_{j+1} -> outputs o_j [B, S, H] (pre-norm; the head reads ``head_input(o)``)."""
+        [B, S, H] of x_{j+1} -> outputs o_j [B, S, H] (pre-norm; the head reads ``head_input(o)``). ``block_offset``
+        and ``lengths`` are the SAR drafter's (k=1: every block is one position), accepted and unused."""
         hidden = self.config.hidden_size
         if features.shape[-1] not in (hidden, self.config.feature_size) or token_embeds.shape[-1] != hidden:
             raise ValueError(f"features must be [B, S, {self.config.feature_size}] or [B, S, {hidden}] and "

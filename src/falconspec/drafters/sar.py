@@ -134,14 +134,16 @@ class SARDrafter(Drafter):
         start = self.cache_len
         mask = relaxed_causal_mask(num, start, self.k, end_aligned_offset(num, self.k), dtype=self.model.dtype,
                                    device=self.device)
-        out = self._forward(features, tokens, torch.arange(start, start + num, device=self.device), mask)
+        out = self._forward(features, tokens, torch.arange(start, start + num, device=self.device), mask,
+                            end_aligned_offset(num, self.k))
         self.block = out[-self.k:] if num >= self.k else None
 
     def _forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
-        """One drafter pass on top of the cache. features [S, H], tokens [S], positions [S] -> outputs [S, H]."""
+                 mask: torch.Tensor, block_offset: int) -> torch.Tensor:
+        """One drafter pass on top of the cache. features [S, H], tokens [S], positions [S] -> outputs [S, H]; the
+        queries' blocks start ``block_offset`` slots before the first (as in ``mask``)."""
         embeds = self.model.embed(self.embedding, tokens)
-        return self.model(features[None], embeds[None], positions[None], mask, self.cache)[0]
+        return self.model(features[None], embeds[None], positions[None], mask, self.cache, block_offset=block_offset)[0]
 
     # ---------------------------------------------------------------- drafting
     @torch.no_grad()
@@ -192,7 +194,7 @@ class SARDrafter(Drafter):
             allowed[rows, prefix_len + len(owners) + i * k:prefix_len + len(owners) + (i + 1) * k] = True
         mask = additive_mask(allowed.to(self.device)[None, None], self.model.dtype)
         owners += [b for b in branches for _ in range(k)]
-        return self._forward(features, tokens, positions, mask)
+        return self._forward(features, tokens, positions, mask, block_offset=0)
 
     def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""

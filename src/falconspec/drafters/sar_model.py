@@ -5,7 +5,8 @@ API for training and drafting (k = tokens per block; k=1 is an EAGLE-style autor
 Index convention: x_0, x_1, ... are the tokens, h_t the target's last-layer hidden state after the final norm at
 position t (what its LM head reads, so LM_head(h_t) predicts x_{t+1}).
 
-``SARDrafterModel.forward(features, token_embeds, position_ids, attention_mask, past_key_values=None)``
+``SARDrafterModel.forward(features, token_embeds, position_ids, attention_mask, past_key_values=None,
+block_offset=None, lengths=None)``
 
 * ``features``       [B, S, H]  f_j: the target's h_j (or, while drafting, the drafter's own prediction of it)
 * ``token_embeds``   [B, S, H]  the target's (frozen) input embedding of x_{j+1}, the token ONE STEP AHEAD of f_j;
@@ -13,6 +14,9 @@ position t (what its LM head reads, so LM_head(h_t) predicts x_{t+1}).
 * ``position_ids``   [B, S]     j (absolute position of the pair; cached positions come first)
 * ``attention_mask`` [B|1, 1, S, P+S] additive float mask from :func:`relaxed_causal_mask` (P = cached positions)
 * ``past_key_values`` a cache from ``model.new_cache()`` (grown in place by S) or None (training)
+* ``block_offset``   the mask's block alignment (int, or [B] ints); needed by a drafter with ``newest_pair``, whose
+                     slots also read their block's last pair (:func:`block_last_index`; ``lengths`` [B]: real
+                     positions per row of a right-padded batch, so a cut block reads its last real pair)
 * returns            [B, S, H]  o_j, regressing h_{j+k}; ``model.logits(o, target_lm_head_weight)`` gives
                                  [B, S, D] logits over the draft vocabulary (D = V, or the reduced draft vocabulary),
                                  predicting x_{j+k+1}
@@ -98,6 +102,18 @@ def relaxed_causal_allowed(num_queries: int, num_cached: int = 0, k: int = 2,
     return torch.cat([cached, new], dim=-1)
 
 
+def block_last_index(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
+                     lengths: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B|1, S] long: the index of the last query of each query's block (the blocks of
+    :func:`relaxed_causal_allowed`), cut at the last query, or at ``lengths - 1`` per row when given: the block's
+    newest pair. E.g. S=5, k=2: offset 0 -> [1, 1, 3, 3, 4]; offset 1 -> [0, 2, 2, 4, 4]."""
+    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
+    queries = torch.arange(num_queries, device=device)[None]
+    last = ((queries + offset) // k + 1) * k - 1 - offset  # [B|1, S]
+    limit = (num_queries if lengths is None else lengths.to(device).reshape(-1, 1).clamp(1, num_queries)) - 1
+    return torch.minimum(last, torch.as_tensor(limit, device=device))
+
+
 def relaxed_causal_mask(num_queries: int, num_cached: int = 0, k: int = 2, block_offset: int | torch.Tensor = 0,
                         key_padding: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> torch.Tensor:
@@ -138,6 +154,10 @@ class SARConfig:
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     max_position_embeddings: int = 4096
     fusion_norm: bool = True  # RMSNorm the embedding and the feature before the Linear(2H -> H) fusion
+    # every slot of a block also reads the block's newest (feature, token) pair through its own Linear(2H -> H),
+    # added to its fused input: the block's first slot, which drafts the nearest token, then sees the newest pair at
+    # its own position instead of through attention (k >= 2; an addition of ours, not in the paper)
+    newest_pair: bool = False
     draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
     target_model_type: str = ""  # identity of the target: config.model_type, model class, name
     target_architecture: str = ""
@@ -146,6 +166,8 @@ class SARConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.num_layers < 0:
             raise ValueError(f"need k >= 1 and num_layers >= 0, got k={self.k}, num_layers={self.num_layers}")
+        if self.newest_pair and self.k < 2:
+            raise ValueError("newest_pair needs k >= 2: with k=1 every slot already holds its block's newest pair")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
 
@@ -192,7 +214,8 @@ def target_identity(target) -> dict:
 
 # ----------------------------------------------------------------------------- module
 class SARDrafterModel(nn.Module):
-    """Fusion Linear(2H -> H) of [embedding(x_{j+1}), feature f_j], then N Llama decoder layers, no final norm."""
+    """Fusion Linear(2H -> H) of [embedding(x_{j+1}), feature f_j] (plus, with ``newest_pair``, a Linear of the block's
+    newest pair), then N Llama decoder layers, no final norm."""
 
     def __init__(self, config: SARConfig, draft_vocab: Sequence[int] | torch.Tensor | None = None):
         super().__init__()
@@ -202,6 +225,10 @@ class SARDrafterModel(nn.Module):
         norm = (lambda: nn.RMSNorm(hidden, eps=config.rms_norm_eps)) if config.fusion_norm else nn.Identity
         self.embed_norm, self.feature_norm = norm(), norm()
         self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
+        self.newest = None
+        if config.newest_pair:  # starts at zero: an untrained one changes nothing
+            self.newest = nn.Linear(2 * hidden, hidden, bias=False)
+            nn.init.zeros_(self.newest.weight)
         self.layers = nn.ModuleList(LlamaDecoderLayer(self.llama_config, i) for i in range(config.num_layers))
         # not a submodule: model.to(bfloat16) must not round the RoPE frequencies (it moves devices by itself)
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(self.llama_config))
@@ -253,7 +280,8 @@ class SARDrafterModel(nn.Module):
         return embed_tokens(embedding, ids, self.dtype)
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, past_key_values: KVCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor, past_key_values: KVCache | None = None,
+                block_offset: int | torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted features o_j ≈ h_{j+k}, [B, S, H] (see the module docstring for the inputs)."""
         if features.shape != token_embeds.shape or features.shape[-1] != self.config.hidden_size:
             raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must "
@@ -263,6 +291,12 @@ class SARDrafterModel(nn.Module):
             attention_mask = additive_mask(attention_mask == 0, dtype)
         fused = torch.cat([self.embed_norm(token_embeds.to(dtype)), self.feature_norm(features.to(dtype))], dim=-1)
         hidden = self.fuse(fused)  # [B, S, H]
+        if self.newest is not None:
+            if block_offset is None:
+                raise ValueError("this drafter reads its blocks' newest pairs (newest_pair): pass block_offset")
+            last = block_last_index(fused.shape[1], self.k, block_offset, lengths, fused.device)  # [B|1, S]
+            newest = fused.gather(1, last.expand(fused.shape[0], -1)[..., None].expand(-1, -1, fused.shape[-1]))
+            hidden = hidden + self.newest(newest)
         position_embeddings = self.rotary(hidden, position_ids)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
