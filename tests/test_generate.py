@@ -142,10 +142,14 @@ def test_seeded_sampling_draws_what_plain_sampling_draws(drafter_name):
     for i, prompt in enumerate(random_prompts(4, target.vocab_size, seed=9)):
         kwargs = dict(input_ids=prompt, max_new_tokens=30, temperature=0.8, top_p=0.95, seed=100 + i, ignore_eos=True)
         expected = plain.generate(**kwargs).token_ids
-        drafter = {"pld": lambda: PromptLookupDrafter(min_ngram=1, max_ngram=3),
-                   "random": lambda: RandomTreeDrafter(target.vocab_size, seed=i),
-                   "self": lambda: SelfDrafter(target),
-                   "oracle": lambda: OracleDrafter(prompt + expected, target.vocab_size, seed=i)}[drafter_name]()
+        if drafter_name == "pld":
+            drafter = PromptLookupDrafter(min_ngram=1, max_ngram=3)
+        elif drafter_name == "random":
+            drafter = RandomTreeDrafter(target.vocab_size, seed=i)
+        elif drafter_name == "self":
+            drafter = SelfDrafter(target)
+        else:
+            drafter = OracleDrafter(prompt + expected, target.vocab_size, seed=i)
         got = SpeculativeGenerator(target, drafter, planner=None).generate(**kwargs)
         assert got.token_ids == expected, f"prompt {i}"
         if drafter_name == "oracle":

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from falconspec.sampling import MIN_TEMPERATURE, SamplingParams, inverse_cdf_sample, position_uniforms
+from falconspec.sampling import (
+    MIN_TEMPERATURE,
+    SamplingParams,
+    inverse_cdf_sample,
+    position_uniforms,
+)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-45, 5e-324, MIN_TEMPERATURE / 2])

@@ -28,7 +28,7 @@ class SamplingParams:
     then play no part.
 
     ``top_k == 0`` and ``top_p == 1.0`` disable those filters. ``seed`` keys the uniforms of every position
-(:func:`position_uniforms`); None draws a fresh seed per sequence.
+    (:func:`position_uniforms`); None draws a fresh seed per sequence.
     """
 
     temperature: float = 0.0

@@ -58,8 +58,8 @@ def sample_verify(tree: Tree, target_probs: torch.Tensor, uniforms: torch.Tensor
     (SpecInfer): the acceptance rate is that scheme's. One host synchronisation per cycle.
     """
     assert target_probs.shape[0] == tree.num_nodes, (target_probs.shape, tree.num_nodes)
-    depth = torch.tensor(tree.depth, device=target_probs.device)
-    return follow(tree, inverse_cdf_sample(target_probs, torch.as_tensor(uniforms)[depth]).tolist())
+    node_uniforms = torch.as_tensor(uniforms, dtype=torch.float64)[torch.tensor(tree.depth)]  # [num_nodes], host
+    return follow(tree, inverse_cdf_sample(target_probs, node_uniforms).tolist())
 
 
 def follow(tree: Tree, choices: list[int]) -> Acceptance:
