@@ -103,15 +103,16 @@ def test_sample_verify_is_seeded_and_leaves_inputs_alone():
 
 
 def test_sample_verify_commits_the_targets_own_samples_whatever_the_tree():
-    """The committed tokens are the inverse-CDF samples of the accepted path's rows, so a tree that holds them, one
-    that holds none of them and no tree at all commit the same first token."""
+    """The committed tokens are the inverse-CDF samples of the accepted path's rows, so the tree and no tree at all
+    commit the same first token."""
     probs = torch.softmax(torch.randn(TREE.num_nodes, VOCAB, generator=torch.Generator().manual_seed(3)), -1)
     for seed in range(50):
         uniforms = uniforms_for(TREE, torch.Generator().manual_seed(seed))
         acceptance = sample_verify(TREE, probs, uniforms)
         path, tokens = acceptance.path, acceptance.tokens
         for node, token in zip(path, tokens):  # every committed token is the sample of its parent's row
-            assert token == int(torch.searchsorted(probs[node].double().cumsum(0), uniforms[TREE.depth[node]].item() * probs[node].double().sum(), right=True))
+            cdf = probs[node].double().cumsum(0)
+            assert token == int(torch.searchsorted(cdf, uniforms[TREE.depth[node]].item() * cdf[-1], right=True))
         alone = sample_verify(Tree.root_only(0), probs[:1], uniforms)
         assert alone.tokens == tokens[:1]
 
