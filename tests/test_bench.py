@@ -269,6 +269,19 @@ def turn(ids, seconds=1.0, lengths=(1,), drafted=None, accepted=None):
     return TurnResult(list(ids), "", seconds, list(lengths), "length", None, drafted, accepted, 0.1, 0.5, 0.0)
 
 
+def test_sampled_engine_methods_draw_what_plain_sampling_draws(model_dir, questions, tmp_path):
+    """Seeds are per prompt and turn, and our engine samples by position: its sampled answers equal plain
+    decoding's token for token; Hugging Face's are not compared."""
+    out = tmp_path / "sampled"
+    methods = ["greedy", "pld", "lookahead", "hf"]
+    assert run_cli(["--model", str(model_dir), "--out", str(out), "--methods", *methods, "--datasets",
+                    str(questions), "--max-new-tokens", "8", "--temperature", "0.8", "--num-nodes", "4"]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    for name in ("pld", "lookahead"):
+        assert rows[name]["identical_to_greedy"]["rate"] == 1.0, name
+    assert rows["hf"]["identical_to_greedy"] is None
+
+
 def test_summary_row_on_synthetic_records():
     base = {1: PromptRecord(1, "c", [turn([5, 6]), turn([7])]), 2: PromptRecord(2, "c", [turn([8, 9])])}
     mine = {1: PromptRecord(1, "c", [turn([5, 6], 0.5, (2,), 4, 1), turn([7], 0.5, (1,), 4, 0)], 900.0),
@@ -281,7 +294,9 @@ def test_summary_row_on_synthetic_records():
     assert row["accept_length_histogram"] == {1: 3, 2: 1} and row["peak_rss_mb"] == 950.0
     assert row["draft_time_share"] == pytest.approx(0.3 / 1.5) and row["drafter_params"] == 123
     sampled = summarize(mine, base, temperature=0.7, drafter_params=0)
-    assert sampled["identical_to_greedy"] is None, "sampled outputs are not expected to match token for token"
+    assert sampled["identical_to_greedy"] is None, "another engine's samples are not expected to match"
+    ours = summarize(mine, base, temperature=0.7, drafter_params=0, same_draws=True)
+    assert ours["identical_to_greedy"] == {"count": 1, "rate": 0.5}
 
 
 def test_hf_method_counts_tokens_like_the_engine(llama, monkeypatch):

@@ -23,8 +23,9 @@ and temperature, same run; a prompt is all turns of one question):
 - **τ with / without bonus**: mean committed tokens per verification forward (Spec-Bench's `accept_lengths`;
   plain decoding = 1.00), and the same minus the bonus token (accepted draft tokens per forward, Falcon's τ);
 - **acceptance**: accepted / drafted tokens (our engine only: Hugging Face `generate` does not expose drafts);
-- **identical**: prompts whose tokens equal greedy's exactly, greedy runs only (bf16 verification batches rows and
-  may round differently, so < 100% is expected there; in float32 anything below 100% is a bug);
+- **identical**: prompts whose tokens equal greedy's exactly: greedy runs, and sampled runs of our engine's methods
+  (plain decoding with the same seed draws the same tokens) but not of other engines (bf16 verification batches
+  rows and may round differently, so < 100% is expected there; in float32 anything below 100% is a bug);
 - **draft / verify**: shares of wall time spent drafting and verifying (our engine only; the rest is prefill,
   detokenization and bookkeeping);
 - **plan**: the tree budgets the planner chose (nodes with the root / drafting depth; `plain` = it expected no tree

@@ -27,7 +27,7 @@ from ..target import TargetModel
 from .answers import AnswerKey, PromptRecord, append_answers, read_answers
 from .datasets import BenchPrompt, Dataset, load_dataset
 from .memory import PeakMemory
-from .methods import (BASELINE, Method, MethodOptions, Skipped, TurnResult, baseline_of, build_methods,
+from .methods import (BASELINE, EngineMethod, Method, MethodOptions, Skipped, TurnResult, baseline_of, build_methods,
                       expand_method_names)
 from .reference import fp32_agreement, summarize_agreement
 from .stats import summarize
@@ -226,7 +226,10 @@ class _Setting:
                              "reason": f"not compared: {baseline}, the method it is compared with, did not run "
                                        f"({reasons[baseline]})"})
                 continue
-            stats = summarize(records[name], records[baseline], self.temperature, method.num_parameters())
+            # our engine samples by position from the seed, so its sampled answers match its plain decoding's
+            same_draws = isinstance(method, EngineMethod) and baseline == BASELINE
+            stats = summarize(records[name], records[baseline], self.temperature, method.num_parameters(),
+                              same_draws)
             if self.reference is not None:
                 stats["fp32_agreement"] = self._agreement(dataset, records[name])
             rows.append({**setting, "method": name, "status": "ok", "reason": None, "baseline": baseline, **stats,

@@ -10,7 +10,9 @@ or the method ``methods.COMPARED_WITH`` names, e.g. ``llamacpp`` for llama.cpp's
 * mean accepted length: the mean of Spec-Bench's ``accept_lengths`` (committed tokens per verification forward, the
   bonus token included; plain decoding = 1.00); without the bonus it is one less;
 * acceptance rate: accepted draft tokens / drafted tokens (methods that report both: our engine's, llama.cpp's);
-* identical-to-greedy: the share of prompts whose every turn has exactly the baseline's tokens (greedy runs only).
+* identical-to-greedy: the share of prompts whose every turn has exactly the baseline's tokens: greedy runs, and
+  sampled runs of our engine's methods against its plain decoding (the same seed per prompt and turn draws the
+  same tokens whatever the drafter, :mod:`..sampling`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def speedup(tokens: np.ndarray, seconds: np.ndarray, base_tokens: np.ndarray, ba
     )
 
 
-def summarize(records: dict, baseline: dict, temperature: float, drafter_params: int) -> dict:
+def summarize(records: dict, baseline: dict, temperature: float, drafter_params: int,
+              same_draws: bool = False) -> dict:
     """One summary row for a method from question_id -> PromptRecord maps of the method and the baseline."""
     common = [qid for qid in records if qid in baseline]
     mine = [records[q] for q in common]
@@ -91,7 +94,7 @@ def summarize(records: dict, baseline: dict, temperature: float, drafter_params:
     speed = speedup(np.array([r.new_tokens for r in mine]), np.array([r.wall_time for r in mine]),
                     np.array([r.new_tokens for r in base]), np.array([r.wall_time for r in base]))
     identical = None
-    if temperature == 0 and mine:
+    if mine and (temperature == 0 or same_draws):  # same_draws: sampled, but seeded draws match token for token
         same = sum(all(a.token_ids == b.token_ids for a, b in zip(r.turns, g.turns)) for r, g in zip(mine, base))
         identical = {"count": same, "rate": same / len(mine)}
     rss = [r.peak_rss_mb for r in mine if r.peak_rss_mb is not None]
