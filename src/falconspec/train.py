@@ -86,13 +86,6 @@ def glance_ratio(step: int, cfg: TrainConfig) -> float:
     return cfg.glance_start + (cfg.glance_end - cfg.glance_start) * min(step / max(cfg.max_steps, 1), 1.0)
 
 
-def block_slots(width: int, block_offset: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, width]: each position's slot in its SAR block, blocks aligned by ``block_offset`` [B] (0 = a block's
-    first position)."""
-    positions = torch.arange(width, device=block_offset.device)[None]
-    return (positions + block_offset[:, None]) % k
-
-
 def choose_glances(valid: torch.Tensor, mismatches: torch.Tensor, block_offset: torch.Tensor, ratio: float, k: int,
                    generator: torch.Generator) -> torch.Tensor:
     """[B, S] bool: the positions whose inputs are replaced by ground truth.
@@ -101,7 +94,9 @@ def choose_glances(valid: torch.Tensor, mismatches: torch.Tensor, block_offset: 
     tokens vs the target's over trained positions). Only the first slot of a block is eligible: its block-mates
     then see the exact autoregressive context for their own targets, and no earlier slot sees a later one's truth.
     """
-    eligible = valid & (block_slots(valid.shape[1], block_offset, k) == 0)
+    from .drafters.sar_model import block_slots
+
+    eligible = valid & (block_slots(valid.shape[1], k, block_offset, valid.device) == 0)
     chosen = torch.zeros_like(valid)
     for b in range(valid.shape[0]):
         candidates = eligible[b].nonzero().flatten()
@@ -142,7 +137,9 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
     true = batch.target_features[valid]
     weights = None
     if cfg.later_slot_weight != 1.0 and block_offset is not None:
-        slot = block_slots(valid.shape[1], block_offset.to(valid.device), cfg.k)
+        from .drafters.sar_model import block_slots
+
+        slot = block_slots(valid.shape[1], cfg.k, block_offset, valid.device)
         weights = cfg.later_slot_weight ** slot[valid].float()
     reg = weighted_mean(F.smooth_l1_loss(pred, true, reduction="none").mean(-1), weights)
     label = draft_index(batch.labels[valid], vocab_index)

@@ -131,11 +131,9 @@ class SARDrafter(Drafter):
         num = tokens.shape[0]
         if num == 0:
             return
-        start = self.cache_len
-        mask = relaxed_causal_mask(num, start, self.k, end_aligned_offset(num, self.k), dtype=self.model.dtype,
-                                   device=self.device)
-        out = self._forward(features, tokens, torch.arange(start, start + num, device=self.device), mask,
-                            end_aligned_offset(num, self.k))
+        start, offset = self.cache_len, end_aligned_offset(num, self.k)
+        mask = relaxed_causal_mask(num, start, self.k, offset, dtype=self.model.dtype, device=self.device)
+        out = self._forward(features, tokens, torch.arange(start, start + num, device=self.device), mask, offset)
         self.block = out[-self.k:] if num >= self.k else None
 
     def _forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,

@@ -102,14 +102,21 @@ def relaxed_causal_allowed(num_queries: int, num_cached: int = 0, k: int = 2,
     return torch.cat([cached, new], dim=-1)
 
 
+def block_slots(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B|1, S] long: each query's slot in its block (the blocks of :func:`relaxed_causal_allowed`; 0 = a block's
+    first position). E.g. S=5, k=2, offset 1 -> [1, 0, 1, 0, 1]."""
+    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
+    return (torch.arange(num_queries, device=device)[None] + offset) % k
+
+
 def block_last_index(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
                      lengths: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """[B|1, S] long: the index of the last query of each query's block (the blocks of
     :func:`relaxed_causal_allowed`), cut at the last query, or at ``lengths - 1`` per row when given: the block's
     newest pair. E.g. S=5, k=2: offset 0 -> [1, 1, 3, 3, 4]; offset 1 -> [0, 2, 2, 4, 4]."""
-    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
     queries = torch.arange(num_queries, device=device)[None]
-    last = ((queries + offset) // k + 1) * k - 1 - offset  # [B|1, S]
+    last = queries + (k - 1) - block_slots(num_queries, k, block_offset, device)  # [B|1, S]
     limit = (num_queries if lengths is None else lengths.to(device).reshape(-1, 1).clamp(1, num_queries)) - 1
     return torch.minimum(last, torch.as_tensor(limit, device=device))
 
