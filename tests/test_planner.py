@@ -165,7 +165,8 @@ def test_generator_follows_an_injected_plan_and_stays_exact(llama):
     out = generator.generate(**request)
     assert out.token_ids == plain.token_ids
     assert out.stats.plans[0]["num_nodes"] == 32 and not out.stats.fell_back
-    assert (sequences[-1].num_nodes, sequences[-1].depth) == (32, planner.current.depth)  # it got the plan's budget
+    # it got the plan's budget (or, on an exploring cycle, the same nodes one level deeper)
+    assert sequences[-1].num_nodes == 32 and sequences[-1].depth - planner.current.depth in (0, 1)
     assert max(seen) <= 32
     assert len(out.token_depths) == len(out.token_ids)
     assert sum(d > 0 for d in out.token_depths) == out.stats.accepted_tokens
@@ -226,6 +227,42 @@ def test_an_expensive_drafter_is_not_probed(llama):
     out = SpeculativeGenerator(llama, drafter, planner=planner).generate(input_ids=prompt, max_new_tokens=30,
                                                                          ignore_eos=True)
     assert out.token_ids == plain.token_ids and sequences[-1].proposed == 0 and out.stats.drafted_tokens == 0
+
+
+def test_the_level_below_the_plan_is_explored_now_and_then_until_it_is_known():
+    from falconspec.planner import CARRY_TRIALS, EXPLORE_EVERY
+
+    costs = {n: 10.0 for n in SIZES}
+    prior = np.full((MAX_DEPTH, MAX_RANK), 0.01)
+    prior[0] = [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.01, 0.01]  # depth 2 looks hopeless: plan one level of siblings
+    planner = planner_for(costs, 1.0, AcceptanceProfile(prior, strength=16.0), max_depth=4)
+    plan = planner.start()
+    assert plan.depth == 1 and plan.num_nodes > 2
+    siblings = Tree((0, 1, 2), (-1, 0, 0))
+    depths = []
+    for _ in range(3 * EXPLORE_EVERY):
+        depths.append(planner.cycle_budget(plan).depth)
+        plan = planner.observe(siblings, [0])  # depth 1 never right: no trial reaches depth 2
+    assert depths == ([1] * (EXPLORE_EVERY - 1) + [2]) * 3  # the same nodes, one level deeper, every 8th cycle
+    planner.profile.carried_trials[1, 0] = CARRY_TRIALS  # the level below is known: no more exploring
+    assert all(planner.cycle_budget(planner.observe(siblings, [0])).depth == 1 for _ in range(2 * EXPLORE_EVERY))
+
+
+def test_exploring_finds_a_deeper_plan_the_prior_ruled_out(llama):
+    """A drafter always right, whose prior says depth 2 never is: without exploring, the plan would stay one level
+    deep for good; the explored cycles show depth 2 is right and the plan grows."""
+    prompt = [5, 9, 13, 17]
+    plain = SpeculativeGenerator(llama).generate(input_ids=prompt, max_new_tokens=60, ignore_eos=True)
+    prior = np.full((MAX_DEPTH, MAX_RANK), 0.01)
+    prior[0, 0] = 0.9
+    planner = planner_for({n: 10.0 for n in SIZES}, 0.5, AcceptanceProfile(prior, strength=16.0), max_depth=6)
+    drafter = FollowedTruth(prompt + plain.token_ids)
+    drafter.cheap_to_follow = False
+    out = SpeculativeGenerator(llama, drafter, planner=planner).generate(input_ids=prompt, max_new_tokens=60,
+                                                                         ignore_eos=True)
+    assert out.token_ids == plain.token_ids
+    depths = [p["depth"] for p in out.stats.plans]
+    assert depths[0] == 1 and max(depths) >= 2, out.stats.plans
 
 
 def test_evidence_is_carried_to_the_next_generation_capped():

@@ -326,8 +326,8 @@ class DepthSweep(BudgetPlanner):
         self._current = self._plan()
         return self._current
 
-    def probe_plan(self) -> None:
-        return None
+    def cycle_budget(self, plan: Plan) -> Plan:
+        return plan  # the sweep's own depth: no probing, no exploring
 
 
 def measure_drafter(target, drafter, effort: Effort = QUICK) -> dict:

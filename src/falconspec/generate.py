@@ -194,14 +194,15 @@ class SequenceDecoder:
         self.stats.prefill_time = elapsed_since(self.target, start)
 
     def propose(self) -> Tree:
-        """Draft a tree within the plan's budget; none when plain decoding is expected to be faster, but for an
-        occasional probe; nodes deeper than the remaining budget could never be used."""
+        """Draft a tree within the plan's budget (see :meth:`~.planner.BudgetPlanner.cycle_budget`); none when plain
+        decoding is expected to be faster, but for an occasional probe; nodes deeper than the remaining budget could
+        never be used."""
         start = time.perf_counter()
         planner, plan, seq = self.planner, self.plan, self.seq
         max_depth = min(self.max_new_tokens - self.produced, self.target.max_context - seq.cache.length) - 1
         if plan is not None:
             self.stats.note_plan(plan)
-        budget = planner.probe_plan() if plan is not None and plan.plain else plan
+        budget = planner.cycle_budget(plan) if planner is not None else None
         if planner is None or budget is not None:
             if budget is not None:
                 self.drafter.set_budget(budget.num_nodes, budget.depth)

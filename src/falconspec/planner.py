@@ -21,6 +21,12 @@ pass to follow the text is left alone for the rest of the generation (following 
 step), so that fallback waits for ``MIN_FALLBACK_TRIALS`` of this generation's own evidence; one that is free to follow (n-gram lookup, lookahead, Medusa) is probed with the best tree every
 ``PROBE_EVERY`` cycles, and switched back on when the probes say it pays. Verification stays exact whatever the
 plan: the planner only decides how much to verify.
+
+A plan of depth D never drafts level D + 1, so its estimate there would stay whatever the prior said (a calibration
+of a few prompts can be far off the workload's). So the planner **explores**: every ``EXPLORE_EVERY`` tree cycles,
+while the level below the plan has less than ``CARRY_TRIALS`` trials of evidence, the cycle drafts the same number
+of nodes one level deeper (the drafter places a node there when its score beats the plan's last sibling). The cost
+is one drafting level now and then; the verified tree keeps its size.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ UNINFORMED = 0.5  # depth 1, rank 0 with no calibration at all
 CARRY_TRIALS = 32.0  # evidence carried from earlier generations weighs at most this many trials per cell
 MIN_FALLBACK_TRIALS = 8  # a drafter that cannot be probed falls back mid-generation only on this much evidence
 PROBE_EVERY = 8  # while decoding plainly, a drafter that is cheap to follow is tried once every this many cycles
+EXPLORE_EVERY = 8  # a tree plan drafts one level deeper once every this many cycles while that level is little known
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,20 @@ class BudgetPlanner:
         if self._cycle % self.replan_every == 0 or self._current is None or self._current.plain:
             self._replan()
         return self._current
+
+    def cycle_budget(self, plan: Plan) -> Plan | None:
+        """What the coming cycle drafts, given its ``plan`` (this planner's, or a batch's): the plan itself, one
+        level deeper when exploration is due, the best tree when a probe is due while plain, or None to decode
+        plainly."""
+        if plan.plain:
+            return self.probe_plan()
+        deeper = plan.depth + 1
+        due = (self._cycle + 1) % EXPLORE_EVERY == 0 and deeper <= min(self.max_depth, plan.num_nodes - 1)
+        row = min(deeper, MAX_DEPTH) - 1
+        if due and self.profile.trials[row, 0] + self.profile.carried_trials[row, 0] < CARRY_TRIALS:
+            return Plan(plan.num_nodes, deeper, plan.expected_tokens, plan.cycle_seconds + self._draft[deeper]
+                        - self._draft[plan.depth])
+        return plan
 
     def probe_plan(self) -> Plan | None:
         """While decoding plainly: the best tree plan on the cycles when a probe is due (None otherwise)."""
