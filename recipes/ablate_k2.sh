@@ -26,6 +26,8 @@ declare -A RUNS=(
   [k2-first]="--k 2 --later-slot-weight 0.5"    # the block's first token weighs 2x its second
   [k2-second]="--k 2 --later-slot-weight 2.0"   # the block's second token weighs 2x its first
   [k2-newest]="--k 2 --newest-pair"             # every block slot also reads the block's newest pair directly
+  [k2-ttt]="--k 2 --ttt-blocks 2"               # training-time test: 2 drafted blocks unrolled on own predictions
+  [k2-newest-ttt]="--k 2 --newest-pair --ttt-blocks 2"  # both
 )
 if [[ "${1:-}" =~ ^(train|final|tau)$ ]]; then
   name=${2:-}; [[ -n "${RUNS[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS[*]}"; exit 2; }

@@ -12,7 +12,7 @@ from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel,
 from falconspec.testing import tiny_target
 from falconspec.train import (
     TrainConfig, apply_glances, choose_glances, compute_losses, csgd_step, forward, make_batch, rollout, rollout_starts,
-    train,
+    train, unroll_blocks,
 )
 
 def sample(ids, mask, hidden=4):
@@ -135,6 +135,62 @@ def test_rollout_matches_uncached_reference(llama, k, newest_pair):
             assert hits[row].tolist() == (torch.tensor(drafted[:depth]) == truth).tolist()
 
 
+@pytest.mark.parametrize("k, newest_pair, offset", [(2, False, 0), (2, False, 1), (2, True, 1), (1, False, 0)])
+def test_unrolled_blocks_attend_and_read_as_drafting_does(llama, k, newest_pair, offset):
+    """Pass s of training-time test at a position of block b = the s-th drafting pass after a prefix that ends with
+    block b - s, recomputed from scratch (the drafter's own features and greedy tokens fed back block by block)."""
+    torch.manual_seed(k + offset)
+    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair).eval()
+    if newest_pair:
+        with torch.no_grad():
+            model.newest.weight.normal_(0, 0.05)
+    s = target_sample(llama, 24, 0)
+    batch = make_batch([s], k=k, max_len=64)
+    head, embed, vocab = llama.lm_head.weight.detach(), llama.model.get_input_embeddings().weight.detach(), \
+        torch.arange(llama.vocab_size)
+    offsets = torch.tensor([offset])
+    S = batch.tokens.shape[1]
+    with torch.no_grad():
+        cache = model.new_cache()
+        out = forward(model, k, embed, batch, batch.features, batch.tokens, offsets, cache)
+        passes = unroll_blocks(model, embed, head, vocab, batch, out, cache, offsets, torch.ones(1, S, dtype=bool), 2)
+        for t in range(k + (-offset) % k, S - 2 * k, k):  # t: a block start after at least one whole block
+            feats, toks = s["hidden_states"][:t], s["input_ids"][1 : t + 1]
+            for step, (unrolled, ok) in enumerate(passes):
+                n = len(toks)
+                mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
+                new = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
+                            block_offset=(-n) % k)[0, -k:]
+                feats, toks = torch.cat([feats, new]), torch.cat([toks, (new @ head.T).argmax(-1)])
+                if step:  # the block the unrolled pass `step` computed: positions t + (step - 1) k ..
+                    rows = torch.arange(t + (step - 1) * k, t + step * k)
+                    assert passes[step - 1][1][0, rows].all()
+                    torch.testing.assert_close(passes[step - 1][0][0, rows], new, atol=2e-5, rtol=1e-4)
+    assert not passes[0][1][0, :k].any() and not passes[1][1][0, : 2 * k].any()  # no chain before the start
+
+
+def test_training_time_test_adds_the_unrolled_blocks_losses(llama):
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
+    s = target_sample(llama, 40, 8)
+    batch = make_batch([s, s], k=2, max_len=64)
+    head, vocab_index = llama.lm_head.weight.detach(), torch.arange(llama.vocab_size)
+    embed = llama.model.get_input_embeddings().weight.detach()
+
+    def step(**settings):
+        cfg = TrainConfig(data="", out="", k=2, feature_noise=0.0, glance=False, **settings)
+        return csgd_step(model, embed, head, vocab_index, batch, cfg, 0.0, torch.Generator().manual_seed(1),
+                         torch.arange(llama.vocab_size))
+
+    plain, _ = step()
+    weightless, record = step(ttt_blocks=2, ttt_weight=0.0)
+    unrolled, record = step(ttt_blocks=2)
+    assert len(record["ttt_acc"]) == 2 and float(weightless.total.detach()) == pytest.approx(float(plain.total.detach()))
+    assert float(unrolled.total.detach()) > float(plain.total.detach())
+    with pytest.raises(ValueError, match="vocab"):
+        csgd_step(model, embed, head, vocab_index, batch, TrainConfig(data="", out="", ttt_blocks=1), 0.0,
+                  torch.Generator().manual_seed(1))
+
+
 def test_rollout_starts_need_greedy_assistant_windows():
     s = sample(list(range(10, 30)), [0] * 6 + [1] * 14)
     s["target_tokens"] = torch.cat([s["input_ids"][1:], torch.tensor([0])])  # the data is the greedy continuation
@@ -177,6 +233,17 @@ def test_newest_pair_trains_and_is_checked_on_resume(tiny_data):
     with pytest.raises(ValueError, match="newest_pair=True"):
         train(cfg)  # resuming with other settings is refused
     shutil.rmtree(out)
+
+
+def test_training_time_test_trains_end_to_end(tiny_data):
+    out = tiny_data / "ttt"
+    cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "held"),
+                      model=str(tiny_data / "tiny"), max_steps=6, eval_every=6, save_every=6, log_every=2,
+                      draft_vocab=48, lr=3e-3, warmup=2, batch_size=4, eval_samples=2, ttt_blocks=2)
+    train(cfg)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["ttt_acc"]) == 2 for r in records if "total" in r)
+    assert json.loads((out / "drafter" / "recipe.json").read_text())["config"]["ttt_blocks"] == 2
 
 
 def test_two_process_training_resumes_and_loads(tiny_data):

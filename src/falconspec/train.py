@@ -224,11 +224,54 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
     return result
 
 
+# ----------------------------------------------------------------------------- training-time test
+def unroll_blocks(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, batch: Batch,
+                  outputs: torch.Tensor, cache, block_offset: torch.Tensor, origin_ok: torch.Tensor,
+                  blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Training-time test over SAR blocks: ``blocks`` further passes after the teacher-forced one (``outputs``
+    [B, S, H], whose keys ``cache`` holds), each a copy of the sequence in which position p holds the drafter's own
+    prediction from the pass before: the feature predicted at p - k and its greedy token (draft vocabulary ``vocab``
+    -> target ids). A query of block b in pass s attends as the s-th drafting pass after a prefix ending with block
+    b - s does: the teacher-forced keys of blocks <= b - s, and pass j's keys of block b - s + j (its own block
+    when j = s). Returns per pass (outputs [B, S, H], ok [B, S]: the chain is real, starts at or after the first
+    position and from an ``origin_ok`` block of the teacher-forced pass). Inputs are detached: each pass learns
+    to draft from the features it is given, as EAGLE-3's training-time test does."""
+    from .drafters.sar_model import additive_mask
+
+    k, (B, S), dev = model.k, batch.tokens.shape, batch.tokens.device
+    pos = torch.arange(S, device=dev)
+    block = (pos[None] + block_offset.to(dev)[:, None]) // k  # [B, S]
+    source, has_source = (pos - k).clamp(min=0), pos >= k
+    ok, keys_ok, prev, passes = origin_ok & batch.key_padding, [batch.key_padding], outputs.detach(), []
+    for s in range(1, blocks + 1):
+        feats = prev[:, source] * has_source[None, :, None]
+        tokens = vocab[F.linear(feats.float(), head).argmax(-1)]  # [B, S] target ids
+        ok = ok[:, source] & has_source[None] & batch.key_padding
+        keys_ok.append(ok)
+        parts = [block[:, None, :] <= (block - s)[:, :, None]]  # teacher-forced keys: blocks <= b - s
+        parts += [block[:, None, :] == (block - s + j)[:, :, None] for j in range(1, s + 1)]
+        allowed = torch.cat(parts, dim=-1) & torch.cat(keys_ok, dim=-1)[:, None, :]  # [B, S, (s+1)S]
+        out = model(feats, model.embed(embed, tokens), pos[None].expand(B, S), additive_mask(allowed[:, None],
+                    torch.float32), cache, block_offset=block_offset.long(), lengths=batch.key_padding.sum(-1))
+        passes.append((out, ok))
+        prev = out.detach()
+    return passes
+
+
+def blocks_with(chosen: torch.Tensor, block_offset: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, S] bool: the position's block holds a ``chosen`` [B, S] position."""
+    block = (torch.arange(chosen.shape[1], device=chosen.device)[None] + block_offset.to(chosen.device)[:, None]) // k
+    return ((block[:, :, None] == block[:, None, :]) & chosen[:, None, :]).any(-1)
+
+
 # ----------------------------------------------------------------------------- the loop
 def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch.Tensor, batch: Batch,
-              cfg: TrainConfig, ratio: float, gen: torch.Generator) -> tuple[Losses, dict]:
+              cfg: TrainConfig, ratio: float, gen: torch.Generator,
+              vocab: torch.Tensor | None = None) -> tuple[Losses, dict]:
     """One CSGD forward: noise, pass 1 + glancing (if cfg.glance, k >= 2 and ratio > 0), pass 2 and the losses
-    over trained positions minus the glanced ones. Returns the losses (with gradients) and a log record."""
+    over trained positions minus the glanced ones; with ``cfg.ttt_blocks``, the unrolled passes' losses too
+    (:func:`unroll_blocks`, chains from blocks without glanced inputs, weighted ``cfg.ttt_weight ** s``; ``vocab``:
+    draft index -> target id). Returns the losses (with gradients) and a log record."""
     device = batch.tokens.device  # random draws come from the CPU generator, then move to the batch's device
     offsets = torch.randint(0, cfg.k, (batch.tokens.shape[0],), generator=gen)
     noise = ((torch.rand(batch.features.shape, generator=gen) * 2 - 1) * cfg.feature_noise).to(device)
@@ -243,8 +286,20 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
         chosen = choose_glances(batch.valid.cpu(), mismatches.cpu(), offsets, ratio, cfg.k, gen).to(device)
         features, tokens = apply_glances(batch, chosen, features)
         record.update(hamming=int(mismatches.sum()), glanced=int(chosen.sum()), ratio=round(ratio, 4))
-    out2 = forward(model, cfg.k, embed, batch, features, tokens, offsets)
+    cache = model.new_cache() if cfg.ttt_blocks else None
+    out2 = forward(model, cfg.k, embed, batch, features, tokens, offsets, cache)
     losses = compute_losses(out2, batch, batch.valid & ~chosen, head, vocab_index, cfg, offsets)
+    if cfg.ttt_blocks:
+        if vocab is None:
+            raise ValueError("training-time test (ttt_blocks) needs the draft vocabulary's target ids: pass vocab")
+        unrolled = unroll_blocks(model, embed, head, vocab, batch, out2, cache, offsets,
+                                 ~blocks_with(chosen, offsets, cfg.k), cfg.ttt_blocks)
+        total, accs = losses.total, []
+        for s, (out, ok) in enumerate(unrolled, start=1):
+            extra = compute_losses(out, batch, batch.valid & ok, head, vocab_index, cfg, offsets)
+            total, accs = total + cfg.ttt_weight ** s * extra.total, accs + [round(float(extra.acc), 4)]
+        losses = Losses(total, losses.reg, losses.kl, losses.ce, losses.acc, losses.count)
+        record["ttt_acc"] = accs
     return losses, record
 
 
@@ -257,15 +312,16 @@ def autocast(cfg: TrainConfig, device_type: str = "cpu"):
 
 
 def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Tensor, tokens: torch.Tensor,
-            block_offset: torch.Tensor) -> torch.Tensor:
-    """Drafter outputs [B, S, H] under the relaxed causal mask (one block alignment per sample)."""
+            block_offset: torch.Tensor, cache=None) -> torch.Tensor:
+    """Drafter outputs [B, S, H] under the relaxed causal mask (one block alignment per sample); ``cache`` (a
+    drafter KV cache) keeps the keys for :func:`unroll_blocks`."""
     from .drafters.sar_model import relaxed_causal_mask
 
     B, S = tokens.shape
     mask = relaxed_causal_mask(S, 0, k, block_offset=block_offset.long(), key_padding=batch.key_padding,
                                device=tokens.device)
     positions = torch.arange(S, device=tokens.device)[None].expand(B, S)
-    return model(features, F.embedding(tokens, embed), positions, mask, block_offset=block_offset.long(),
+    return model(features, F.embedding(tokens, embed), positions, mask, cache, block_offset=block_offset.long(),
                  lengths=batch.key_padding.sum(-1))
 
 
@@ -316,7 +372,7 @@ class SARObjective(ShardObjective, Objective):
         batch = make_batch(self.batch_samples(step, rank, world), cfg.k, cfg.max_len).to(self.head.device)
         with autocast(cfg, self.head.device.type):
             losses, record = csgd_step(model, self.embed, self.head, self.vocab_index, batch, cfg,
-                                       glance_ratio(step, cfg), gen)
+                                       glance_ratio(step, cfg), gen, self.vocab.to(self.head.device))
         return StepResult(losses.total, int(batch.key_padding.sum()), (losses, record))
 
     def train_record(self, result: StepResult, progress: Progress) -> dict:

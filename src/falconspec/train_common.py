@@ -62,6 +62,10 @@ class TrainConfig:
                                          "of a block weighs w**s; k=2: the block's second token)")
     newest_pair: bool = _opt(False, "SAR k>=2: every slot of a block also reads the block's newest (feature, token) "
                                     "pair directly (the block's first slot drafts the nearest token)")
+    ttt_blocks: int = _opt(0, "SAR: training-time test: after the teacher-forced pass, unroll this many drafted blocks "
+                              "per position, each fed the drafter's own predicted features and tokens of the block "
+                              "before and attending as drafting does, and train on them too")
+    ttt_weight: float = _opt(0.8, "loss weight of the s-th unrolled block relative to the teacher-forced pass: w**s")
     kl_weight: float = _opt(0.9, "share of KL(target || drafter) in the distillation loss; the rest is CE to the "
                                   "target's greedy token")
     temperature: float = _opt(1.0, "distillation temperature (both distributions)")
