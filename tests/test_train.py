@@ -189,6 +189,10 @@ def test_training_time_test_adds_the_unrolled_blocks_losses(llama):
     with pytest.raises(ValueError, match="vocab"):
         csgd_step(model, embed, head, vocab_index, batch, TrainConfig(data="", out="", ttt_blocks=1), 0.0,
                   torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(data="", out="", ttt_blocks=-1)
+    with pytest.raises(ValueError, match="--kind sar"):
+        TrainConfig(data="", out="", kind="medusa", ttt_blocks=1)
 
 
 def test_rollout_starts_need_greedy_assistant_windows():

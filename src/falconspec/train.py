@@ -236,11 +236,11 @@ def unroll_blocks(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.T
     when j = s). Returns per pass (outputs [B, S, H], ok [B, S]: the chain is real, starts at or after the first
     position and from an ``origin_ok`` block of the teacher-forced pass). Inputs are detached: each pass learns
     to draft from the features it is given, as EAGLE-3's training-time test does."""
-    from .drafters.sar_model import additive_mask
+    from .drafters.sar_model import additive_mask, block_index
 
     k, (B, S), dev = model.k, batch.tokens.shape, batch.tokens.device
     pos = torch.arange(S, device=dev)
-    block = (pos[None] + block_offset.to(dev)[:, None]) // k  # [B, S]
+    block = block_index(S, k, block_offset, dev)  # [B, S]
     source, has_source = (pos - k).clamp(min=0), pos >= k
     ok, keys_ok, prev, passes = origin_ok & batch.key_padding, [batch.key_padding], outputs.detach(), []
     for s in range(1, blocks + 1):
@@ -260,7 +260,9 @@ def unroll_blocks(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.T
 
 def blocks_with(chosen: torch.Tensor, block_offset: torch.Tensor, k: int) -> torch.Tensor:
     """[B, S] bool: the position's block holds a ``chosen`` [B, S] position."""
-    block = (torch.arange(chosen.shape[1], device=chosen.device)[None] + block_offset.to(chosen.device)[:, None]) // k
+    from .drafters.sar_model import block_index
+
+    block = block_index(chosen.shape[1], k, block_offset, chosen.device)
     return ((block[:, :, None] == block[:, None, :]) & chosen[:, None, :]).any(-1)
 
 

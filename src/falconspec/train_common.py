@@ -76,6 +76,12 @@ class TrainConfig:
     log_every: int = _opt(10, "training log line every N steps")
     seed: int = _opt(0, "seed for data order, noise and glancing")
 
+    def __post_init__(self) -> None:
+        if self.ttt_blocks < 0:
+            raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
+        if self.ttt_blocks and self.kind != "sar":
+            raise ValueError(f"--ttt-blocks unrolls a SAR drafter's blocks: it needs --kind sar, not {self.kind!r}")
+
 
 def lr_at(step: int, cfg) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at max_steps (``cfg``: any run config with those fields)."""

@@ -96,10 +96,18 @@ def relaxed_causal_allowed(num_queries: int, num_cached: int = 0, k: int = 2,
     offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
     if bool(((offset < 0) | (offset >= k)).any()):
         raise ValueError(f"block_offset must lie in [0, k={k}), got {block_offset}")
-    block = (torch.arange(num_queries, device=device)[None] + offset) // k  # [B|1, S]
+    block = block_index(num_queries, k, offset, device)  # [B|1, S]
     new = block[:, None, :] <= block[:, :, None]  # [B|1, S(query), S(key)]
     cached = torch.ones(new.shape[0], num_queries, num_cached, dtype=torch.bool, device=device)
     return torch.cat([cached, new], dim=-1)
+
+
+def block_index(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B|1, S] long: each query's block (the blocks of :func:`relaxed_causal_allowed`). E.g. S=5, k=2, offset 1 ->
+    [0, 1, 1, 2, 2]."""
+    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
+    return (torch.arange(num_queries, device=device)[None] + offset) // k
 
 
 def block_slots(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
