@@ -102,20 +102,24 @@ def relaxed_causal_allowed(num_queries: int, num_cached: int = 0, k: int = 2,
     return torch.cat([cached, new], dim=-1)
 
 
+def _aligned_positions(num_queries: int, block_offset: int | torch.Tensor, device) -> torch.Tensor:
+    """[B|1, S] long: query positions counted from the (virtual) start of the first block."""
+    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
+    return torch.arange(num_queries, device=device)[None] + offset
+
+
 def block_index(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """[B|1, S] long: each query's block (the blocks of :func:`relaxed_causal_allowed`). E.g. S=5, k=2, offset 1 ->
     [0, 1, 1, 2, 2]."""
-    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
-    return (torch.arange(num_queries, device=device)[None] + offset) // k
+    return _aligned_positions(num_queries, block_offset, device) // k
 
 
 def block_slots(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """[B|1, S] long: each query's slot in its block (the blocks of :func:`relaxed_causal_allowed`; 0 = a block's
     first position). E.g. S=5, k=2, offset 1 -> [1, 0, 1, 0, 1]."""
-    offset = torch.as_tensor(block_offset, dtype=torch.long, device=device).reshape(-1, 1)  # [B|1, 1]
-    return (torch.arange(num_queries, device=device)[None] + offset) % k
+    return _aligned_positions(num_queries, block_offset, device) % k
 
 
 def block_last_index(num_queries: int, k: int, block_offset: int | torch.Tensor = 0,
