@@ -60,10 +60,11 @@ def test_user_turns_drop_dataset_answers_and_empty_turns():
     assert turns == [[{"role": "user", "content": "a"}], [{"role": "user", "content": "c"}]]
 
 
-def test_multi_turn_prompts_hold_the_models_own_answers(llama):
+@pytest.mark.parametrize("cache", ["dynamic", "reuse"])
+def test_multi_turn_prompts_hold_the_models_own_answers(llama, cache):
     tok, model = llama.tokenizer, llama.model
     c = Conversation("m", [{"role": "system", "content": "be brief"}] + conv(1, 3).messages)
-    [sample], _ = regenerate(model, tok, [c], max_len=400, max_new_tokens=10, batch_size=4)
+    [sample], _ = regenerate(model, tok, [c], max_len=400, max_new_tokens=10, batch_size=4, cache=cache)
     assert len(sample.spans) == 3
     # the sequence is the chat template over the conversation with the dataset's answers replaced by the model's
     answers = [sample.input_ids[lo:hi] for lo, hi in sample.spans]
@@ -100,9 +101,14 @@ def test_batched_answers_equal_one_at_a_time_in_fp32(qwen2):
     assert batched == one and len(one) == 7
     assert stats.answers == sum(1 + i % 3 for i in range(7)) == sum(len(s.spans) for s in one)
     assert stats.answer_tokens == sum(s.answer_tokens for s in one) and stats.tokens_per_s > 0
+    assert stats.prefilled_tokens == stats.prompt_tokens  # generate prefills every prompt whole
     static, _ = regenerate(qwen2.model, qwen2.tokenizer, convs[:3], max_len=300, max_new_tokens=12, batch_size=3,
                            cache="static")
     assert static == one[:3]
+    # one KV cache per conversation across its turns: only new tokens prefilled, the same answers
+    reused, kept = regenerate(qwen2.model, qwen2.tokenizer, convs, max_len=300, max_new_tokens=12, batch_size=3,
+                              cache="reuse")
+    assert reused == one and kept.prefilled_tokens < kept.prompt_tokens
 
 
 @pytest.fixture(scope="module")

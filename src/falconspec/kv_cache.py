@@ -5,6 +5,10 @@ that gets :meth:`KVCache.forward_kwargs`, measured by :attr:`KVCache.length`, cu
 and compacted to an accepted tree path by :meth:`KVCache.keep`. Batched verification puts several sequences' caches
 side by side in one :class:`BatchedKVCache` for one forward and writes each sequence's new positions back to its own
 cache; callers only ever see these two interfaces.
+
+Every layer is a :class:`SlabLayer`: its keys and values are views of a buffer reserved ahead and doubled when full,
+so a forward writes only its new positions (transformers' ``DynamicLayer`` concatenates, copying the whole layer on
+every forward: at 32 rows of 300 positions that copy was over half of a decoding step).
 """
 
 from __future__ import annotations
@@ -29,8 +33,60 @@ def _keyword(function: Callable) -> str:
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
+class SlabLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys`` and ``values`` are views of the first positions of a larger buffer.
+
+    Appending writes into the buffer; a full buffer is replaced by one twice as large (amortised, one copy per
+    doubling). ``crop`` (a shorter view) and in-place writes through the views (:meth:`KVCache.keep`) work
+    unchanged; if anything replaces the views by other tensors, the next append adopts them into a new buffer."""
+
+    MIN_CAPACITY = 64
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self.get_seq_length()
+        new = old + key_states.shape[-2]
+        capacity = self._key_buffer.shape[-2] if self._writable(key_states) else 0
+        if not capacity or new > capacity:
+            self._reserve(key_states, value_states, old, max(new, 2 * capacity, self.MIN_CAPACITY))
+        self._key_buffer[..., old:new, :] = key_states
+        self._value_buffer[..., old:new, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :new, :], self._value_buffer[..., :new, :]
+        return self.keys, self.values
+
+    def _writable(self, key_states: torch.Tensor) -> bool:
+        """Whether new positions like ``key_states`` can be written into the buffers as they are: ``keys`` and
+        ``values`` are still their leading views (same start and strides; ``_base`` is not tracked under
+        ``torch.inference_mode``), the rows and heads match, and a buffer made under inference mode is not written
+        outside it."""
+        return self._key_buffer is not None and self._key_buffer.shape[:-2] == key_states.shape[:-2] \
+            and (torch.is_inference_mode_enabled() or not self._key_buffer.is_inference()) and all(
+                view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
+                for view, buffer in ((self.keys, self._key_buffer), (self.values, self._value_buffer)))
+
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, old: int, capacity: int) -> None:
+        """A new buffer of ``capacity`` positions holding the first ``old`` cached positions."""
+        buffers = []
+        for states, cached in ((key_states, self.keys), (value_states, self.values)):
+            buffer = states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+            if old:
+                buffer[..., :old, :] = cached[..., :old, :]
+            buffers.append(buffer)
+        self._key_buffer, self._value_buffer = buffers
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
 class KVCache:
-    """Keys and values of the cached positions of one sequence, for every layer of one model."""
+    """Keys and values of the cached positions of one sequence (or of a batch of rows, see :meth:`select`), for
+    every layer of one model."""
 
     def __init__(self, config, full_layers: bool = False) -> None:
         """``full_layers``: keep every position in every layer, also of sliding-window layers, for a model whose
@@ -40,7 +96,7 @@ class KVCache:
         self.full_layers = full_layers
         self.clear()
         if not full_layers:
-            kinds = {type(layer).__name__ for layer in self._hf.layers if type(layer) is not DynamicLayer}
+            kinds = {type(layer).__name__ for layer in self._hf.layers if type(layer) is not SlabLayer}
             if kinds:
                 raise ValueError(f"a {getattr(config, 'model_type', '?')!r} cache holds {', '.join(sorted(kinds))} "
                                  "layers, which cannot be compacted to a tree path: check the model with "
@@ -52,8 +108,12 @@ class KVCache:
         return self._hf.get_seq_length()
 
     def clear(self) -> None:
-        # without a config, transformers adds a plain DynamicLayer per layer as the first forward fills it
+        # without a config, transformers adds a layer per model layer as the first forward fills it
         self._hf = DynamicCache() if self.full_layers else DynamicCache(config=self.config)
+        if self.full_layers:
+            self._hf.layer_class_to_replicate = SlabLayer
+        else:  # plain full-attention layers become slabs; any other kind is refused by __init__
+            self._hf.layers = [SlabLayer() if type(layer) is DynamicLayer else layer for layer in self._hf.layers]
 
     def forward_kwargs(self, forward: Callable) -> dict:
         """The keyword argument that hands this cache to a transformers ``forward`` (model, decoder, layer or
@@ -83,6 +143,20 @@ class KVCache:
             layer.keys[..., kept, :] = layer.keys.index_select(-2, source)
             layer.values[..., kept, :] = layer.values.index_select(-2, source)
         self.crop_to(prefix_len + len(path))
+
+    def select(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """For a cache of several rows (a batched forward's): keep rows ``rows`` [R], row ``r`` of the result holding
+        the positions ``positions[r]`` [R, P] of row ``rows[r]``, in that order (any position where it does not
+        matter, e.g. padding the caller masks out)."""
+        if positions.shape[0] != rows.shape[0]:
+            raise ValueError(f"need one row of positions per kept row, got {positions.shape[0]} for {rows.shape[0]}")
+        for layer in self._hf.layers:
+            heads, dim = layer.keys.shape[1], layer.keys.shape[-1]
+            index = positions.to(layer.keys.device)[:, None, :, None].expand(-1, heads, -1, dim)
+            keys = layer.keys.index_select(0, rows).gather(2, index)
+            values = layer.values.index_select(0, rows).gather(2, index)
+            layer.reset()
+            layer.update(keys, values)
 
 
 class BatchedKVCache:

@@ -30,8 +30,11 @@ end-of-turn text (loss mask 0 on those tokens) and the conversation continues. T
 would see it; for ChatML templates this equals re-rendering the decoded conversation.
 
 Generation is batched greedy decoding with Hugging Face ``generate`` (left padding, prompts sorted by length,
-turn by turn across the conversations of a shard). In fp32 batched answers equal one-at-a-time answers (tested on
-a tiny model); in bf16 batching changes rounding and may flip near-ties, which is harmless for training data.
+turn by turn across the conversations of a shard), prefilling each turn's whole history. ``--cache reuse``
+(:mod:`.dialogue_batch`) keeps each conversation's KV cache across its turns and prefills only the new tokens; it
+measured slower than ``generate`` on the development CPU (recipes/README.md), so it is not the default. In fp32
+batched answers equal one-at-a-time answers (tested on a tiny model); in bf16 batching changes rounding and may flip
+near-ties, which is harmless for training data.
 
 Resumable and growing: the manifest lists the conversation ids of every finished shard; a run skips them and
 appends new shards, each written atomically and then recorded in the manifest (a killed run loses at most the shard
@@ -41,6 +44,7 @@ harmless: batches during which the process was stopped are left out of the throu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -62,6 +66,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "falconspec-token-shards"
 FORMAT_VERSION = 1
 PROMPT_MARGIN = 16  # a turn is answered only if its prompt leaves at least this many tokens of max_len
+CACHES = ("reuse", "dynamic", "static")  # how answers are generated: see answer_dialogues
 SENTINEL = "\u2063FALCONSPEC-ANSWER\u2063"  # stands in for an answer's text when rendering the template
 
 
@@ -249,6 +254,7 @@ class GenStats:
     answers: int = 0
     answer_tokens: int = 0
     prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens run through the target (fewer than prompt_tokens when caches are reused)
     padded_steps: int = 0  # batch rows x decode steps actually run
     seconds: float = 0.0  # wall time of generate calls not disturbed by a pause
     paused_batches: int = 0
@@ -271,9 +277,9 @@ class GenStats:
 
 @torch.inference_mode()
 def greedy_batch(model, prompts: list[list[int]], budgets: list[int], eos: list[int], pad: int,
-                 cache: str = "dynamic") -> tuple[list[list[int]], list[bool]]:
+                 cache: str = "dynamic") -> list[list[int]]:
     """Greedy answers to left-padded prompts in one ``generate`` call: per prompt the tokens up to and including the
-    first end-of-turn token, at most its budget, and whether the budget cut it."""
+    first end-of-turn token, at most its budget."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
@@ -283,7 +289,7 @@ def greedy_batch(model, prompts: list[list[int]], budgets: list[int], eos: list[
                               cache_implementation=None if cache == "dynamic" else cache,
                               bos_token_id=getattr(model.generation_config, "bos_token_id", None))
     out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
-    answers, cuts = [], []
+    answers = []
     eos_set = set(eos)
     for row, budget in zip(out[:, width:].tolist(), budgets):
         answer = []
@@ -292,51 +298,89 @@ def greedy_batch(model, prompts: list[list[int]], budgets: list[int], eos: list[
             if tok in eos_set:
                 break
         answers.append(answer)
-        cuts.append(not answer or answer[-1] not in eos_set)
-    return answers, cuts
+    return answers
+
+
+def _next_prompts(dialogues: list[Dialogue], tokenizer, eos: list[int], max_len: int) -> list[tuple[int, list[int]]]:
+    """(index, prompt) of each dialogue with a turn to go whose prompt fits ``max_len``; the others stop."""
+    round_ = []
+    for i, d in enumerate(dialogues):
+        if not d.pending:
+            continue
+        prompt = d.next_prompt(tokenizer, eos)
+        if len(prompt) > max_len - PROMPT_MARGIN:
+            d.stopped = True
+        else:
+            round_.append((i, prompt))
+    return round_
+
+
+def _even_batches(items: list, batch_size: int) -> list[list]:
+    """``items`` in consecutive batches of at most ``batch_size``, as even as possible: 40 -> 20 + 20."""
+    if not items:
+        return []
+    per_batch = -(-len(items) // -(-len(items) // batch_size))
+    return [items[i: i + per_batch] for i in range(0, len(items), per_batch)]
+
+
+def _answer_batch(generate, dialogues: list[Dialogue], prompts: list[list[int]], eos: list[int], max_len: int,
+                  max_new_tokens: int, stats: GenStats, on_batch) -> None:
+    """Answer one batch of turns with ``generate(prompts, budgets) -> (answers, prefilled tokens)``, record them in
+    the dialogues and the timing in ``stats``."""
+    budgets = [min(max_new_tokens, max_len - len(p)) for p in prompts]
+    before, start = _continued, time.perf_counter()
+    answers, prefilled = generate(prompts, budgets)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(a) for a in answers)
+    part = GenStats(answers=len(prompts), answer_tokens=tokens, prompt_tokens=sum(map(len, prompts)),
+                    prefilled_tokens=prefilled, padded_steps=len(prompts) * max(len(a) for a in answers))
+    if _continued != before:
+        part.paused_batches, part.paused_seconds = 1, elapsed
+        part.paused_answer_tokens, part.paused_answers = tokens, len(prompts)
+    else:
+        part.seconds = elapsed
+    stats.add(part)
+    for d, prompt, answer in zip(dialogues, prompts, answers):
+        d.add_answer(prompt, answer, cut=not answer or answer[-1] not in eos)
+    if on_batch is not None:
+        on_batch(part)
 
 
 def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, max_new_tokens: int,
                      batch_size: int, cache: str = "dynamic", on_batch=None) -> GenStats:
-    """Answer every pending turn of ``dialogues``, turn by turn: each round collects the next prompt of every
-    conversation, sorts them by length and generates them in even batches of at most ``batch_size``."""
+    """Answer every pending turn of ``dialogues``.
+
+    ``cache="reuse"`` (:mod:`.dialogue_batch`): up to ``batch_size`` dialogues at a time answer their turns round by
+    round in one KV cache kept across turns, so only the tokens new since the last answer are prefilled; a dialogue
+    that has no turn left frees its row for the next one waiting (shortest first prompt first). ``"dynamic"`` / ``"static"``: ``generate`` with that cache, turn
+    by turn: each round collects the next prompt of every conversation, sorts them by length and generates them in
+    even batches, prefilling every prompt whole."""
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     stats = GenStats()
-    while True:
-        round_ = []
-        for d in dialogues:
-            if not d.pending:
-                continue
-            prompt = d.next_prompt(tokenizer, eos)
-            if len(prompt) > max_len - PROMPT_MARGIN:
-                d.stopped = True
-            else:
-                round_.append((d, prompt))
-        if not round_:
-            return stats
-        round_.sort(key=lambda dp: len(dp[1]))
-        per_batch = -(-len(round_) // -(-len(round_) // batch_size))  # even batches: 40 prompts -> 20 + 20
-        for i in range(0, len(round_), per_batch):
-            batch = round_[i: i + per_batch]
+    if cache == "reuse":
+        from .dialogue_batch import DialogueBatch
+
+        batch, rows = DialogueBatch(model, eos, pad), []  # rows: the dialogue of each cache row
+        waiting = [dialogues[i] for i, _ in sorted(_next_prompts(dialogues, tokenizer, eos, max_len),
+                                                   key=lambda ip: len(ip[1]))]
+        while True:
+            round_ = [(row, rows[row], prompt) for row, prompt in _next_prompts(rows, tokenizer, eos, max_len)]
+            while len(round_) < batch_size and waiting:  # free rows take the next waiting conversations
+                d = waiting.pop(0)
+                round_ += [(None, d, prompt) for _, prompt in _next_prompts([d], tokenizer, eos, max_len)]
+            if not round_:
+                return stats
+            sources, rows, prompts = map(list, zip(*round_))
+            _answer_batch(lambda ps, bs: batch.answer(sources, ps, bs), rows, prompts, eos, max_len,
+                          max_new_tokens, stats, on_batch)
+    while round_ := _next_prompts(dialogues, tokenizer, eos, max_len):
+        round_.sort(key=lambda ip: len(ip[1]))
+        for batch in _even_batches(round_, batch_size):
             prompts = [p for _, p in batch]
-            budgets = [min(max_new_tokens, max_len - len(p)) for p in prompts]
-            before, start = _continued, time.perf_counter()
-            answers, cuts = greedy_batch(model, prompts, budgets, eos, pad, cache)
-            elapsed = time.perf_counter() - start
-            tokens = sum(len(a) for a in answers)
-            part = GenStats(answers=len(batch), answer_tokens=tokens, prompt_tokens=sum(map(len, prompts)),
-                            padded_steps=len(batch) * max(len(a) for a in answers))
-            if _continued != before:
-                part.paused_batches, part.paused_seconds = 1, elapsed
-                part.paused_answer_tokens, part.paused_answers = tokens, len(batch)
-            else:
-                part.seconds = elapsed
-            stats.add(part)
-            for (d, prompt), answer, cut in zip(batch, answers, cuts):
-                d.add_answer(prompt, answer, cut)
-            if on_batch is not None:
-                on_batch(part)
+            _answer_batch(lambda ps, bs: (greedy_batch(model, ps, bs, eos, pad, cache), sum(map(len, ps))),
+                          [dialogues[i] for i, _ in batch], prompts, eos, max_len, max_new_tokens, stats, on_batch)
+    return stats
 
 
 def regenerate(model, tokenizer, convs: list[Conversation], max_len: int, max_new_tokens: int, batch_size: int,
@@ -416,7 +460,7 @@ class TokenDataConfig:
     shard_size: int = 128  # conversations per shard (a killed run loses at most one)
     batch_size: int = 32  # prompts per generate call
     gen_dtype: str = "auto"  # "auto": bfloat16 where the hardware has native bf16, else float32
-    cache: str = "dynamic"  # generate's KV cache: "dynamic" or "static"
+    cache: str = "dynamic"  # generate's KV cache ("dynamic", "static"), or "reuse": one per conversation (slower here)
     heldout_percent: int = 5
     max_shards: int | None = None  # stop after this many new shards
     max_seconds: float | None = None  # stop after the shard that crosses this wall time
@@ -426,8 +470,8 @@ class TokenDataConfig:
             raise ValueError(f"split must be 'train', 'heldout' or 'all', got {self.split!r}")
         if self.max_len < 32 or self.max_new_tokens < 1 or self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("need max_len >= 32, max_new_tokens >= 1, shard_size >= 1 and batch_size >= 1")
-        if self.cache not in ("dynamic", "static"):
-            raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
 
 
 def _identity(cfg: TokenDataConfig, target, weights: str) -> dict:
@@ -539,6 +583,9 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
         del reference
         target = load_target(cfg.model, dtype=gen_dtype)
     model, tokenizer = target.model, target.tokenizer
+    # the source conversations are millions of Python objects that never change: keep the garbage collector's full
+    # passes, which decoding's many small allocations trigger, from walking them again and again
+    gc.freeze()
     signal.signal(signal.SIGCONT, _on_sigcont)
 
     run = {"run": len(manifest["runs"]), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split,
