@@ -51,10 +51,10 @@ def register(subparsers) -> None:
                         help="conversations per shard (default: 32 for features, = one generation batch; 128 for "
                              "tokens)")
     parser.add_argument("--batch-size", type=int, default=32, help="--format tokens: prompts per generate call")
-    parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static", "reuse"),
-                        help="--format tokens: 'dynamic' (default) / 'static': generate with that KV cache, "
-                             "prefilling every turn's whole history; 'reuse': keep each conversation's KV cache "
-                             "across its turns (measured slower on a 2-core CPU)")
+    parser.add_argument("--cache", default="reuse", choices=("reuse", "dynamic", "static"),
+                        help="--format tokens: 'reuse' (default) keeps each conversation's KV cache across its turns "
+                             "and prefills only new tokens; 'dynamic' / 'static' answer every turn with generate and "
+                             "that cache, prefilling the whole history (the same tokens, slower)")
     parser.add_argument("--max-shards", type=int, default=None, help="--format tokens: stop after N new shards")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="--format tokens: start no new shard after this many seconds")
