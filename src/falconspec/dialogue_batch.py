@@ -24,9 +24,6 @@ answer): 171 s against 280 s for ``generate`` turn by turn, byte-identical shard
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
 from .kv_cache import KVCache
@@ -42,7 +39,8 @@ class DialogueBatch:
         self.cached: list[int] = []  # per row: real tokens cached (= the row's next position)
 
     @torch.inference_mode()
-    def answer(self, rows: list[int | None], prompts: list[list[int]], budgets: list[int]) -> tuple[list[list[int]], int]:
+    def answer(self, rows: list[int | None], prompts: list[list[int]],
+               budgets: list[int]) -> tuple[list[list[int]], int]:
         """One round: row ``i`` continues row ``rows[i]`` of the last round (None: a new, empty row) with prompt
         ``prompts[i]``, which must start with what that row has cached; rows of the last round not continued are
         dropped. Returns the greedy answers (each up to and including its end-of-turn token, at most its budget) and
@@ -83,15 +81,15 @@ class DialogueBatch:
         """Append ``tokens`` [B, n] (``real`` [B, n]: False for padding) to the cache; the greedy token that follows
         each row's last column [B]."""
         width = tokens.shape[1]
-        own = torch.ones(width, width, dtype=torch.bool).tril() & (real[:, None, :] | torch.eye(width, dtype=torch.bool))
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        own = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool))  # real keys; padding sees itself
         allowed = torch.cat([self.valid[:, None, :].expand(-1, width, -1), own], dim=-1)
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         device = self.model.device
-        with _gqa_attention(device):
-            out = self.model(input_ids=tokens.to(device), position_ids=positions.to(device),
-                             attention_mask=mask[:, None].to(device), use_cache=True, logits_to_keep=1,
-                             **self.cache.forward_kwargs(self.model.forward))
+        out = self.model(input_ids=tokens.to(device), position_ids=positions.to(device),
+                         attention_mask=mask[:, None].to(device), use_cache=True, logits_to_keep=1,
+                         **self.cache.forward_kwargs(self.model.forward))
         self.valid = torch.cat([self.valid, real], dim=1)
         self.cached = [c + int(n) for c, n in zip(self.cached, real.sum(1))]
         return out.logits[:, -1].argmax(-1).cpu()
@@ -111,19 +109,3 @@ class DialogueBatch:
             sources = torch.tensor([0 if r is None else r for r in rows], dtype=torch.long)
             self.cache.select(sources, packed)
         self.valid, self.cached = valid, [0 if r is None else self.cached[r] for r in rows]
-
-@contextlib.contextmanager
-def _gqa_attention(device: torch.device):
-    """On a CPU, let transformers' SDPA attention read grouped key/value heads as they are, mask or not
-    (``TRANSFORMERS_SDPA_FORCE_GQA``, read per call). With a mask it otherwise repeats every cached key and value per
-    query head first: a copy of the whole cache, times the group size, in every layer of every decoding step (most
-    of a step at 32 rows of 300 positions). CUDA's fast kernels take no mask with grouped heads: left as is there."""
-    key = "TRANSFORMERS_SDPA_FORCE_GQA"
-    if device.type != "cpu" or key in os.environ:
-        yield
-        return
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[key]

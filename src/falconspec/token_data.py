@@ -353,9 +353,9 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
 
     ``cache="reuse"`` (:mod:`.dialogue_batch`): up to ``batch_size`` dialogues at a time answer their turns round by
     round in one KV cache kept across turns, so only the tokens new since the last answer are prefilled; a dialogue
-    that has no turn left frees its row for the next one waiting (shortest first prompt first). ``"dynamic"`` / ``"static"``: ``generate`` with that cache, turn
-    by turn: each round collects the next prompt of every conversation, sorts them by length and generates them in
-    even batches, prefilling every prompt whole."""
+    that has no turn left frees its row for the next one waiting (shortest first prompt first).
+    ``"dynamic"`` / ``"static"``: ``generate`` with that cache, turn by turn: each round collects the next prompt of
+    every conversation, sorts them by length and generates them in even batches, prefilling every prompt whole."""
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     stats = GenStats()
