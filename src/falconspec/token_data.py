@@ -363,13 +363,12 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
         from .dialogue_batch import DialogueBatch
 
         batch, rows = DialogueBatch(model, eos, pad), []  # rows: the dialogue of each cache row
-        waiting = [dialogues[i] for i, _ in sorted(_next_prompts(dialogues, tokenizer, eos, max_len),
-                                                   key=lambda ip: len(ip[1]))]
+        waiting = sorted(((dialogues[i], prompt) for i, prompt in _next_prompts(dialogues, tokenizer, eos, max_len)),
+                         key=lambda dp: len(dp[1]))  # (dialogue, first prompt)
         while True:
             round_ = [(row, rows[row], prompt) for row, prompt in _next_prompts(rows, tokenizer, eos, max_len)]
             while len(round_) < batch_size and waiting:  # free rows take the next waiting conversations
-                d = waiting.pop(0)
-                round_ += [(None, d, prompt) for _, prompt in _next_prompts([d], tokenizer, eos, max_len)]
+                round_.append((None, *waiting.pop(0)))
             if not round_:
                 return stats
             sources, rows, prompts = map(list, zip(*round_))
@@ -584,9 +583,6 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
         del reference
         target = load_target(cfg.model, dtype=gen_dtype)
     model, tokenizer = target.model, target.tokenizer
-    # the source conversations are millions of Python objects that never change: keep the garbage collector's full
-    # passes, which decoding's many small allocations trigger, from walking them again and again
-    gc.freeze()
     signal.signal(signal.SIGCONT, _on_sigcont)
 
     run = {"run": len(manifest["runs"]), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split,
@@ -596,45 +592,51 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
     manifest["runs"].append(run)
     index = 1 + max((s["index"] for s in manifest["shards"] if s["split"] == cfg.split), default=-1)
     started, total = time.perf_counter(), GenStats()
-    for n, lo in enumerate(range(0, len(todo), cfg.shard_size)):
-        if cfg.max_shards is not None and n >= cfg.max_shards:
-            break
-        if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
-            break
-        chunk = todo[lo: lo + cfg.shard_size]
-        shard_start = time.perf_counter()
-        def on_batch(part: GenStats) -> None:
-            rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
-            progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> {part.answer_tokens} "
-                     f"answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
+    # the source conversations are millions of Python objects that never change: keep the garbage collector's full
+    # passes, which decoding's many small allocations trigger, from walking them again and again (for this call only)
+    gc.freeze()
+    try:
+        for n, lo in enumerate(range(0, len(todo), cfg.shard_size)):
+            if cfg.max_shards is not None and n >= cfg.max_shards:
+                break
+            if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
+                break
+            chunk = todo[lo: lo + cfg.shard_size]
+            shard_start = time.perf_counter()
+            def on_batch(part: GenStats) -> None:
+                rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
+                progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> "
+                         f"{part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
 
-        samples, stats = regenerate(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
-                                    cfg.max_turns, cfg.cache, on_batch)
-        rel = f"shards/{cfg.split}-{index:05d}.npz"
-        sha = write_token_shard(out / rel, samples, target.vocab_size)
-        total.add(stats)
-        shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
-                 "gen_dtype": gen_dtype, "sequences": len(samples),
-                 "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
-                 "answer_tokens": sum(s.answer_tokens for s in samples),
-                 "cut_answers": sum(sum(s.cut) for s in samples),
-                 "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [c.id for c in chunk]}
-        manifest["shards"].append(shard)
-        run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(chunk),
-                   answers=total.answers, answer_tokens=total.answer_tokens,
-                   wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
-                   paused_batches=total.paused_batches,
-                   answer_tokens_per_s=round(total.tokens_per_s, 1),
-                   samples_per_s=round(total.samples_per_s, 3),
-                   padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_manifest(out, manifest)
-        index += 1
-        progress(f"gen-data tokens: {rel}: {len(chunk)} conversations -> {shard['answers']} answers, "
-                 f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
-                 f"({stats.tokens_per_s:.0f} answer tok/s this shard); run: {total.answers} answers, "
-                 f"{total.answer_tokens} answer tokens, {run['answer_tokens_per_s']} tok/s, "
-                 f"{run['samples_per_s']} samples/s, {run['wall_seconds']:.0f} s wall")
+            samples, stats = regenerate(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
+                                        cfg.max_turns, cfg.cache, on_batch)
+            rel = f"shards/{cfg.split}-{index:05d}.npz"
+            sha = write_token_shard(out / rel, samples, target.vocab_size)
+            total.add(stats)
+            shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
+                     "gen_dtype": gen_dtype, "sequences": len(samples),
+                     "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
+                     "answer_tokens": sum(s.answer_tokens for s in samples),
+                     "cut_answers": sum(sum(s.cut) for s in samples),
+                     "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [c.id for c in chunk]}
+            manifest["shards"].append(shard)
+            run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(chunk),
+                       answers=total.answers, answer_tokens=total.answer_tokens,
+                       wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
+                       paused_batches=total.paused_batches,
+                       answer_tokens_per_s=round(total.tokens_per_s, 1),
+                       samples_per_s=round(total.samples_per_s, 3),
+                       padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            write_manifest(out, manifest)
+            index += 1
+            progress(f"gen-data tokens: {rel}: {len(chunk)} conversations -> {shard['answers']} answers, "
+                     f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
+                     f"({stats.tokens_per_s:.0f} answer tok/s this shard); run: {total.answers} answers, "
+                     f"{total.answer_tokens} answer tokens, {run['answer_tokens_per_s']} tok/s, "
+                     f"{run['samples_per_s']} samples/s, {run['wall_seconds']:.0f} s wall")
+    finally:
+        gc.unfreeze()
     return run
 
 
