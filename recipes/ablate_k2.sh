@@ -28,6 +28,8 @@ declare -A RUNS=(
   [k2-newest]="--k 2 --newest-pair"             # every block slot also reads the block's newest pair directly
   [k2-ttt]="--k 2 --ttt-blocks 2"               # training-time test: 2 drafted blocks unrolled on own predictions
   [k2-newest-ttt]="--k 2 --newest-pair --ttt-blocks 2"  # both
+  [k2-chain]="--k 2 --chain-slots"              # the block's second slot reads the token drafted at its first
+  [k2-newest-chain]="--k 2 --newest-pair --chain-slots"  # both
 )
 if [[ "${1:-}" =~ ^(train|final|tau)$ ]]; then
   name=${2:-}; [[ -n "${RUNS[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS[*]}"; exit 2; }

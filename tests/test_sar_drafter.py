@@ -22,14 +22,18 @@ def prompts(n, vocab, seed):
     return [[rng.randrange(4, vocab) for _ in range(length)] for length in lengths]
 
 
-def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, newest_pair=False, **options):
+def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, newest_pair=False, chain_slots=False,
+                **options):
     """Trees larger than the CPU default (16 nodes, depth 6) unless the test says otherwise: more paths to check.
-    ``newest_pair``: the blocks' newest-pair Linear gets random (not zero) weights, so that it matters."""
+    ``newest_pair``, ``chain_slots``: their zero-initialised weights get random values, so that they matter."""
     torch.manual_seed(seed)
-    model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab, newest_pair=newest_pair)
-    if newest_pair:
-        with torch.no_grad():
+    model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab, newest_pair=newest_pair,
+                                       chain_slots=chain_slots)
+    with torch.no_grad():
+        if newest_pair:
             model.newest.weight.normal_(0, 0.05)
+        if chain_slots:
+            model.chain.down.weight.normal_(0, 0.5)
     return SARDrafter(model.to(dtype), target, **{"num_nodes": 16, "depth": 6, **options})
 
 
@@ -56,6 +60,8 @@ def test_greedy_output_equals_plain_greedy(arch, k):
 @pytest.mark.parametrize("options", [
     {"dtype": torch.bfloat16, "draft_vocab": range(20, 90)},
     {"newest_pair": True},
+    {"chain_slots": True},
+    {"chain_slots": True, "newest_pair": True, "static_tree": "k2-16"},
     {"static_tree": "k2-16"},
     {"num_nodes": 6, "depth": 3, "top_k": 2, "branches": 1},
 ])
@@ -141,6 +147,36 @@ def test_expansion_equals_one_pass_over_the_branch(llama, newest_pair):
         torch.testing.assert_close(fresh[n - 6:n - 4], drafter.block)
         torch.testing.assert_close(fresh[n - 4:n - 2], o1[rows1])
         torch.testing.assert_close(fresh[n - 2:], o2[rows2])
+
+
+def test_chained_slots_draft_per_candidate_and_feed_the_chained_features(llama):
+    """With chain_slots, each slot-0 candidate gets its own slot-1 children (slot 1's output conditioned on that
+    candidate's token), and an expanded branch reads the conditioned slot-1 output as its feature."""
+    drafter = drafter_for(llama, 2, seed=4, chain_slots=True, num_nodes=40, depth=4, top_k=3, branches=2)
+    model, calls, forward = drafter.model, [], drafter._forward
+    drafter._forward = lambda *args, **kw: calls.append(args) or forward(*args, **kw)
+    ids = torch.tensor(prompts(4, llama.vocab_size, seed=2)[3][:11])
+    drafter.begin(ids, llama.prefill(ids[:-1]))
+    calls.clear()
+    tree = drafter.propose(ids, max_depth=4)
+    block, children = drafter.block, {}
+    for node, parent in enumerate(tree.parents):
+        children.setdefault(parent, []).append(tree.tokens[node])
+
+    def best(row, m=3):
+        return (row @ drafter.head.T).topk(m).indices.tolist()
+
+    firsts = [n for n, p in enumerate(tree.parents) if p == 0]
+    assert sorted(tree.tokens[n] for n in firsts) == sorted(best(block[0]))
+    slot1 = {}
+    for n in firsts:
+        slot1[tree.tokens[n]] = model.chain(block[1], model.embed(drafter.embedding, torch.tensor(tree.tokens[n])))
+        assert sorted(children[n]) == sorted(best(slot1[tree.tokens[n]])), "children of the conditioned slot 1"
+    assert len({tuple(sorted(children[n])) for n in firsts}) > 1, "different candidates, different children"
+    (features, tokens, *_), = calls  # one expansion pass (depth 4 = two blocks)
+    for b in range(len(tokens) // 2):
+        torch.testing.assert_close(features[2 * b], block[0])
+        torch.testing.assert_close(features[2 * b + 1], slot1[int(tokens[2 * b])])
 
 
 # ----------------------------------------------------------------------------- a drafter that knows the truth

@@ -104,13 +104,17 @@ def test_later_slot_weight_weighs_the_second_token_of_each_block(llama):
     assert min(first, second) - 1e-6 <= total(1.0) <= max(first, second) + 1e-6
 
 
-@pytest.mark.parametrize("k, newest_pair", [(1, False), (2, False), (2, True)])
-def test_rollout_matches_uncached_reference(llama, k, newest_pair):
+@pytest.mark.parametrize("k, newest_pair, chain_slots", [(1, False, False), (2, False, False), (2, True, False),
+                                                        (2, False, True), (3, True, True)])
+def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots):
     torch.manual_seed(k)
-    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair).eval()
-    if newest_pair:
-        with torch.no_grad():
+    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair,
+                                       chain_slots=chain_slots).eval()
+    with torch.no_grad():
+        if newest_pair:
             model.newest.weight.normal_(0, 0.05)
+        if chain_slots:
+            model.chain.down.weight.normal_(0, 0.5)
     ids = torch.randint(4, 100, (30,))
     with torch.no_grad():
         hidden = llama.decoder(input_ids=ids[None]).last_hidden_state[0]
@@ -128,9 +132,13 @@ def test_rollout_matches_uncached_reference(llama, k, newest_pair):
                 mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
                 out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
                             block_offset=(-n) % k)[0, -k:]
-                new = (out @ head.T).argmax(-1)
-                drafted += new.tolist()
-                feats, toks = torch.cat([feats, out]), torch.cat([toks, new])
+                rows, new = [], []
+                for slot in range(k):  # chained slots read the token drafted at the slot before
+                    rows.append(out[slot] if slot == 0 or not chain_slots else
+                                model.chain(out[slot], model.embed(embed, torch.tensor(new[-1]))))
+                    new.append(int((rows[-1] @ head.T).argmax()))
+                drafted += new
+                feats, toks = torch.cat([feats, torch.stack(rows)]), torch.cat([toks, torch.tensor(new)])
             truth = s["target_tokens"][t : t + depth]
             assert hits[row].tolist() == (torch.tensor(drafted[:depth]) == truth).tolist()
 
@@ -237,6 +245,41 @@ def test_newest_pair_trains_and_is_checked_on_resume(tiny_data):
     with pytest.raises(ValueError, match="newest_pair=True"):
         train(cfg)  # resuming with other settings is refused
     shutil.rmtree(out)
+
+
+def test_chained_slots_train_and_grow_an_init_from_drafter(tiny_data, llama):
+    """--chain-slots trains slot 1 conditioned on the true token of slot 0; added to an --init-from drafter it starts
+    as that drafter (zero) and is refused on a resume that does not match."""
+    base = tiny_data / "chain-base"
+    common = dict(data=str(tiny_data / "train"), eval_data=str(tiny_data / "held"), model=str(tiny_data / "tiny"),
+                  eval_every=6, save_every=6, log_every=2, draft_vocab=48, lr=3e-3, warmup=2, batch_size=4,
+                  eval_samples=2)
+    train(TrainConfig(out=str(base), max_steps=6, **common))
+    target = tiny_target("llama")
+    plain = SARDrafterModel.from_pretrained(base / "drafter", target)
+    grown = plain.grown(chain_slots=True, newest_pair=True)
+    assert grown.config.chain_slots and grown.config.newest_pair and plain.grown() is plain
+    features, tokens = torch.randn(1, 7, plain.config.hidden_size), torch.randn(1, 7, plain.config.hidden_size)
+    mask = relaxed_causal_mask(7, 0, 2, 1)
+    out = grown(features, tokens, torch.arange(7)[None], mask, block_offset=1)
+    torch.testing.assert_close(grown.chain_teacher_forced(out, tokens, 1),
+                               plain(features, tokens, torch.arange(7)[None], mask), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only newest_pair and chain_slots"):
+        plain.grown(k=3)
+    out = tiny_data / "chain"
+    train(TrainConfig(out=str(out), max_steps=6, init_from=str(base / "drafter"), chain_slots=True, **common))
+    drafter = SARDrafterModel.from_pretrained(out / "drafter", target)
+    assert drafter.config.chain_slots and drafter.chain.down.weight.abs().sum() > 0, "the chain trained"
+    with pytest.raises(ValueError, match="chain_slots=True"):
+        train(TrainConfig(out=str(out), max_steps=8, init_from=str(base / "drafter"), **common))
+    with pytest.raises(ValueError, match="--init-from .* chain_slots=True"):
+        train(TrainConfig(out=str(tiny_data / "chain-2"), max_steps=6, init_from=str(out / "drafter"), **common))
+    with pytest.raises(ValueError, match="--ttt-blocks"):
+        TrainConfig(data="", out="", chain_slots=True, ttt_blocks=1)
+    with pytest.raises(ValueError, match="k >= 2"):
+        SARDrafterModel.for_target(llama, k=1, chain_slots=True)
+    for path in (base, out):
+        shutil.rmtree(path)
 
 
 def test_training_time_test_trains_end_to_end(tiny_data):

@@ -174,8 +174,8 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
         mask = relaxed_causal_mask(S, 0, k, block_offset=offset, device=dev)
         out = model(h, model.embed(embed, ids[None, 1 : S + 1]), torch.arange(S, device=dev)[None], mask, cache,
                     block_offset=offset)[0]
-        feats = out[t[:, None] - k + torch.arange(k)[None]]  # [n, k, H]: predicted h_t .. h_{t+k-1}
-        drafted = [vocab[F.linear(feats.float(), head).argmax(-1)]]  # [n, k]
+        feats, first = greedy_block(model, embed, head, vocab, out[t[:, None] - k + torch.arange(k)[None]])
+        drafted = [first]  # [n, k] target ids; feats [n, k, H]: predicted h_t .. h_{t+k-1}
         owner = torch.arange(n).repeat_interleave(k)  # start of each query in a feedback block
         prefix_ok = torch.arange(S)[None] < t.repeat_interleave(k)[:, None]  # [Q, S]
         new_keys = torch.zeros(n * k, 0, dtype=torch.bool)
@@ -187,12 +187,27 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
             tokens = drafted[-1].reshape(1, -1)
             o = model(feats.reshape(1, n * k, -1), model.embed(embed, tokens), positions.to(dev),
                       additive_mask(allowed.to(dev), torch.float32), cache, block_offset=0)[0]
-            feats = o.reshape(n, k, -1)
-            drafted.append(vocab[F.linear(feats.float(), head).argmax(-1)])
+            feats, block_tokens = greedy_block(model, embed, head, vocab, o.reshape(n, k, -1))
+            drafted.append(block_tokens)
         tokens = torch.cat(drafted, dim=1)[:, :depth].cpu()  # [n, depth]
         truth = greedy[t[:, None] + torch.arange(depth)[None]]
         hits[pick] = tokens == truth
     return hits
+
+
+def greedy_block(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
+                 outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy draft of n blocks, as drafting reads them: outputs [n, k, H] -> (features [n, k, H], target ids
+    [n, k]). With ``chain_slots`` slot i's output is first conditioned on the token drafted at slot i - 1, and that
+    conditioned output is the feature the next block reads."""
+    if model.chain is None:
+        return outputs, vocab[F.linear(outputs.float(), head).argmax(-1)]
+    rows = [outputs[:, 0]]
+    tokens = [vocab[F.linear(rows[0].float(), head).argmax(-1)]]
+    for slot in range(1, outputs.shape[1]):
+        rows.append(model.chain(outputs[:, slot], model.embed(embed, tokens[-1])))
+        tokens.append(vocab[F.linear(rows[-1].float(), head).argmax(-1)])
+    return torch.stack(rows, dim=1), torch.stack(tokens, dim=1)
 
 
 def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: TrainConfig, depth: int = 8,
@@ -315,8 +330,9 @@ def autocast(cfg: TrainConfig, device_type: str = "cpu"):
 
 def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Tensor, tokens: torch.Tensor,
             block_offset: torch.Tensor, cache=None) -> torch.Tensor:
-    """Drafter outputs [B, S, H] under the relaxed causal mask (one block alignment per sample); ``cache`` (a
-    drafter KV cache) keeps the keys for :func:`unroll_blocks`."""
+    """Drafter outputs [B, S, H] under the relaxed causal mask (one block alignment per sample), later block slots
+    conditioned on the true token of the slot before (``chain_slots``: the batch's own tokens, never glanced ones);
+    ``cache`` (a drafter KV cache) keeps the keys for :func:`unroll_blocks`."""
     from .drafters.sar_model import relaxed_causal_mask
 
     B, S = tokens.shape
@@ -324,7 +340,7 @@ def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Te
                                device=tokens.device)
     positions = torch.arange(S, device=tokens.device)[None].expand(B, S)
     return model(features, F.embedding(tokens, embed), positions, mask, cache, block_offset=block_offset.long(),
-                 lengths=batch.key_padding.sum(-1))
+                 lengths=batch.key_padding.sum(-1), chain_embeds=F.embedding(batch.tokens, embed))
 
 
 class SARObjective(ShardObjective, Objective):
@@ -339,16 +355,27 @@ class SARObjective(ShardObjective, Objective):
 
         return SARDrafterModel.from_pretrained(directory, target)
 
+    def adapt(self, model, why: str):
+        """An ``--init-from`` drafter grows the parts the settings add (they start at zero, so it drafts as before
+        until trained); a resumed one must already match."""
+        cfg = self.config
+        if why != "init_from" or model.k < 2:
+            return model
+        return model.grown(newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots)
+
     def check(self, model, why: str, source) -> None:
         cfg = self.config
         mine = model.config
-        if (mine.k, mine.num_layers, mine.newest_pair) == (cfg.k, cfg.num_layers, cfg.newest_pair):
+        shape = ("k", "num_layers", "newest_pair", "chain_slots")
+        if all(getattr(mine, name) == getattr(cfg, name) for name in shape):
             return
-        held = f"a drafter with k={mine.k}, num_layers={mine.num_layers}, newest_pair={mine.newest_pair}"
+        held = "a drafter with " + ", ".join(f"{name}={getattr(mine, name)}" for name in shape)
         if why == "resume":
             raise ValueError(f"{source} holds {held}: resume with the same settings or use a new --out")
+        parts = "".join(f" --{name.replace('_', '-')}" for name in shape[2:] if getattr(mine, name))
         raise ValueError(f"--init-from {cfg.init_from} holds {held}: pass --k {mine.k} --num-layers "
-                         f"{mine.num_layers}{' --newest-pair' if mine.newest_pair else ''}")
+                         f"{mine.num_layers}{parts} (--newest-pair and --chain-slots may be added to a drafter "
+                         f"without them, never removed)")
 
     def fresh(self, target):
         """Draft vocabulary from the data, then seeded weights (decoder layers copied from the target's last ones
@@ -359,7 +386,7 @@ class SARObjective(ShardObjective, Objective):
         vocab_ids = draft_vocabulary(self.train_samples, target, cfg)
         torch.manual_seed(cfg.seed)
         model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids,
-                                           newest_pair=cfg.newest_pair)
+                                           newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots)
         if cfg.init_from_target:
             for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
                 mine.load_state_dict(theirs.state_dict())

@@ -62,6 +62,9 @@ class TrainConfig:
                                          "of a block weighs w**s; k=2: the block's second token)")
     newest_pair: bool = _opt(False, "SAR k>=2: every slot of a block also reads the block's newest (feature, token) "
                                     "pair directly (the block's first slot drafts the nearest token)")
+    chain_slots: bool = _opt(False, "SAR k>=2: slot i>0 of a block reads the token drafted at slot i-1 through a small "
+                                    "MLP on its output, per candidate (the block's second token conditioned on its "
+                                    "first)")
     ttt_blocks: int = _opt(0, "SAR: training-time test: after the teacher-forced pass, unroll this many drafted blocks "
                               "per position, each fed the drafter's own predicted features and tokens of the block "
                               "before and attending as drafting does, and train on them too")
@@ -81,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
         if self.ttt_blocks and self.kind != "sar":
             raise ValueError(f"--ttt-blocks unrolls a SAR drafter's blocks: it needs --kind sar, not {self.kind!r}")
+        if self.ttt_blocks and self.chain_slots:
+            raise ValueError("--ttt-blocks does not unroll chained slots (--chain-slots) yet: use one or the other")
 
 
 def lr_at(step: int, cfg) -> float:
@@ -263,8 +268,9 @@ class ShardObjective:
         self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target.hidden_size)
         if checkpoint is not None or cfg.init_from:
             source = checkpoint if checkpoint is not None else resolve_init_from(cfg)
-            model = self.load(source, target)
-            self.check(model, "resume" if checkpoint is not None else "init_from", source)
+            why = "resume" if checkpoint is not None else "init_from"
+            model = self.adapt(self.load(source, target), why)
+            self.check(model, why, source)
         else:
             model = self.fresh(target)
         self.head = model.head_weight(target.lm_head.weight.detach()).float()  # [D, H], frozen
@@ -278,6 +284,11 @@ class ShardObjective:
     def load(self, directory: str | Path, target):
         """The drafter module saved in ``directory`` (a checkpoint to resume, or ``--init-from``)."""
         raise NotImplementedError
+
+    def adapt(self, model, why: str):
+        """The loaded drafter to train (``why``: ``resume`` or ``init_from``), e.g. one grown by parts the settings
+        add to an ``--init-from`` drafter; by default the drafter itself."""
+        return model
 
     def check(self, model, why: str, source) -> None:
         """Refuse a loaded drafter that does not match the settings (``why``: ``resume`` or ``init_from``)."""

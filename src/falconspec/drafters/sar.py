@@ -64,6 +64,7 @@ class SARDrafter(Drafter):
         self.policy = target.matmul_policy  # drafting passes are a few rows each: the paths calibration measured
         attach_policy(model, self.policy)
         self.k = model.k
+        self.chain = getattr(model, "chain", None)  # chain_slots: later slots conditioned on the candidate before
         self.name = "falcon" if self.k > 1 else "eagle3" if model.feature_layers else "eagle"
         self.feature_layers = model.feature_layers  # None: the target's last layer
         self.num_nodes, self.depth, self.top_k, self.branches = num_nodes, depth, top_k, branches
@@ -155,7 +156,7 @@ class SARDrafter(Drafter):
         builder = DraftTreeBuilder(root, self.k, self.static_paths,
                                    None if self.static_paths is not None else self.num_nodes - 1)
         ranks = builder.ranks_needed or self.top_k
-        frontier = builder.grow(0, *self._top(self.block, ranks)[0])
+        frontier = self._grow(builder, 0, self.block, ranks)
         outputs = {0: self.block}  # branch node -> its block's outputs, the input features of its sub-branches
         prefix_len = self.cache_len
         owners: list[int] = []  # branch node of each expansion entry in the cache, in cache order
@@ -166,9 +167,10 @@ class SARDrafter(Drafter):
                     break
                 out = self._expand(builder, branches, outputs, prefix_len + (step - 1) * self.k, owners)
                 frontier = []
-                for branch, block_out, (tokens, logprobs) in zip(branches, out.split(self.k), self._top(out, ranks)):
+                tops = self._top(out, ranks) if self.chain is None else [None] * len(branches)  # one product
+                for branch, block_out, top in zip(branches, out.split(self.k), tops):
                     outputs[branch] = block_out
-                    frontier += builder.grow(branch, tokens, logprobs)
+                    frontier += self._grow(builder, branch, block_out, ranks, top)
         finally:
             self.cache.crop_to(prefix_len)
         return builder.build(self.num_nodes, depth)
@@ -179,6 +181,9 @@ class SARDrafter(Drafter):
         k, prefix_len = self.k, self.cache_len - len(owners)
         features = torch.cat([outputs[builder.nodes[b].branch] for b in branches])  # [B*k, H]
         tokens = torch.tensor([t for b in branches for t in builder.block_tokens(b)], device=self.device)
+        if self.chain is not None:  # later slots' features as drafted: conditioned on the path's tokens
+            features = self._chained(features.reshape(len(branches), k, -1),
+                                     tokens.reshape(len(branches), k)).reshape(len(branches) * k, -1)
         positions = first_position + torch.arange(k, device=self.device).repeat(len(branches))
         # mask: every committed position; earlier expansion blocks of ancestor branches; the own block, fully
         num = len(branches) * k
@@ -196,11 +201,36 @@ class SARDrafter(Drafter):
 
     def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""
-        scores = policy_linear(self.model.head_input(outputs), self.head, None, self.policy)  # [B*k, D]
+        indices, values = self._top_rows(outputs, m)
+        return [(indices[i:i + self.k], values[i:i + self.k]) for i in range(0, len(values), self.k)]
+
+    def _top_rows(self, outputs: torch.Tensor, m: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Per output row [n, H]: the m best target token ids and their log-probs ([n][m] lists each)."""
+        scores = policy_linear(self.model.head_input(outputs), self.head, None, self.policy)  # [n, D]
         # the target's own output processing (soft-capping, scaling): the log-probs that rank the tree's branches
         logprobs = torch.log_softmax(self.process_logits(scores).float(), dim=-1)
         values, indices = logprobs.topk(min(m, logprobs.shape[-1]), dim=-1)
         if self.vocab_ids is not None:
             indices = self.vocab_ids[indices]
-        values, indices = values.tolist(), indices.tolist()
-        return [(indices[i:i + self.k], values[i:i + self.k]) for i in range(0, len(values), self.k)]
+        return indices.tolist(), values.tolist()
+
+    def _grow(self, builder: DraftTreeBuilder, branch: int, block_out: torch.Tensor, m: int, top=None) -> list[int]:
+        """Grow one block [k, H] of outputs under ``branch`` (``top``: its :meth:`_top` if already computed); with
+        chained slots, slot i's candidates under each slot i-1 node come from slot i's output conditioned on that
+        node's token."""
+        if self.chain is None:
+            return builder.grow(branch, *(top or self._top(block_out, m)[0]))
+
+        def top_of(slot: int, parents: list[int]):
+            rows = block_out[slot].expand(len(parents), -1)
+            if slot:
+                previous = torch.tensor([builder.nodes[p].token for p in parents], device=self.device)
+                rows = self.chain(rows, self.model.embed(self.embedding, previous))
+            return self._top_rows(rows, m)
+
+        return builder.grow_with(branch, top_of)
+
+    def _chained(self, outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Blocks of outputs [n, k, H] with slots i > 0 conditioned on ``tokens`` [n, k] at slot i - 1."""
+        later = self.chain(outputs[:, 1:], self.model.embed(self.embedding, tokens[:, :-1]))
+        return torch.cat([outputs[:, :1], later], dim=1)

@@ -177,6 +177,10 @@ class SARConfig:
     # added to its fused input: the block's first slot, which drafts the nearest token, then sees the newest pair at
     # its own position instead of through attention (k >= 2; an addition of ours, not in the paper)
     newest_pair: bool = False
+    # slot i > 0 of a block reads the token drafted at slot i - 1 (:class:`SlotChain`, applied per candidate after the
+    # decoder layers): the block's later tokens are conditioned on its earlier ones, as Hydra's heads are on the tokens
+    # before them, at the cost of a small MLP per candidate instead of a drafter pass (k >= 2; an addition of ours)
+    chain_slots: bool = False
     draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
     target_model_type: str = ""  # identity of the target: config.model_type, model class, name
     target_architecture: str = ""
@@ -187,6 +191,8 @@ class SARConfig:
             raise ValueError(f"need k >= 1 and num_layers >= 0, got k={self.k}, num_layers={self.num_layers}")
         if self.newest_pair and self.k < 2:
             raise ValueError("newest_pair needs k >= 2: with k=1 every slot already holds its block's newest pair")
+        if self.chain_slots and self.k < 2:
+            raise ValueError("chain_slots needs k >= 2: with k=1 a block has no later slot to condition")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
 
@@ -232,9 +238,27 @@ def target_identity(target) -> dict:
 
 
 # ----------------------------------------------------------------------------- module
+class SlotChain(nn.Module):
+    """o' = o + W_down SiLU(W_up [norm(o); norm(e)]): the output o of a later block slot, conditioned on the embedding
+    e of the token drafted at the slot before it. ``W_down`` starts at zero, so an untrained chain changes nothing."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.output_norm, self.token_norm = nn.RMSNorm(hidden, eps=eps), nn.RMSNorm(hidden, eps=eps)
+        self.up = nn.Linear(2 * hidden, hidden, bias=False)
+        self.down = nn.Linear(hidden, hidden, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, outputs: torch.Tensor, previous_embeds: torch.Tensor) -> torch.Tensor:
+        """outputs [.., H] of slots i > 0, previous_embeds [.., H]: the embedding of the token at slot i - 1."""
+        joint = torch.cat([self.output_norm(outputs), self.token_norm(previous_embeds.to(outputs.dtype))], dim=-1)
+        return outputs + self.down(nn.functional.silu(self.up(joint)))
+
+
 class SARDrafterModel(nn.Module):
     """Fusion Linear(2H -> H) of [embedding(x_{j+1}), feature f_j] (plus, with ``newest_pair``, a Linear of the block's
-    newest pair), then N Llama decoder layers, no final norm."""
+    newest pair), then N Llama decoder layers, no final norm; with ``chain_slots``, a :class:`SlotChain` that callers
+    apply to the outputs of later block slots (:meth:`chain_teacher_forced` in training, per candidate in drafting)."""
 
     def __init__(self, config: SARConfig, draft_vocab: Sequence[int] | torch.Tensor | None = None):
         super().__init__()
@@ -248,6 +272,7 @@ class SARDrafterModel(nn.Module):
         if config.newest_pair:  # starts at zero: an untrained one changes nothing
             self.newest = nn.Linear(2 * hidden, hidden, bias=False)
             nn.init.zeros_(self.newest.weight)
+        self.chain = SlotChain(hidden, config.rms_norm_eps) if config.chain_slots else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(self.llama_config, i) for i in range(config.num_layers))
         # not a submodule: model.to(bfloat16) must not round the RoPE frequencies (it moves devices by itself)
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(self.llama_config))
@@ -282,6 +307,22 @@ class SARDrafterModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_drafter_files(self, directory, self.config.to_json())
 
+    def grown(self, **parts: bool) -> SARDrafterModel:
+        """This drafter with the zero-initialised parts named in ``parts`` (``newest_pair``, ``chain_slots``) added where
+        asked for and absent: the same drafter until trained, so a trained one can be fine-tuned with them."""
+        unknown = sorted(set(parts) - {"newest_pair", "chain_slots"})
+        if unknown:
+            raise ValueError(f"cannot grow a drafter by {unknown}: only newest_pair and chain_slots start at zero")
+        added = {name: True for name, wanted in parts.items() if wanted and not getattr(self.config, name)}
+        if not added:
+            return self
+        config = dataclasses.replace(self.config, **added)
+        model = type(self)(config, None if self.draft_vocab is None else self.draft_vocab.cpu())
+        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        new = ("newest." if "newest_pair" in added else "@", "chain." if "chain_slots" in added else "@")
+        assert not unexpected and all(key.startswith(new) for key in missing), (missing, unexpected)
+        return model.to(device=self.fuse.weight.device, dtype=self.dtype).train(self.training)
+
     # ---------------------------------------------------------------- forward
     @property
     def k(self) -> int:
@@ -300,8 +341,11 @@ class SARDrafterModel(nn.Module):
 
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_key_values: KVCache | None = None,
-                block_offset: int | torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted features o_j ≈ h_{j+k}, [B, S, H] (see the module docstring for the inputs)."""
+                block_offset: int | torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                chain_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted features o_j ≈ h_{j+k}, [B, S, H] (see the module docstring for the inputs). ``chain_embeds``
+        [B, S, H], a teacher-forced pass's true input-token embeddings: later block slots come out conditioned on
+        them (``chain_slots``, :meth:`chain_teacher_forced`; inside forward, so data-parallel training syncs it)."""
         if features.shape != token_embeds.shape or features.shape[-1] != self.config.hidden_size:
             raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must "
                              f"both be [B, S, {self.config.hidden_size}]")
@@ -321,7 +365,24 @@ class SARDrafterModel(nn.Module):
             hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=past_key_values is not None, position_embeddings=position_embeddings,
                            **forward_kwargs(layer.forward, past_key_values))
+        if chain_embeds is not None:
+            hidden = self.chain_teacher_forced(hidden, chain_embeds, block_offset)
         return hidden
+
+    def chain_teacher_forced(self, outputs: torch.Tensor, token_embeds: torch.Tensor,
+                             block_offset: int | torch.Tensor | None) -> torch.Tensor:
+        """Outputs [B, S, H] of a teacher-forced pass with every later slot conditioned (``chain_slots``) on the true
+        token of the slot before it: o_q predicts x_{q+k+1}, so its block-mate q-1 drafts x_{q+k}, the input token of
+        position q+k-1 (``token_embeds`` [B, S, H]: the true inputs). Unchanged without ``chain_slots``."""
+        if self.chain is None:
+            return outputs
+        if block_offset is None:
+            raise ValueError("chaining a teacher-forced pass's slots needs its block_offset")
+        num = outputs.shape[1]
+        later = block_slots(num, self.k, block_offset, outputs.device) > 0  # [B|1, S]
+        previous = (torch.arange(num, device=outputs.device) + self.k - 1).clamp(max=num - 1)  # past the end: unused
+        chained = self.chain(outputs, token_embeds[:, previous])
+        return torch.where(later[..., None], chained, outputs)
 
     # ---------------------------------------------------------------- the (frozen) head
     feature_layers = None  # reads the target's last layer after the final norm (what its LM head reads)

@@ -82,18 +82,25 @@ class DraftTreeBuilder:
     def grow(self, branch: int, top_tokens: list[list[int]], top_logprobs: list[list[float]]) -> list[int]:
         """Add one block of nodes under ``branch``; return the new deepest (slot k-1) nodes.
 
-        top_tokens / top_logprobs: [k][m] per slot, the m best token ids and their log-probabilities, best first.
+        top_tokens / top_logprobs: [k][m] per slot, the m best token ids and their log-probabilities, best first
+        (one distribution per slot, shared by every parent: the slots are conditionally independent).
         """
+        return self.grow_with(branch, lambda slot, parents: ([top_tokens[slot]] * len(parents),
+                                                            [top_logprobs[slot]] * len(parents)))
+
+    def grow_with(self, branch: int, top_of) -> list[int]:
+        """:meth:`grow` for slots whose distribution depends on the node above: ``top_of(slot, parents)`` returns,
+        for each parent node index, its children's m best token ids and log-probabilities ([n][m] each)."""
         level = [branch]
         for slot in range(self.k):
             new: list[int] = []
-            for parent in level:
+            tokens_of, logprobs_of = top_of(slot, level)
+            for parent, top_tokens, top_logprobs in zip(level, tokens_of, logprobs_of):
                 node = self.nodes[parent]
-                ranks = self._ranks_under(node, len(top_tokens[slot]))
-                for rank in ranks:
+                for rank in self._ranks_under(node, len(top_tokens)):
                     new.append(len(self.nodes))
-                    self.nodes.append(DraftNode(top_tokens[slot][rank], parent, node.depth + 1,
-                                                node.score + top_logprobs[slot][rank], node.ranks + (rank,), branch))
+                    self.nodes.append(DraftNode(top_tokens[rank], parent, node.depth + 1,
+                                                node.score + top_logprobs[rank], node.ranks + (rank,), branch))
             if self.max_per_level is not None and len(new) > self.max_per_level:
                 new = sorted(new, key=self._order)[:self.max_per_level]
             level = new
