@@ -148,6 +148,29 @@ def test_manifest_and_resume_skip_done_conversations(tmp_path, tiny_dir):
         generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_new_tokens": 9}), progress=quiet)
 
 
+def test_reuse_keeps_its_rows_full_across_shards(tmp_path, tiny_dir):
+    """--cache reuse streams conversations: a shard holds the next ones to finish, and free rows are refilled from
+    the conversations still to do, so batches shrink only once none is left (not at the end of every shard)."""
+    src = write_convs(tmp_path / "c.json", 9, turns=3)
+    common = dict(model=str(tiny_dir), source=str(src), split="all", max_len=200, max_new_tokens=8, shard_size=2,
+                  batch_size=3, gen_dtype="float32")
+    lines = []
+    generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "reuse")), progress=lines.append)
+    generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "dynamic"), cache="dynamic"), progress=quiet)
+
+    def samples(out):
+        shards = read_manifest(out)["shards"]
+        return shards, {s.id: s for shard in shards for s in read_token_shard(out / shard["file"])}
+
+    shards, reused = samples(tmp_path / "reuse")
+    assert reused == samples(tmp_path / "dynamic")[1], "the same answers, turn by turn"
+    assert sorted(c for s in shards for c in s["conversations"]) == sorted(f"c{i}" for i in range(9))
+    assert [len(s["conversations"]) for s in shards] == [2, 2, 2, 2, 1]
+    rows = [int(line.split()[1]) for line in lines if line.strip().startswith("batch:")]  # prompts per batch
+    short = [i for i, r in enumerate(rows) if r < 3]
+    assert rows[:3] == [3, 3, 3] and short == list(range(short[0], len(rows))), rows
+
+
 def _tiny_model(path):
     from falconspec.models import load_target
     t = load_target(str(path))

@@ -48,6 +48,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -351,29 +353,17 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
                      batch_size: int, cache: str = "reuse", on_batch=None) -> GenStats:
     """Answer every pending turn of ``dialogues``.
 
-    ``cache="reuse"`` (:mod:`.dialogue_batch`): up to ``batch_size`` dialogues at a time answer their turns round by
-    round in one KV cache kept across turns, so only the tokens new since the last answer are prefilled; a dialogue
-    that has no turn left frees its row for the next one waiting (shortest first prompt first).
+    ``cache="reuse"``: :func:`stream_dialogues` over all of them (one KV cache kept across each dialogue's turns).
     ``"dynamic"`` / ``"static"``: ``generate`` with that cache, turn by turn: each round collects the next prompt of
     every conversation, sorts them by length and generates them in even batches, prefilling every prompt whole."""
-    eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     stats = GenStats()
     if cache == "reuse":
-        from .dialogue_batch import DialogueBatch
-
-        batch, rows = DialogueBatch(model, eos, pad), []  # rows: the dialogue of each cache row
-        waiting = sorted(((dialogues[i], prompt) for i, prompt in _next_prompts(dialogues, tokenizer, eos, max_len)),
-                         key=lambda dp: len(dp[1]))  # (dialogue, first prompt)
-        while True:
-            round_ = [(row, rows[row], prompt) for row, prompt in _next_prompts(rows, tokenizer, eos, max_len)]
-            while len(round_) < batch_size and waiting:  # free rows take the next waiting conversations
-                round_.append((None, *waiting.pop(0)))
-            if not round_:
-                return stats
-            sources, rows, prompts = map(list, zip(*round_))
-            _answer_batch(lambda ps, bs: batch.answer(sources, ps, bs), rows, prompts, eos, max_len,
-                          max_new_tokens, stats, on_batch)
+        for _ in stream_dialogues(model, tokenizer, dialogues, max_len, max_new_tokens, batch_size, stats, on_batch,
+                                  pool=len(dialogues)):
+            pass
+        return stats
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     while round_ := _next_prompts(dialogues, tokenizer, eos, max_len):
         round_.sort(key=lambda ip: len(ip[1]))
         for batch in _even_batches(round_, batch_size):
@@ -381,6 +371,37 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
             _answer_batch(lambda ps, bs: (greedy_batch(model, ps, bs, eos, pad, cache), sum(map(len, ps))),
                           [dialogues[i] for i, _ in batch], prompts, eos, max_len, max_new_tokens, stats, on_batch)
     return stats
+
+
+def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: int, max_new_tokens: int,
+                     batch_size: int, stats: GenStats, on_batch=None, pool: int = 0) -> Iterator[Dialogue]:
+    """Answer the turns of ``dialogues`` (:mod:`.dialogue_batch`) and yield each one when it has no turn left, in the
+    order they finish (one whose first prompt does not fit at once).
+
+    Up to ``batch_size`` dialogues answer their turns round by round in one KV cache kept across turns, so only the
+    tokens new since the last answer are prefilled. A dialogue with no turn left frees its row for the next one
+    waiting: the shortest first prompt among ``pool`` (default ``batch_size``) drawn ahead from ``dialogues``, which
+    is read lazily, so the rows stay full until the source ends. Timing goes to ``stats`` and ``on_batch``."""
+    from .dialogue_batch import DialogueBatch
+
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    source, pool = iter(dialogues), pool or batch_size
+    batch, rows, waiting = DialogueBatch(model, eos, pad), [], []  # rows: the dialogue of each cache row
+    while True:
+        drawn = list(itertools.islice(source, max(pool - len(waiting), 0)))
+        ready = dict(_next_prompts(drawn, tokenizer, eos, max_len))  # index -> first prompt, if it fits
+        yield from (d for i, d in enumerate(drawn) if i not in ready)
+        waiting = sorted(waiting + [(drawn[i], prompt) for i, prompt in ready.items()], key=lambda dp: len(dp[1]))
+        round_ = [(row, rows[row], prompt) for row, prompt in _next_prompts(rows, tokenizer, eos, max_len)]
+        yield from (d for d in rows if not d.pending)
+        while len(round_) < batch_size and waiting:  # free rows take the next waiting conversations
+            round_.append((None, *waiting.pop(0)))
+        if not round_:
+            return
+        sources, rows, prompts = map(list, zip(*round_))
+        _answer_batch(lambda ps, bs: batch.answer(sources, ps, bs), rows, prompts, eos, max_len, max_new_tokens,
+                      stats, on_batch)
 
 
 def regenerate(model, tokenizer, convs: list[Conversation], max_len: int, max_new_tokens: int, batch_size: int,
@@ -463,7 +484,7 @@ class TokenDataConfig:
     cache: str = "reuse"  # "reuse": one KV cache per conversation across its turns; "dynamic"/"static": generate's
     heldout_percent: int = 5
     max_shards: int | None = None  # stop after this many new shards
-    max_seconds: float | None = None  # stop after the shard that crosses this wall time
+    max_seconds: float | None = None  # start no conversation after this wall time (the started ones finish)
 
     def __post_init__(self):
         if self.split not in ("train", "heldout", "all"):
@@ -547,6 +568,22 @@ def _machine() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def _finished_dialogues(cfg: TokenDataConfig, model, tokenizer, convs: Iterable[Conversation], stats: GenStats,
+                        on_batch) -> Iterator[Dialogue]:
+    """Each conversation re-answered, as it finishes: ``--cache reuse`` streams them through one batch whose free rows
+    are refilled from ``convs`` as they free up (:func:`stream_dialogues`); the ``generate`` paths answer them a
+    shard's worth at a time."""
+    dialogues = (Dialogue(c, cfg.max_turns) for c in convs)
+    if cfg.cache == "reuse":
+        yield from stream_dialogues(model, tokenizer, dialogues, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
+                                    stats, on_batch)
+        return
+    while chunk := list(itertools.islice(dialogues, cfg.shard_size)):
+        answer_dialogues(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size, cfg.cache,
+                         on_batch)
+        yield from chunk
+
+
 def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
     """Grow the token dataset at ``cfg.out`` by the conversations of ``cfg.split`` (first ``cfg.limit``) not yet in
     it; returns this run's record (also stored in the manifest)."""
@@ -591,50 +628,68 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
            "answer_tokens": 0, "wall_seconds": 0.0, "generate_seconds": 0.0, "paused_batches": 0}
     manifest["runs"].append(run)
     index = 1 + max((s["index"] for s in manifest["shards"] if s["split"] == cfg.split), default=-1)
-    started, total = time.perf_counter(), GenStats()
+    started, total, shard_stats = time.perf_counter(), GenStats(), GenStats()
+    shard_start = started
+
+    def on_batch(part: GenStats) -> None:
+        shard_stats.add(part)
+        rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
+        progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> "
+                 f"{part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
+
+    order = {c.id: n for n, c in enumerate(todo)}
+
+    def write(done: list[Dialogue]) -> None:  # a shard: the next conversations to finish, listed in source order
+        nonlocal index, shard_stats, shard_start
+        done = sorted(done, key=lambda d: order[d.conv.id])
+        samples = [d.sample for d in done if d.sample.spans]
+        rel = f"shards/{cfg.split}-{index:05d}.npz"
+        sha = write_token_shard(out / rel, samples, target.vocab_size)
+        stats, shard_stats = shard_stats, GenStats()
+        total.add(stats)
+        shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
+                 "gen_dtype": gen_dtype, "sequences": len(samples),
+                 "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
+                 "answer_tokens": sum(s.answer_tokens for s in samples),
+                 "cut_answers": sum(sum(s.cut) for s in samples),
+                 "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [d.conv.id for d in done]}
+        shard_start = time.perf_counter()
+        manifest["shards"].append(shard)
+        run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(done),
+                   answers=total.answers, answer_tokens=total.answer_tokens,
+                   wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
+                   paused_batches=total.paused_batches, answer_tokens_per_s=round(total.tokens_per_s, 1),
+                   samples_per_s=round(total.samples_per_s, 3),
+                   padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
+                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_manifest(out, manifest)
+        index += 1
+        progress(f"gen-data tokens: {rel}: {len(done)} conversations -> {shard['answers']} answers, "
+                 f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
+                 f"({stats.tokens_per_s:.0f} answer tok/s this shard); run: {total.answers} answers, "
+                 f"{total.answer_tokens} answer tokens, {run['answer_tokens_per_s']} tok/s, "
+                 f"{run['samples_per_s']} samples/s, {run['wall_seconds']:.0f} s wall")
+
+    def draw() -> Iterator[Conversation]:  # the conversations to start: until the shard or time limit
+        for n, conv in enumerate(todo):
+            if cfg.max_shards is not None and n >= cfg.max_shards * cfg.shard_size:
+                return
+            if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
+                return
+            yield conv
+
     # the source conversations are millions of Python objects that never change: keep the garbage collector's full
     # passes, which decoding's many small allocations trigger, from walking them again and again (for this call only)
     gc.freeze()
     try:
-        for n, lo in enumerate(range(0, len(todo), cfg.shard_size)):
-            if cfg.max_shards is not None and n >= cfg.max_shards:
-                break
-            if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
-                break
-            chunk = todo[lo: lo + cfg.shard_size]
-            shard_start = time.perf_counter()
-            def on_batch(part: GenStats) -> None:
-                rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
-                progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> "
-                         f"{part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
-
-            samples, stats = regenerate(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
-                                        cfg.max_turns, cfg.cache, on_batch)
-            rel = f"shards/{cfg.split}-{index:05d}.npz"
-            sha = write_token_shard(out / rel, samples, target.vocab_size)
-            total.add(stats)
-            shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
-                     "gen_dtype": gen_dtype, "sequences": len(samples),
-                     "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
-                     "answer_tokens": sum(s.answer_tokens for s in samples),
-                     "cut_answers": sum(sum(s.cut) for s in samples),
-                     "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [c.id for c in chunk]}
-            manifest["shards"].append(shard)
-            run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(chunk),
-                       answers=total.answers, answer_tokens=total.answer_tokens,
-                       wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
-                       paused_batches=total.paused_batches,
-                       answer_tokens_per_s=round(total.tokens_per_s, 1),
-                       samples_per_s=round(total.samples_per_s, 3),
-                       padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
-                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            write_manifest(out, manifest)
-            index += 1
-            progress(f"gen-data tokens: {rel}: {len(chunk)} conversations -> {shard['answers']} answers, "
-                     f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
-                     f"({stats.tokens_per_s:.0f} answer tok/s this shard); run: {total.answers} answers, "
-                     f"{total.answer_tokens} answer tokens, {run['answer_tokens_per_s']} tok/s, "
-                     f"{run['samples_per_s']} samples/s, {run['wall_seconds']:.0f} s wall")
+        done: list[Dialogue] = []
+        for dialogue in _finished_dialogues(cfg, model, tokenizer, draw(), GenStats(), on_batch):
+            done.append(dialogue)
+            if len(done) == cfg.shard_size:
+                write(done)
+                done = []
+        if done:
+            write(done)
     finally:
         gc.unfreeze()
     return run

@@ -57,7 +57,8 @@ def register(subparsers) -> None:
                              "that cache, prefilling the whole history (the same tokens, slower)")
     parser.add_argument("--max-shards", type=int, default=None, help="--format tokens: stop after N new shards")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="--format tokens: start no new shard after this many seconds")
+                        help="--format tokens: start no new conversation after this many seconds (the started "
+                             "ones finish and are written)")
     parser.add_argument("--dtype", default="float32", help="dtype of the teacher-forced pass")
     parser.add_argument("--gen-dtype", default=None,
                         help="dtype of self-distilled generation (default: bfloat16 for features; auto for tokens: "
