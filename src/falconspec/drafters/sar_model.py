@@ -319,7 +319,7 @@ class SARDrafterModel(nn.Module):
         config = dataclasses.replace(self.config, **added)
         model = type(self)(config, None if self.draft_vocab is None else self.draft_vocab.cpu())
         missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
-        new = ("newest." if "newest_pair" in added else "@", "chain." if "chain_slots" in added else "@")
+        new = tuple(prefix for name, prefix in (("newest_pair", "newest."), ("chain_slots", "chain.")) if name in added)
         assert not unexpected and all(key.startswith(new) for key in missing), (missing, unexpected)
         return model.to(device=self.fuse.weight.device, dtype=self.dtype).train(self.training)
 
