@@ -30,6 +30,8 @@ declare -A RUNS=(
   [k2-newest-ttt]="--k 2 --newest-pair --ttt-blocks 2"  # both
   [k2-chain]="--k 2 --chain-slots"              # the block's second slot reads the token drafted at its first
   [k2-newest-chain]="--k 2 --newest-pair --chain-slots"  # both
+  [k1-long]="--k 1"                             # run with STEPS=600: does the gap at the first token close?
+  [k2-newest-chain-long]="--k 2 --newest-pair --chain-slots"  # run with STEPS=600
 )
 if [[ "${1:-}" =~ ^(train|final|tau)$ ]]; then
   name=${2:-}; [[ -n "${RUNS[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS[*]}"; exit 2; }

@@ -655,8 +655,9 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
                  "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [d.conv.id for d in done]}
         shard_start = time.perf_counter()
         manifest["shards"].append(shard)
-        run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(done),
-                   answers=total.answers, answer_tokens=total.answer_tokens,
+        run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(done),  # what the shards hold
+                   answers=run["answers"] + shard["answers"],
+                   answer_tokens=run["answer_tokens"] + shard["answer_tokens"],
                    wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
                    paused_batches=total.paused_batches, answer_tokens_per_s=round(total.tokens_per_s, 1),
                    samples_per_s=round(total.samples_per_s, 3),
@@ -666,8 +667,8 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
         index += 1
         progress(f"gen-data tokens: {rel}: {len(done)} conversations -> {shard['answers']} answers, "
                  f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
-                 f"({stats.tokens_per_s:.0f} answer tok/s this shard); run: {total.answers} answers, "
-                 f"{total.answer_tokens} answer tokens, {run['answer_tokens_per_s']} tok/s, "
+                 f"({stats.tokens_per_s:.0f} answer tok/s since the last shard); run: {run['answers']} answers, "
+                 f"{run['answer_tokens']} answer tokens, {run['answer_tokens_per_s']} tok/s, "
                  f"{run['samples_per_s']} samples/s, {run['wall_seconds']:.0f} s wall")
 
     def draw() -> Iterator[Conversation]:  # the conversations to start: until the shard or time limit

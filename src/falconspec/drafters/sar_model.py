@@ -308,8 +308,8 @@ class SARDrafterModel(nn.Module):
         return save_drafter_files(self, directory, self.config.to_json())
 
     def grown(self, **parts: bool) -> SARDrafterModel:
-        """This drafter with the zero-initialised parts named in ``parts`` (``newest_pair``, ``chain_slots``) added where
-        asked for and absent: the same drafter until trained, so a trained one can be fine-tuned with them."""
+        """This drafter with the zero-initialised parts named in ``parts`` (``newest_pair``, ``chain_slots``) added
+        where asked for and absent: the same drafter until trained, so a trained one can be fine-tuned with them."""
         unknown = sorted(set(parts) - {"newest_pair", "chain_slots"})
         if unknown:
             raise ValueError(f"cannot grow a drafter by {unknown}: only newest_pair and chain_slots start at zero")
