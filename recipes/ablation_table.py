@@ -39,8 +39,8 @@ def collect(root: Path) -> dict:
         accs = [last[f"acc@{d}"] for d in range(1, 5)]
         runs[name] = {
             "config": {key: recipe["config"].get(key) for key in (
-                "k", "num_layers", "glance", "later_slot_weight", "newest_pair", "ttt_blocks", "max_steps", "lr",
-                "batch_size", "seed")},
+                "k", "num_layers", "glance", "later_slot_weight", "newest_pair", "chain_slots", "ttt_blocks",
+                "max_steps", "lr", "batch_size", "seed")},
             "init_from": recipe["config"].get("init_from"),
             "parameters": recipe.get("parameters"),
             "final": {"acc": accs, "rollouts": last["rollouts"], "eval_kl": round(last["eval_kl"], 4),
