@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 FS=${FALCONSPEC:-falconspec}
 COMMON=(--mode self-distilled --format tokens --out recipes/data/sharegpt-sd --max-len 1024 --max-new-tokens 256
         --batch-size 32)
-# shards of 64 held-out conversations (the first ones land sooner), 128 train conversations (fuller batches in the
-# later turns, which fewer conversations reach)
+# shards of 64 conversations: a shard holds the next 64 to finish, while free batch rows are refilled across shard
+# boundaries (--cache reuse), so the size only bounds what a killed run loses (the finished ones not yet written)
 $FS gen-data "${COMMON[@]}" --split heldout --limit "${HELDOUT_LIMIT:-256}" --shard-size 64 "$@"
-$FS gen-data "${COMMON[@]}" --split train --shard-size 128 "$@"
+$FS gen-data "${COMMON[@]}" --split train --shard-size 64 "$@"
