@@ -53,7 +53,7 @@ def collect(root: Path) -> dict:
 
 
 def table(runs: dict) -> str:
-    lines = ["| run | k | layers | params | acc@1 | acc@2 | acc@3 | acc@4 | P(d2 \\| d1) | curve acc@1 (100/200/300) "
+    lines = ["| run | k | layers | params | acc@1 | acc@2 | acc@3 | acc@4 | P(d2 \\| d1) | curve acc@1 (every 100 steps) "
              "| τ@4 | τ@16 |", "|" + "---|" * 12]
     for name, r in runs.items():
         c, f = r["config"], r["final"]
