@@ -37,11 +37,10 @@ case "${1:-}" in
   train)
     # shellcheck disable=SC2086
     $FS train "${COMMON[@]}" ${RUNS_OF[$name]} --out $RUNS/$name ;;
-  final)  # no training (--max-steps 0): the finished drafter evaluated on the whole held-out set
+  final)  # no training (--max-steps 0): the finished drafter on the whole held-out set (the last --init-from wins)
     # shellcheck disable=SC2086
-    $FS train "${COMMON[@]}" --eval-data $HELDOUT $(grep -o -- '--k [12]' <<< "${RUNS_OF[$name]}") \
-      $(grep -o -- '--newest-pair\|--chain-slots' <<< "${RUNS_OF[$name]}" | tr '\n' ' ') \
-      --init-from $RUNS/$name/drafter --max-steps 0 --out $RUNS/final/$name ;;
+    $FS train "${COMMON[@]}" --eval-data $HELDOUT ${RUNS_OF[$name]} --init-from $RUNS/$name/drafter --max-steps 0 \
+      --out $RUNS/final/$name ;;
   tau)
     k=$(grep -o -- '--k [12]' <<< "${RUNS_OF[$name]}" | cut -d' ' -f2)
     method=$([[ $k == 2 ]] && echo falcon || echo eagle)

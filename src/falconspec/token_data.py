@@ -568,15 +568,15 @@ def _machine() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _finished_dialogues(cfg: TokenDataConfig, model, tokenizer, convs: Iterable[Conversation], stats: GenStats,
+def _finished_dialogues(cfg: TokenDataConfig, model, tokenizer, convs: Iterable[Conversation],
                         on_batch) -> Iterator[Dialogue]:
     """Each conversation re-answered, as it finishes: ``--cache reuse`` streams them through one batch whose free rows
     are refilled from ``convs`` as they free up (:func:`stream_dialogues`); the ``generate`` paths answer them a
-    shard's worth at a time."""
+    shard's worth at a time. Timing goes to ``on_batch`` only."""
     dialogues = (Dialogue(c, cfg.max_turns) for c in convs)
     if cfg.cache == "reuse":
         yield from stream_dialogues(model, tokenizer, dialogues, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
-                                    stats, on_batch)
+                                    GenStats(), on_batch)
         return
     while chunk := list(itertools.islice(dialogues, cfg.shard_size)):
         answer_dialogues(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size, cfg.cache,
@@ -684,7 +684,7 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
     gc.freeze()
     try:
         done: list[Dialogue] = []
-        for dialogue in _finished_dialogues(cfg, model, tokenizer, draw(), GenStats(), on_batch):
+        for dialogue in _finished_dialogues(cfg, model, tokenizer, draw(), on_batch):
             done.append(dialogue)
             if len(done) == cfg.shard_size:
                 write(done)

@@ -339,8 +339,10 @@ def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Te
     mask = relaxed_causal_mask(S, 0, k, block_offset=block_offset.long(), key_padding=batch.key_padding,
                                device=tokens.device)
     positions = torch.arange(S, device=tokens.device)[None].expand(B, S)
-    return model(features, F.embedding(tokens, embed), positions, mask, cache, block_offset=block_offset.long(),
-                 lengths=batch.key_padding.sum(-1), chain_embeds=F.embedding(batch.tokens, embed))
+    embeds = F.embedding(tokens, embed)
+    true_embeds = embeds if tokens is batch.tokens else F.embedding(batch.tokens, embed)  # glanced inputs differ
+    return model(features, embeds, positions, mask, cache, block_offset=block_offset.long(),
+                 lengths=batch.key_padding.sum(-1), chain_embeds=true_embeds)
 
 
 class SARObjective(ShardObjective, Objective):
