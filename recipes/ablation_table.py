@@ -4,7 +4,8 @@ Per run: its flags, drafter parameters, the in-training held-out curve (acc@1 / 
 the runs used), the final drafter on the whole held-out set (``ablate_k2.sh final``: acc@1..4, rollouts, P(depth 2
 right | depth 1 right)) and, where ``ablate_k2.sh tau`` ran, the mean accepted length per target forward (bonus
 included) at fixed 4- and 16-node trees on MT-bench first turns (the JSON also keeps each run's speed-up over plain
-greedy, which means little when the runs shared the cores with training, as they did on 2026-12-01).
+greedy, which means little when the runs shared the cores with training, as they did on 2026-12-01). Runs already in
+``--out`` whose directories are gone (runs/ is git-ignored, so a new clone has none) keep their recorded entries.
 
 usage: python recipes/ablation_table.py [--runs runs/ablate] [--out recipes/ablations.json]
 """
@@ -70,8 +71,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", default="runs/ablate")
     parser.add_argument("--out", default=str(Path(__file__).with_name("ablations.json")))
     args = parser.parse_args(argv)
-    runs = collect(Path(args.runs))
-    Path(args.out).write_text(json.dumps(runs, indent=1) + "\n")
+    out = Path(args.out)
+    runs = json.loads(out.read_text()) if out.is_file() else {}
+    runs.update(collect(Path(args.runs)))
+    out.write_text(json.dumps(runs, indent=1) + "\n")
     print(table(runs))
     return runs
 

@@ -6,7 +6,12 @@ round 3: 3,710; each round fine-tuned the last), so the final held-out evaluatio
 solve for the goal (issue 12: acc@1 >= 0.60 and acc@2 >= 0.35). Three points, rounds that also differ in steps and
 learning rate, 31 held-out samples (+-0.03): an order of magnitude, not a promise.
 
+``--curve runs/curve`` reads the controlled curve of ``recipes/data_curve.sh`` instead: the same drafter trained from
+scratch with the same flags, steps and seed on the first N self-distilled token shards, each scored on the whole
+held-out set (339 answers); x is then the answer tokens of those shards (from the token manifest).
+
 usage: python recipes/learning_curve.py [--results recipes/results.json] [--out FILE]
+       python recipes/learning_curve.py --curve runs/curve [--out recipes/data_curve.json]
 """
 
 from __future__ import annotations
@@ -27,11 +32,56 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def goal_entry(points: list[tuple[float, float]], goal: float) -> dict:
+    """The fit of ``points`` and the x at which it reaches ``goal`` (None when it does not rise)."""
+    a, b = fit(points)
+    needed = 2 ** ((goal - a) / b) if b > 0 else None
+    return {"values": [y for _, y in points], "per_doubling": round(b, 4), "goal": goal,
+            "x_for_goal": None if needed is None else float(f"{needed:.2g}")}
+
+
+def data_curve(root: Path, manifest: Path) -> dict:
+    """Runs ``<drafter>-<shards>`` of ``recipes/data_curve.sh`` (final held-out evaluations under root/final):
+    acc@1..4 and P(d2 | d1) by training answer tokens, and the fit per drafter with at least two sizes."""
+    from falconspec.train_common import eval_history
+
+    train = [s for s in json.loads(manifest.read_text())["shards"] if s["split"] == "train"]
+    runs: dict[str, list] = {}
+    for final in sorted(root.glob("final/*/log.jsonl")):
+        drafter, _, shards = final.parent.name.rpartition("-")
+        if not shards.isdigit():
+            continue  # a variant (e.g. falcon-15-dist1): reported by its own row, not on the curve
+        last = eval_history(final.parent)[-1]
+        tokens = sum(s["answer_tokens"] for s in sorted(train, key=lambda s: s["index"])[: int(shards)])
+        runs.setdefault(drafter, []).append({"shards": int(shards), "answer_tokens": tokens,
+                                             "acc": [last[f"acc@{d}"] for d in range(1, 5)],
+                                             "rollouts": last["rollouts"]})
+    report = {}
+    for drafter, points in runs.items():
+        points.sort(key=lambda p: p["answer_tokens"])
+        entry = {"points": points}
+        if len(points) >= 2:
+            for d, metric in enumerate(GOALS, start=1):
+                entry[metric] = goal_entry([(p["answer_tokens"], p["acc"][d - 1]) for p in points], GOALS[metric])
+                print(f"{drafter} {metric}: {entry[metric]['values']} at {[p['answer_tokens'] for p in points]} "
+                      f"answer tokens; {entry[metric]['per_doubling']:+.3f} per doubling; {GOALS[metric]} at "
+                      f"~{entry[metric]['x_for_goal']} answer tokens")
+        report[drafter] = entry
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--curve", default="", help="runs directory of recipes/data_curve.sh")
+    parser.add_argument("--manifest", default=str(Path(__file__).with_name("data") / "sharegpt-sd" / "manifest.json"))
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.curve:
+        report = data_curve(Path(args.curve), Path(args.manifest))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        return report
     runs = json.loads(Path(args.results).read_text())
     report = {}
     for drafter, names in ROUNDS.items():

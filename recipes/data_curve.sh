@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 12: held-out acceptance against the amount of self-distilled training data, with everything else fixed.
+# Each run trains the same drafter from scratch with the same flags, steps, schedule and seed on the first N token
+# shards of recipes/data/sharegpt-sd (features from `round4.sh data`), and is scored on the same held-out set (339
+# answers). `python recipes/learning_curve.py --curve` fits acc@d against answer tokens and says what would reach
+# the issue's goals. Resumable: re-run a stage to continue it.
+#   bash recipes/data_curve.sh subsets      # runs/data/sd4-train-N: the first N feature shards (symlinks)
+#   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
+#   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out set
+#   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
+# Paths are relative to the repository root; runs/ is git-ignored.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FS=${FALCONSPEC:-.venv/bin/falconspec}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+FEATURES=runs/data/sd4-train   # `bash recipes/round4.sh data`
+HELDOUT=runs/data/sd4-heldout
+EVAL=runs/data/sd4-heldout-50  # in-training evaluations: the first held-out shard (50 sequences)
+STEPS=${STEPS:-600}
+RUNS=runs/curve
+SIZES=(4 8 15)                 # token shards: 53,633 / 146,848 / 292,810 answer tokens
+FALCON="--k 2 --newest-pair --chain-slots"
+declare -A RUNS_OF=(
+  [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
+  [eagle-15]="--k 1"
+  [falcon-15-dist1]="$FALCON --dist-weight 1.0"  # the token loss weighs as much as the feature regression (0.1)
+  # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
+  # peak learning rate, as the shipped rounds were continued)
+  [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
+  [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
+)
+COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
+        --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
+        --eval-samples 1000 --seed 0)
+if [[ "${1:-}" =~ ^(train|final|tau)$ ]]; then
+  name=${2:-}; [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
+  data=$FEATURES-$(cut -d- -f2 <<< "$name")
+fi
+case "${1:-}" in
+  subsets)
+    mkdir -p $EVAL && ln -sfn ../sd4-heldout/shard_00000.safetensors $EVAL/ && cp $HELDOUT/meta.json $EVAL/
+    for n in "${SIZES[@]}"; do
+      mkdir -p $FEATURES-$n && cp $FEATURES/meta.json $FEATURES-$n/
+      for ((i = 0; i < n; i++)); do
+        f=$(printf 'shard_%05d.safetensors' $i)
+        [[ -f $FEATURES/$f ]] || { echo "$FEATURES/$f is missing: run bash recipes/round4.sh data"; exit 1; }
+        ln -sfn ../sd4-train/$f $FEATURES-$n/$f
+      done
+    done ;;
+  train)
+    # shellcheck disable=SC2086
+    $FS train --data $data "${COMMON[@]}" ${RUNS_OF[$name]} --out $RUNS/$name ;;
+  final)  # no training (--max-steps 0): the finished drafter on the whole held-out set (the last --init-from wins)
+    # shellcheck disable=SC2086
+    $FS train --data $data "${COMMON[@]}" --eval-data $HELDOUT ${RUNS_OF[$name]} --init-from $RUNS/$name/drafter \
+      --max-steps 0 --out $RUNS/final/$name ;;
+  tau)
+    method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
+    $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
+      --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
+  *) echo "usage: $0 subsets | train NAME | final NAME | tau NAME"; exit 2 ;;
+esac

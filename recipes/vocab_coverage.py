@@ -1,0 +1,62 @@
+"""How much of the held-out answers a draft vocabulary can draft at all: the share of the held-out answer tokens of
+the committed self-distilled token shards that lie in (a) a shipped drafter's draft vocabulary and (b) the N most
+frequent tokens of the train split's answers. A token outside the draft vocabulary is never drafted, so the share
+caps acc@1.
+
+usage: python recipes/vocab_coverage.py [--drafter falcon] [--sizes 2048 4096 8192 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).with_name("data") / "sharegpt-sd"
+
+
+def answer_tokens(split: str) -> np.ndarray:
+    """Every answer token of the split's token shards, concatenated (spans are relative to their sequence)."""
+    manifest = json.loads((DATA / "manifest.json").read_text())
+    out = []
+    for shard in manifest["shards"]:
+        if shard["split"] != split:
+            continue
+        z = np.load(DATA / shard["file"])
+        tokens, offsets, spans, span_offsets = z["tokens"], z["offsets"], z["spans"], z["span_offsets"]
+        for j in range(len(offsets) - 1):
+            seq = tokens[offsets[j]: offsets[j + 1]]
+            out += [seq[a:b] for a, b in spans[span_offsets[j]: span_offsets[j + 1]]]
+    return np.concatenate(out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--drafter", default="falcon", help="shipped drafter name or drafter directory")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    args = parser.parse_args(argv)
+    from safetensors import safe_open
+
+    from falconspec.drafters import SHIPPED_KINDS, shipped_drafter_dir
+
+    heldout, train = answer_tokens("heldout"), answer_tokens("train")
+    directory = shipped_drafter_dir("smollm2-135m", args.drafter) if args.drafter in SHIPPED_KINDS else args.drafter
+    with safe_open(str(Path(directory) / "model.safetensors"), framework="np") as f:
+        shipped = f.get_tensor("draft_vocab")
+    counts = collections.Counter(train.tolist())
+    report = {"heldout_answer_tokens": int(len(heldout)), "train_answer_tokens": int(len(train)),
+              "distinct_train_answer_tokens": len(counts),
+              f"{args.drafter} ({len(shipped)})": round(float(np.isin(heldout, shipped).mean()), 4),
+              "unseen_in_train_answers": round(float((~np.isin(heldout, list(counts))).mean()), 4)}
+    for n in args.sizes:
+        top = [t for t, _ in counts.most_common(n)]
+        report[f"train top {n}"] = round(float(np.isin(heldout, top).mean()), 4)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
