@@ -42,7 +42,7 @@ def goal_entry(points: list[tuple[float, float]], goal: float) -> dict:
 
 def data_curve(root: Path, manifest: Path) -> dict:
     """Runs ``<drafter>-<shards>`` of ``recipes/data_curve.sh`` (final held-out evaluations under root/final):
-    acc@1..4 and P(d2 | d1) by training answer tokens, and the fit per drafter with at least two sizes."""
+    acc@1..4 by training answer tokens, and the fit per drafter with at least two sizes."""
     from falconspec.train_common import eval_history
 
     train = [s for s in json.loads(manifest.read_text())["shards"] if s["split"] == "train"]

@@ -1,7 +1,7 @@
 """How much of the held-out answers a draft vocabulary can draft at all: the share of the held-out answer tokens of
-the committed self-distilled token shards that lie in (a) a shipped drafter's draft vocabulary and (b) the N most
-frequent tokens of the train split's answers. A token outside the draft vocabulary is never drafted, so the share
-caps acc@1.
+the committed self-distilled token shards that lie in (a) a drafter's draft vocabulary (shipped or trained) and
+(b) the N most frequent tokens of the train split's answers. A token outside the draft vocabulary is never drafted,
+so the share caps acc@1.
 
 usage: python recipes/vocab_coverage.py [--drafter falcon] [--sizes 2048 4096 8192 16384]
 """
@@ -45,11 +45,11 @@ def main(argv=None) -> dict:
     heldout, train = answer_tokens("heldout"), answer_tokens("train")
     directory = shipped_drafter_dir("smollm2-135m", args.drafter) if args.drafter in SHIPPED_KINDS else args.drafter
     with safe_open(str(Path(directory) / "model.safetensors"), framework="np") as f:
-        shipped = f.get_tensor("draft_vocab")
+        vocab = f.get_tensor("draft_vocab")
     counts = collections.Counter(train.tolist())
     report = {"heldout_answer_tokens": int(len(heldout)), "train_answer_tokens": int(len(train)),
               "distinct_train_answer_tokens": len(counts),
-              f"{args.drafter} ({len(shipped)})": round(float(np.isin(heldout, shipped).mean()), 4),
+              f"{args.drafter} ({len(vocab)})": round(float(np.isin(heldout, vocab).mean()), 4),
               "unseen_in_train_answers": round(float((~np.isin(heldout, list(counts))).mean()), 4)}
     for n in args.sizes:
         top = [t for t, _ in counts.most_common(n)]
