@@ -32,10 +32,15 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def goal_entry(points: list[tuple[float, float]], goal: float) -> dict:
-    """The fit of ``points`` and the x at which it reaches ``goal`` (None when it does not rise)."""
+def slope_and_goal(points: list[tuple[float, float]], goal: float) -> tuple[float, float | None]:
+    """The fitted gain per doubling of x, and the x at which the fit reaches ``goal`` (None when it does not rise)."""
     a, b = fit(points)
-    needed = 2 ** ((goal - a) / b) if b > 0 else None
+    return b, (2 ** ((goal - a) / b) if b > 0 else None)
+
+
+def goal_entry(points: list[tuple[float, float]], goal: float) -> dict:
+    """The fit of ``points`` as a report entry: values, gain per doubling, and x at the goal (2 significant digits)."""
+    b, needed = slope_and_goal(points, goal)
     return {"values": [y for _, y in points], "per_doubling": round(b, 4), "goal": goal,
             "x_for_goal": None if needed is None else float(f"{needed:.2g}")}
 
@@ -45,14 +50,15 @@ def data_curve(root: Path, manifest: Path) -> dict:
     acc@1..4 by training answer tokens, and the fit per drafter with at least two sizes."""
     from falconspec.train_common import eval_history
 
-    train = [s for s in json.loads(manifest.read_text())["shards"] if s["split"] == "train"]
+    train = sorted((s for s in json.loads(manifest.read_text())["shards"] if s["split"] == "train"),
+                   key=lambda s: s["index"])
     runs: dict[str, list] = {}
     for final in sorted(root.glob("final/*/log.jsonl")):
         drafter, _, shards = final.parent.name.rpartition("-")
         if not shards.isdigit():
             continue  # a variant (e.g. falcon-15-dist1): reported by its own row, not on the curve
         last = eval_history(final.parent)[-1]
-        tokens = sum(s["answer_tokens"] for s in sorted(train, key=lambda s: s["index"])[: int(shards)])
+        tokens = sum(s["answer_tokens"] for s in train[: int(shards)])
         runs.setdefault(drafter, []).append({"shards": int(shards), "answer_tokens": tokens,
                                              "acc": [last[f"acc@{d}"] for d in range(1, 5)],
                                              "rollouts": last["rollouts"]})
@@ -88,8 +94,7 @@ def main(argv=None) -> dict:
         entry = {"runs": names, "samples": [runs[n]["train_samples"] for n in names]}
         for metric, goal in GOALS.items():
             points = [(runs[n]["train_samples"], runs[n]["eval"][-1][metric]) for n in names]
-            a, b = fit(points)
-            needed = 2 ** ((goal - a) / b) if b > 0 else None
+            b, needed = slope_and_goal(points, goal)
             entry[metric] = {"values": [y for _, y in points], "per_doubling": round(b, 4), "goal": goal,
                              "samples_for_goal": None if needed is None else int(round(needed, -2))}
             print(f"{drafter} {metric}: {[y for _, y in points]} at {entry['samples']} samples; "

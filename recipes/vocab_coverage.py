@@ -19,18 +19,11 @@ DATA = Path(__file__).with_name("data") / "sharegpt-sd"
 
 
 def answer_tokens(split: str) -> np.ndarray:
-    """Every answer token of the split's token shards, concatenated (spans are relative to their sequence)."""
-    manifest = json.loads((DATA / "manifest.json").read_text())
-    out = []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        z = np.load(DATA / shard["file"])
-        tokens, offsets, spans, span_offsets = z["tokens"], z["offsets"], z["spans"], z["span_offsets"]
-        for j in range(len(offsets) - 1):
-            seq = tokens[offsets[j]: offsets[j + 1]]
-            out += [seq[a:b] for a, b in spans[span_offsets[j]: span_offsets[j + 1]]]
-    return np.concatenate(out)
+    """Every answer token of the split's token shards, concatenated."""
+    from falconspec.token_data import iter_token_samples
+
+    return np.array([t for _, samples in iter_token_samples(DATA, split) for sample in samples
+                     for lo, hi in sample.spans for t in sample.input_ids[lo:hi]])
 
 
 def main(argv=None) -> dict:
