@@ -24,6 +24,9 @@ declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
   [eagle-15]="--k 1"
   [falcon-15-dist1]="$FALCON --dist-weight 1.0"  # the token loss weighs as much as the feature regression (0.1)
+  [falcon-15-bf16]="$FALCON --dtype bfloat16"     # falcon-15 in bf16 autocast: as good, and how much faster?
+  [falcon-15-bf16-long]="$FALCON --dtype bfloat16"  # run with STEPS=1200: twice the steps, from scratch, same data
+  [eagle-15-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=1200)
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -50,10 +53,11 @@ case "${1:-}" in
   train)
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" ${RUNS_OF[$name]} --out $RUNS/$name ;;
-  final)  # no training (--max-steps 0): the finished drafter on the whole held-out set (the last --init-from wins)
+  final)  # no training (--max-steps 0): the finished drafter on the whole held-out set, scored in float32 as the
+          # engine runs it (the last --init-from and --dtype win)
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $HELDOUT ${RUNS_OF[$name]} --init-from $RUNS/$name/drafter \
-      --max-steps 0 --out $RUNS/final/$name ;;
+      --dtype float32 --max-steps 0 --out $RUNS/final/$name ;;
   tau)
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
