@@ -18,7 +18,7 @@ HELDOUT=runs/data/sd4-heldout
 EVAL=runs/data/sd4-heldout-50  # in-training evaluations: the first held-out shard (50 sequences)
 STEPS=${STEPS:-600}
 RUNS=runs/curve
-SIZES=(4 8 15)                 # token shards: 53,633 / 146,848 / 292,810 answer tokens
+SIZES=(4 8 15 28)              # token shards: 53,633 / 146,848 / 292,810 / 657,560 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
 declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
@@ -27,6 +27,8 @@ declare -A RUNS_OF=(
   [falcon-15-bf16]="$FALCON --dtype bfloat16"     # falcon-15 in bf16 autocast: as good, and how much faster?
   [falcon-15-bf16-long]="$FALCON --dtype bfloat16"  # run with STEPS=1200: twice the steps, from scratch, same data
   [eagle-15-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=1200)
+  [falcon-28-bf16-long]="$FALCON --dtype bfloat16"  # every train shard (0-27), run with STEPS=2400
+  [eagle-28-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=2400)
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"

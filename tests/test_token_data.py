@@ -177,7 +177,7 @@ def _tiny_model(path):
     return t.model, t.tokenizer
 
 
-def test_features_from_tokens_equal_the_direct_path(tmp_path, tiny_dir):
+def test_features_from_tokens_equal_the_direct_path(tmp_path, tiny_dir, monkeypatch):
     src = write_convs(tmp_path / "c.json", 5, turns=2)
     common = dict(model=str(tiny_dir), source=str(src), split="all", max_len=96, max_new_tokens=20,
                   gen_dtype="float32")
@@ -195,6 +195,19 @@ def test_features_from_tokens_equal_the_direct_path(tmp_path, tiny_dir):
     assert rebuilt.meta["split"] == "all" and rebuilt.meta["num_conversations"] == 5
     assert features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="all",
                                 progress=quiet) == 0  # resumable
+
+    # two processes (torchrun): each writes every second shard, and together they write what one process does
+    import accelerate
+
+    for rank in (1, 0):
+        fake = type("FakeState", (), {"process_index": rank, "num_processes": 2, "device": torch.device("cpu")})
+        monkeypatch.setattr(accelerate, "PartialState", lambda *a, fake=fake, **kw: fake())
+        assert features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "split"), model=str(tiny_dir),
+                                    split="all", progress=quiet) == 1
+        assert sorted(p.name for p in (tmp_path / "split").glob("shard_*")) == \
+            [f"shard_{i:05d}.safetensors" for i in range(rank, 2)]
+    for a, b in zip(ShardDataset(tmp_path / "split"), rebuilt):
+        assert all(torch.equal(a[key], b[key]) for key in a)
 
     # every turn: one sequence per conversation, loss mask on all of the target's answers
     generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "multi"), shard_size=8, batch_size=3),

@@ -104,6 +104,28 @@ def test_later_slot_weight_weighs_the_second_token_of_each_block(llama):
     assert min(first, second) - 1e-6 <= total(1.0) <= max(first, second) + 1e-6
 
 
+def test_top_k_distillation_spans_greedy_ce_to_the_full_kl():
+    from falconspec.train_common import distillation_losses
+
+    torch.manual_seed(0)
+    draft, target = torch.randn(6, 10), torch.randn(6, 10) * 3
+    greedy = target.argmax(-1)
+    full, ce, logp = distillation_losses(draft, target, greedy)
+    assert float(distillation_losses(draft, target, greedy, topk=10)[0]) == pytest.approx(float(full))
+    assert float(distillation_losses(draft, target, greedy, topk=0)[0]) == pytest.approx(float(full))
+    # k = 1: the renormalised target is one-hot on its greedy token, so the KL is the CE to that token
+    assert float(distillation_losses(draft, target, greedy, topk=1)[0]) == pytest.approx(float(ce))
+    # k = 3 by hand: KL(renormalised top 3 || the drafter's probabilities of those tokens)
+    top = target.topk(3, -1)
+    p3 = top.values.softmax(-1)
+    by_hand = (p3 * (p3.log() - logp.gather(-1, top.indices))).sum(-1).mean()
+    kl3 = distillation_losses(draft, target, greedy, topk=3)[0]
+    assert float(kl3) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(kl3) != pytest.approx(float(full), rel=1e-3)
+    with pytest.raises(ValueError, match="distill-topk"):
+        TrainConfig(data="", out="", distill_topk=-1)
+
+
 @pytest.mark.parametrize("k, newest_pair, chain_slots", [(1, False, False), (2, False, False), (2, True, False),
                                                         (2, False, True), (3, True, True)])
 def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots):
@@ -143,15 +165,21 @@ def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots):
             assert hits[row].tolist() == (torch.tensor(drafted[:depth]) == truth).tolist()
 
 
-@pytest.mark.parametrize("k, newest_pair, offset", [(2, False, 0), (2, False, 1), (2, True, 1), (1, False, 0)])
-def test_unrolled_blocks_attend_and_read_as_drafting_does(llama, k, newest_pair, offset):
+@pytest.mark.parametrize("k, newest_pair, chain_slots, offset", [
+    (2, False, False, 0), (2, False, False, 1), (2, True, False, 1), (1, False, False, 0), (2, True, True, 1),
+    (2, False, True, 0), (3, True, True, 2)])
+def test_unrolled_blocks_attend_and_read_as_drafting_does(llama, k, newest_pair, chain_slots, offset):
     """Pass s of training-time test at a position of block b = the s-th drafting pass after a prefix that ends with
-    block b - s, recomputed from scratch (the drafter's own features and greedy tokens fed back block by block)."""
+    block b - s, recomputed from scratch (the drafter's own features and greedy tokens fed back block by block; with
+    chained slots, slot i's output conditioned on the token drafted at slot i - 1)."""
     torch.manual_seed(k + offset)
-    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair).eval()
-    if newest_pair:
-        with torch.no_grad():
+    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair,
+                                       chain_slots=chain_slots).eval()
+    with torch.no_grad():
+        if newest_pair:
             model.newest.weight.normal_(0, 0.05)
+        if chain_slots:
+            model.chain.down.weight.normal_(0, 0.5)
     s = target_sample(llama, 24, 0)
     batch = make_batch([s], k=k, max_len=64)
     head, embed, vocab = llama.lm_head.weight.detach(), llama.model.get_input_embeddings().weight.detach(), \
@@ -160,21 +188,29 @@ def test_unrolled_blocks_attend_and_read_as_drafting_does(llama, k, newest_pair,
     S = batch.tokens.shape[1]
     with torch.no_grad():
         cache = model.new_cache()
-        out = forward(model, k, embed, batch, batch.features, batch.tokens, offsets, cache)
+        out = forward(model, k, embed, batch, batch.features, batch.tokens, offsets, cache, chain=False)
         passes = unroll_blocks(model, embed, head, vocab, batch, out, cache, offsets, torch.ones(1, S, dtype=bool), 2)
         for t in range(k + (-offset) % k, S - 2 * k, k):  # t: a block start after at least one whole block
             feats, toks = s["hidden_states"][:t], s["input_ids"][1 : t + 1]
             for step, (unrolled, ok) in enumerate(passes):
                 n = len(toks)
                 mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
-                new = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
+                raw = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
                             block_offset=(-n) % k)[0, -k:]
-                feats, toks = torch.cat([feats, new]), torch.cat([toks, (new @ head.T).argmax(-1)])
+                rows, drafted = [], []
+                for slot in range(k):
+                    rows.append(raw[slot] if slot == 0 or not chain_slots else
+                                model.chain(raw[slot], model.embed(embed, drafted[-1])))
+                    drafted.append((rows[-1] @ head.T).argmax(-1))
+                new = torch.stack(rows)
+                feats, toks = torch.cat([feats, new]), torch.cat([toks, torch.stack(drafted)])
                 if step:  # the block the unrolled pass `step` computed: positions t + (step - 1) k ..
                     rows = torch.arange(t + (step - 1) * k, t + step * k)
                     assert passes[step - 1][1][0, rows].all()
                     torch.testing.assert_close(passes[step - 1][0][0, rows], new, atol=2e-5, rtol=1e-4)
     assert not passes[0][1][0, :k].any() and not passes[1][1][0, : 2 * k].any()  # no chain before the start
+    if offset:  # nor from the block the sequence start cuts
+        assert not passes[0][1][0, k : 2 * k - offset].any()
 
 
 def test_training_time_test_adds_the_unrolled_blocks_losses(llama):
@@ -274,23 +310,23 @@ def test_chained_slots_train_and_grow_an_init_from_drafter(tiny_data, llama):
         train(TrainConfig(out=str(out), max_steps=8, init_from=str(base / "drafter"), **common))
     with pytest.raises(ValueError, match="--init-from .* chain_slots=True"):
         train(TrainConfig(out=str(tiny_data / "chain-2"), max_steps=6, init_from=str(out / "drafter"), **common))
-    with pytest.raises(ValueError, match="--ttt-blocks"):
-        TrainConfig(data="", out="", chain_slots=True, ttt_blocks=1)
     with pytest.raises(ValueError, match="k >= 2"):
         SARDrafterModel.for_target(llama, k=1, chain_slots=True)
     for path in (base, out):
         shutil.rmtree(path)
 
 
-def test_training_time_test_trains_end_to_end(tiny_data):
-    out = tiny_data / "ttt"
+@pytest.mark.parametrize("extra", [{}, {"newest_pair": True, "chain_slots": True, "distill_topk": 8}])
+def test_training_time_test_trains_end_to_end(tiny_data, extra):
+    out = tiny_data / f"ttt{len(extra)}"
     cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "held"),
                       model=str(tiny_data / "tiny"), max_steps=6, eval_every=6, save_every=6, log_every=2,
-                      draft_vocab=48, lr=3e-3, warmup=2, batch_size=4, eval_samples=2, ttt_blocks=2)
+                      draft_vocab=48, lr=3e-3, warmup=2, batch_size=4, eval_samples=2, ttt_blocks=2, **extra)
     train(cfg)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(len(r["ttt_acc"]) == 2 for r in records if "total" in r)
-    assert json.loads((out / "drafter" / "recipe.json").read_text())["config"]["ttt_blocks"] == 2
+    recipe = json.loads((out / "drafter" / "recipe.json").read_text())["config"]
+    assert recipe["ttt_blocks"] == 2 and all(recipe[key] == value for key, value in extra.items())
 
 
 def test_two_process_training_resumes_and_loads(tiny_data):

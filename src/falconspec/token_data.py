@@ -711,10 +711,14 @@ def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", s
                          check_weights: bool = True, progress=print) -> int:
     """One teacher-forced target pass per token sequence, written as the feature shards ``falconspec train``
     reads (``shard_*.safetensors`` + ``meta.json``, one feature shard per token shard). Resumable: finished shards
-    are skipped. Returns the number of shards written now."""
+    are skipped. Under torchrun/accelerate each process takes every n-th shard. Returns the number of shards this
+    process wrote now."""
+    from accelerate import PartialState
+
     from .data import shard_path, teacher_forced, write_shard
     from .models import load_target, parse_dtype
 
+    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
     manifest = read_manifest(data_dir)
     shards = [s for s in manifest["shards"] if split in ("all", s["split"])]
     if not shards:
@@ -735,10 +739,11 @@ def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", s
             {k: v for k, v in meta.items() if k not in ("token_shards", "num_conversations")}
         if not same or new_shards[: len(old_shards)] != old_shards:
             raise ValueError(f"{out_dir} holds features made from other token shards or settings: use a new --out")
-    todo = [i for i in range(len(shards)) if not shard_path(out_dir, i).exists()]
+    todo = [i for i in range(state.process_index, len(shards), state.num_processes)
+            if not shard_path(out_dir, i).exists()]
     if not todo:
         return 0
-    target = load_target(model, dtype=dtype)
+    target = load_target(model, dtype=dtype, device=state.device)
     if check_weights:
         fp32 = target if target.dtype == torch.float32 else load_target(model, dtype="float32")
         if weights_sha256(fp32.model) != manifest["target"]["weights_sha256"]:

@@ -144,7 +144,8 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
     reg = weighted_mean(F.smooth_l1_loss(pred, true, reduction="none").mean(-1), weights)
     label = draft_index(batch.labels[valid], vocab_index)
     kl, ce, draft_logp = distillation_losses(F.linear(pred, head) / cfg.temperature,
-                                             F.linear(true, head) / cfg.temperature, label, weights)
+                                             F.linear(true, head) / cfg.temperature, label, weights,
+                                             cfg.distill_topk)
     dist = cfg.kl_weight * kl + (1 - cfg.kl_weight) * ce
     acc = (draft_logp.argmax(-1) == label).float().mean()
     return Losses(cfg.reg_weight * reg + cfg.dist_weight * dist, reg, kl, ce, acc, int(valid.sum()))
@@ -248,19 +249,23 @@ def unroll_blocks(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.T
     prediction from the pass before: the feature predicted at p - k and its greedy token (draft vocabulary ``vocab``
     -> target ids). A query of block b in pass s attends as the s-th drafting pass after a prefix ending with block
     b - s does: the teacher-forced keys of blocks <= b - s, and pass j's keys of block b - s + j (its own block
-    when j = s). Returns per pass (outputs [B, S, H], ok [B, S]: the chain is real, starts at or after the first
-    position and from an ``origin_ok`` block of the teacher-forced pass). Inputs are detached: each pass learns
+    when j = s). ``outputs`` are the pass's own, before any chaining (``chain_slots``): every pass's later slots
+    are chained with the tokens drafted at the slots before them, as drafting does (:func:`drafted_view`).
+    Returns per pass (outputs [B, S, H], chained so, ok [B, S]: the chain is real, starts at or after the first
+    position from a whole ``origin_ok`` block of the teacher-forced pass). Inputs are detached: each pass learns
     to draft from the features it is given, as EAGLE-3's training-time test does."""
-    from .drafters.sar_model import additive_mask, block_index
+    from .drafters.sar_model import additive_mask, block_index, block_slots
 
     k, (B, S), dev = model.k, batch.tokens.shape, batch.tokens.device
     pos = torch.arange(S, device=dev)
     block = block_index(S, k, block_offset, dev)  # [B, S]
+    whole = pos[None] >= block_slots(S, k, block_offset, dev)  # the block starts inside the sequence
     source, has_source = (pos - k).clamp(min=0), pos >= k
-    ok, keys_ok, prev, passes = origin_ok & batch.key_padding, [batch.key_padding], outputs.detach(), []
+    ok, keys_ok, passes = origin_ok & whole & batch.key_padding, [batch.key_padding], []
+    prev, prev_tokens = (x.detach() for x in drafted_view(model, embed, head, vocab, outputs, block_offset))
     for s in range(1, blocks + 1):
         feats = prev[:, source] * has_source[None, :, None]
-        tokens = vocab[F.linear(feats.float(), head).argmax(-1)]  # [B, S] target ids
+        tokens = prev_tokens[:, source]  # [B, S] target ids
         ok = ok[:, source] & has_source[None] & batch.key_padding
         keys_ok.append(ok)
         parts = [block[:, None, :] <= (block - s)[:, :, None]]  # teacher-forced keys: blocks <= b - s
@@ -268,9 +273,32 @@ def unroll_blocks(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.T
         allowed = torch.cat(parts, dim=-1) & torch.cat(keys_ok, dim=-1)[:, None, :]  # [B, S, (s+1)S]
         out = model(feats, model.embed(embed, tokens), pos[None].expand(B, S), additive_mask(allowed[:, None],
                     torch.float32), cache, block_offset=block_offset.long(), lengths=batch.key_padding.sum(-1))
+        out, out_tokens = drafted_view(model, embed, head, vocab, out, block_offset)
         passes.append((out, ok))
-        prev = out.detach()
+        prev, prev_tokens = out.detach(), out_tokens
     return passes
+
+
+def drafted_view(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, outputs: torch.Tensor,
+                 block_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What drafting reads of a pass's outputs [B, S, H] (blocks aligned by ``block_offset`` [B]): per position the
+    feature and its greedy token (target ids [B, S]). Without ``chain_slots`` the outputs themselves; with it, slot
+    i > 0 of a block is first conditioned on the token drafted at slot i - 1, one position earlier (as
+    :func:`greedy_block` does for one block). A block cut by the sequence start reads a wrapped-around token there:
+    :func:`unroll_blocks` starts no chain from such a block."""
+    tokens = vocab[F.linear(outputs.float(), head).argmax(-1)]
+    if model.chain is None:
+        return outputs, tokens
+    from .drafters.sar_model import block_slots
+
+    slots = block_slots(outputs.shape[1], model.k, block_offset, outputs.device)  # [B, S]
+    feats = outputs
+    for slot in range(1, model.k):  # slot i reads slot i - 1's token, final once slot i - 1 is done
+        here = slots == slot
+        chained = model.chain(outputs, model.embed(embed, tokens.roll(1, dims=1)))
+        feats = torch.where(here[..., None], chained, feats)
+        tokens = torch.where(here, vocab[F.linear(feats.float(), head).argmax(-1)], tokens)
+    return feats, tokens
 
 
 def blocks_with(chosen: torch.Tensor, block_offset: torch.Tensor, k: int) -> torch.Tensor:
@@ -303,13 +331,14 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
         chosen = choose_glances(batch.valid.cpu(), mismatches.cpu(), offsets, ratio, cfg.k, gen).to(device)
         features, tokens = apply_glances(batch, chosen, features)
         record.update(hamming=int(mismatches.sum()), glanced=int(chosen.sum()), ratio=round(ratio, 4))
+    if cfg.ttt_blocks and vocab is None:
+        raise ValueError("training-time test (ttt_blocks) needs the draft vocabulary's target ids: pass vocab")
     cache = model.new_cache() if cfg.ttt_blocks else None
-    out2 = forward(model, cfg.k, embed, batch, features, tokens, offsets, cache)
+    raw = forward(model, cfg.k, embed, batch, features, tokens, offsets, cache, chain=not cfg.ttt_blocks)
+    out2 = model.chain_teacher_forced(raw, F.embedding(batch.tokens, embed), offsets) if cfg.ttt_blocks else raw
     losses = compute_losses(out2, batch, batch.valid & ~chosen, head, vocab_index, cfg, offsets)
     if cfg.ttt_blocks:
-        if vocab is None:
-            raise ValueError("training-time test (ttt_blocks) needs the draft vocabulary's target ids: pass vocab")
-        unrolled = unroll_blocks(model, embed, head, vocab, batch, out2, cache, offsets,
+        unrolled = unroll_blocks(model, embed, head, vocab, batch, raw, cache, offsets,
                                  ~blocks_with(chosen, offsets, cfg.k), cfg.ttt_blocks)
         total, accs = losses.total, []
         for s, (out, ok) in enumerate(unrolled, start=1):
@@ -329,10 +358,11 @@ def autocast(cfg: TrainConfig, device_type: str = "cpu"):
 
 
 def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Tensor, tokens: torch.Tensor,
-            block_offset: torch.Tensor, cache=None) -> torch.Tensor:
+            block_offset: torch.Tensor, cache=None, chain: bool = True) -> torch.Tensor:
     """Drafter outputs [B, S, H] under the relaxed causal mask (one block alignment per sample), later block slots
-    conditioned on the true token of the slot before (``chain_slots``: the batch's own tokens, never glanced ones);
-    ``cache`` (a drafter KV cache) keeps the keys for :func:`unroll_blocks`."""
+    conditioned on the true token of the slot before (``chain_slots``: the batch's own tokens, never glanced ones;
+    ``chain=False``: not yet, the caller chains them); ``cache`` (a drafter KV cache) keeps the keys for
+    :func:`unroll_blocks`."""
     from .drafters.sar_model import relaxed_causal_mask
 
     B, S = tokens.shape
@@ -342,7 +372,7 @@ def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Te
     embeds = F.embedding(tokens, embed)
     true_embeds = embeds if tokens is batch.tokens else F.embedding(batch.tokens, embed)  # glanced inputs differ
     return model(features, embeds, positions, mask, cache, block_offset=block_offset.long(),
-                 lengths=batch.key_padding.sum(-1), chain_embeds=true_embeds)
+                 lengths=batch.key_padding.sum(-1), chain_embeds=true_embeds if chain else None)
 
 
 class SARObjective(ShardObjective, Objective):

@@ -71,6 +71,8 @@ class TrainConfig:
     ttt_weight: float = _opt(0.8, "loss weight of the s-th unrolled block relative to the teacher-forced pass: w**s")
     kl_weight: float = _opt(0.9, "share of KL(target || drafter) in the distillation loss; the rest is CE to the "
                                   "target's greedy token")
+    distill_topk: int = _opt(0, "top-k distillation: the KL from the target's k most likely draft tokens, "
+                                "renormalised (0 = the whole draft vocabulary)")
     temperature: float = _opt(1.0, "distillation temperature (both distributions)")
     feature_noise: float = _opt(0.1, "uniform noise U(-x, x) added to input features (train only)")
     eval_every: int = _opt(100, "held-out evaluation (loss, acc@1..8) every N steps")
@@ -80,12 +82,12 @@ class TrainConfig:
     seed: int = _opt(0, "seed for data order, noise and glancing")
 
     def __post_init__(self) -> None:
+        if self.distill_topk < 0:
+            raise ValueError(f"--distill-topk must be >= 0, got {self.distill_topk}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
         if self.ttt_blocks and self.kind != "sar":
             raise ValueError(f"--ttt-blocks unrolls a SAR drafter's blocks: it needs --kind sar, not {self.kind!r}")
-        if self.ttt_blocks and self.chain_slots:
-            raise ValueError("--ttt-blocks does not unroll chained slots (--chain-slots) yet: use one or the other")
 
 
 def lr_at(step: int, cfg) -> float:
@@ -159,13 +161,20 @@ def draft_index(labels: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor
 
 
 def distillation_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
-                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        weights: torch.Tensor | None = None,
+                        topk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL(target || drafter) and CE to the target's greedy token (draft indices ``labels`` [n]; -1 = not in the
     draft vocabulary, left out), both over the draft vocabulary, from logits [n, D], averaged with per-position
-    ``weights`` [n] (default: equal); also the drafter's log-probabilities [n, D]."""
-    target_logp = target_logits.log_softmax(-1)
+    ``weights`` [n] (default: equal); also the drafter's log-probabilities [n, D]. ``topk`` > 0: top-k distillation,
+    the KL from the target's ``topk`` most likely tokens renormalised (the drafter's log-probabilities stay those of
+    the whole draft vocabulary; ``topk`` 1 is the CE to the greedy token)."""
     draft_logp = draft_logits.log_softmax(-1)
-    kl = weighted_mean((target_logp.exp() * (target_logp - draft_logp)).sum(-1), weights)
+    if 0 < topk < target_logits.shape[-1]:
+        top = target_logits.topk(topk, dim=-1)
+        target_logp, draft_part = top.values.log_softmax(-1), draft_logp.gather(-1, top.indices)
+    else:
+        target_logp, draft_part = target_logits.log_softmax(-1), draft_logp
+    kl = weighted_mean((target_logp.exp() * (target_logp - draft_part)).sum(-1), weights)
     has_label = labels >= 0
     if not has_label.any():
         ce = draft_logp.sum() * 0

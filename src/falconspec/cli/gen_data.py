@@ -12,7 +12,7 @@ Three forms:
   already in the manifest are skipped and new shards are appended; a killed run loses at most one shard.
 * features from tokens: ``gen-data --from-tokens recipes/data/sharegpt-sd --split train --out DIR`` runs one
   teacher-forced target pass per stored sequence and writes the feature shards ``falconspec train`` reads (no
-  generation: a fresh clone can retrain without regenerating).
+  generation: a fresh clone can retrain without regenerating). Resumable and multi-process as the first form.
 """
 
 from __future__ import annotations
