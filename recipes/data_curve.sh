@@ -29,6 +29,7 @@ declare -A RUNS_OF=(
   [eagle-15-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=1200)
   [falcon-28-bf16-long]="$FALCON --dtype bfloat16"  # every train shard (0-27), run with STEPS=2400
   [eagle-28-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=2400)
+  [falcon-15-topk]="$FALCON --dtype bfloat16 --distill-topk 8"  # falcon-15-bf16 with top-k distillation
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
