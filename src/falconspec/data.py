@@ -365,15 +365,22 @@ def _check_meta(out: Path, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def process_state():
+    """This process's place under torchrun/accelerate (``process_index``, ``num_processes``, ``device``; one CPU
+    process otherwise): the feature writers give each process every n-th shard."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+
+
 def generate_dataset(cfg: GenDataConfig) -> int:
     """Write ``shard_*.safetensors`` + ``meta.json`` to ``cfg.out``; returns the number of shards written now.
     Resumable: finished shards are skipped. Under torchrun/accelerate each process takes every n-th shard."""
-    from accelerate import PartialState
     from tqdm import tqdm
 
     from .models import load_target, parse_dtype
 
-    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    state = process_state()
     convs = load_conversations(cfg.source)
     if cfg.split != "all":
         convs = sharegpt_split(convs, cfg.split, cfg.heldout_percent)

@@ -713,12 +713,10 @@ def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", s
     reads (``shard_*.safetensors`` + ``meta.json``, one feature shard per token shard). Resumable: finished shards
     are skipped. Under torchrun/accelerate each process takes every n-th shard. Returns the number of shards this
     process wrote now."""
-    from accelerate import PartialState
-
-    from .data import shard_path, teacher_forced, write_shard
+    from .data import process_state, shard_path, teacher_forced, write_shard
     from .models import load_target, parse_dtype
 
-    state = PartialState(cpu=True) if not torch.cuda.is_available() else PartialState()
+    state = process_state()
     manifest = read_manifest(data_dir)
     shards = [s for s in manifest["shards"] if split in ("all", s["split"])]
     if not shards:

@@ -175,7 +175,9 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
         mask = relaxed_causal_mask(S, 0, k, block_offset=offset, device=dev)
         out = model(h, model.embed(embed, ids[None, 1 : S + 1]), torch.arange(S, device=dev)[None], mask, cache,
                     block_offset=offset)[0]
-        feats, first = greedy_block(model, embed, head, vocab, out[t[:, None] - k + torch.arange(k)[None]])
+        whole_blocks = torch.zeros(n, dtype=torch.long, device=dev)  # rows of k outputs, each one whole block
+        feats, first = drafted_view(model, embed, head, vocab, out[t[:, None] - k + torch.arange(k)[None]],
+                                    whole_blocks)
         drafted = [first]  # [n, k] target ids; feats [n, k, H]: predicted h_t .. h_{t+k-1}
         owner = torch.arange(n).repeat_interleave(k)  # start of each query in a feedback block
         prefix_ok = torch.arange(S)[None] < t.repeat_interleave(k)[:, None]  # [Q, S]
@@ -188,27 +190,12 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
             tokens = drafted[-1].reshape(1, -1)
             o = model(feats.reshape(1, n * k, -1), model.embed(embed, tokens), positions.to(dev),
                       additive_mask(allowed.to(dev), torch.float32), cache, block_offset=0)[0]
-            feats, block_tokens = greedy_block(model, embed, head, vocab, o.reshape(n, k, -1))
+            feats, block_tokens = drafted_view(model, embed, head, vocab, o.reshape(n, k, -1), whole_blocks)
             drafted.append(block_tokens)
         tokens = torch.cat(drafted, dim=1)[:, :depth].cpu()  # [n, depth]
         truth = greedy[t[:, None] + torch.arange(depth)[None]]
         hits[pick] = tokens == truth
     return hits
-
-
-def greedy_block(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
-                 outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The greedy draft of n blocks, as drafting reads them: outputs [n, k, H] -> (features [n, k, H], target ids
-    [n, k]). With ``chain_slots`` slot i's output is first conditioned on the token drafted at slot i - 1, and that
-    conditioned output is the feature the next block reads."""
-    if model.chain is None:
-        return outputs, vocab[F.linear(outputs.float(), head).argmax(-1)]
-    rows = [outputs[:, 0]]
-    tokens = [vocab[F.linear(rows[0].float(), head).argmax(-1)]]
-    for slot in range(1, outputs.shape[1]):
-        rows.append(model.chain(outputs[:, slot], model.embed(embed, tokens[-1])))
-        tokens.append(vocab[F.linear(rows[-1].float(), head).argmax(-1)])
-    return torch.stack(rows, dim=1), torch.stack(tokens, dim=1)
 
 
 def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: TrainConfig, depth: int = 8,
@@ -283,9 +270,10 @@ def drafted_view(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Te
                  block_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What drafting reads of a pass's outputs [B, S, H] (blocks aligned by ``block_offset`` [B]): per position the
     feature and its greedy token (target ids [B, S]). Without ``chain_slots`` the outputs themselves; with it, slot
-    i > 0 of a block is first conditioned on the token drafted at slot i - 1, one position earlier (as
-    :func:`greedy_block` does for one block). A block cut by the sequence start reads a wrapped-around token there:
-    :func:`unroll_blocks` starts no chain from such a block."""
+    i > 0 of a block is first conditioned on the token drafted at slot i - 1, one position earlier, and that
+    conditioned output is the feature the next block reads. Rows of one whole block each (:func:`rollout`) pass
+    ``block_offset`` 0. A block cut by the sequence start reads a wrapped-around token there: :func:`unroll_blocks`
+    starts no chain from such a block."""
     tokens = vocab[F.linear(outputs.float(), head).argmax(-1)]
     if model.chain is None:
         return outputs, tokens
