@@ -8,6 +8,11 @@
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out set
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
+#   bash recipes/data_curve.sh mtbench      # runs/data/mtbench-feat: the target's own fp32 greedy answers to the 80
+#                                           # MT-bench questions, both turns, 64 tokens each (as the bench asks), with
+#                                           # features: the bench's answers as a held-out set (evaluation only)
+#   bash recipes/data_curve.sh mtb NAME     # acc@1..8 of a run's drafter on them (NAME: a run, or falcon/eagle for the
+#                                           # shipped drafters)
 # Paths are relative to the repository root; runs/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +35,9 @@ declare -A RUNS_OF=(
   [falcon-28-bf16-long]="$FALCON --dtype bfloat16"  # every train shard (0-27), run with STEPS=2400
   [eagle-28-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=2400)
   [falcon-15-topk]="$FALCON --dtype bfloat16 --distill-topk 8"  # falcon-15-bf16 with top-k distillation
+  # the shipped drafters fine-tuned on every train shard (0-27), as round 4 was on shards 0-7; run with STEPS=1200
+  [falcon-28-ft]="$FALCON --dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5"
+  [eagle-28-ft]="--k 1 --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"  # not run yet
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -38,8 +46,15 @@ declare -A RUNS_OF=(
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
-if [[ "${1:-}" =~ ^(train|final|tau)$ ]]; then
-  name=${2:-}; [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
+MTBENCH=runs/data/mtbench-feat
+if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
+  name=${2:-}
+  if [[ $1 == mtb && $name =~ ^(falcon|eagle)$ ]]; then  # a shipped drafter
+    drafter=$name; flags=$([[ $name == falcon ]] && echo "--k 2" || echo "--k 1")
+  else
+    [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
+    drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}
+  fi
   data=$FEATURES-$(cut -d- -f2 <<< "$name")
 fi
 case "${1:-}" in
@@ -61,9 +76,25 @@ case "${1:-}" in
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $HELDOUT ${RUNS_OF[$name]} --init-from $RUNS/$name/drafter \
       --dtype float32 --max-steps 0 --out $RUNS/final/$name ;;
+  mtbench)
+    mkdir -p runs/data
+    "${FS%falconspec}python" - src/falconspec/assets/data/mt_bench_question.jsonl runs/data/mtbench-questions.jsonl <<'PY'
+import json, sys  # MT-bench questions as ShareGPT records: each user turn, a placeholder answer the target replaces
+with open(sys.argv[1]) as src, open(sys.argv[2], "w") as out:
+    for q in map(json.loads, src):
+        turns = [m for t in q["turns"] for m in ({"from": "human", "value": t}, {"from": "gpt", "value": "-"})]
+        out.write(json.dumps({"id": f"mt-bench-{q['question_id']}", "conversations": turns}) + "\n")
+PY
+    $FS gen-data --source runs/data/mtbench-questions.jsonl --mode self-distilled --format tokens --split all \
+      --out runs/data/mtbench-sd --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
+    $FS gen-data --from-tokens runs/data/mtbench-sd --split all --out $MTBENCH ;;
+  mtb)  # as final, on the MT-bench answers (the shipped drafters: --init-from falcon|eagle)
+    # shellcheck disable=SC2086
+    $FS train --data $FEATURES-4 "${COMMON[@]}" --eval-data $MTBENCH $flags --init-from $drafter --dtype float32 \
+      --max-steps 0 --out $RUNS/mtbench/$name ;;
   tau)
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | train NAME | final NAME | tau NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ the committed self-distilled token shards that lie in (a) a drafter's draft voca
 so the share caps acc@1.
 
 usage: python recipes/vocab_coverage.py [--drafter falcon] [--sizes 2048 4096 8192 16384]
+           [--answers runs/data/mtbench-sd --answers-split all]   (other answers: the MT-bench ones, say)
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import numpy as np
 DATA = Path(__file__).with_name("data") / "sharegpt-sd"
 
 
-def answer_tokens(split: str) -> np.ndarray:
+def answer_tokens(split: str, data: Path = DATA) -> np.ndarray:
     """Every answer token of the split's token shards, concatenated."""
     from falconspec.token_data import iter_token_samples
 
-    return np.array([t for _, samples in iter_token_samples(DATA, split) for sample in samples
+    return np.array([t for _, samples in iter_token_samples(data, split) for sample in samples
                      for lo, hi in sample.spans for t in sample.input_ids[lo:hi]])
 
 
@@ -30,17 +31,19 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", default="falcon", help="shipped drafter name or drafter directory")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--answers", type=Path, default=DATA, help="token dataset of the answers to cover")
+    parser.add_argument("--answers-split", default="heldout", help="its split (heldout, train or all)")
     args = parser.parse_args(argv)
     from safetensors import safe_open
 
     from falconspec.drafters import SHIPPED_KINDS, shipped_drafter_dir
 
-    heldout, train = answer_tokens("heldout"), answer_tokens("train")
+    heldout, train = answer_tokens(args.answers_split, args.answers), answer_tokens("train")
     directory = shipped_drafter_dir("smollm2-135m", args.drafter) if args.drafter in SHIPPED_KINDS else args.drafter
     with safe_open(str(Path(directory) / "model.safetensors"), framework="np") as f:
         vocab = f.get_tensor("draft_vocab")
     counts = collections.Counter(train.tolist())
-    report = {"heldout_answer_tokens": int(len(heldout)), "train_answer_tokens": int(len(train)),
+    report = {"answers": f"{args.answers} ({args.answers_split})", "answer_tokens": int(len(heldout)), "train_answer_tokens": int(len(train)),
               "distinct_train_answer_tokens": len(counts),
               f"{args.drafter} ({len(vocab)})": round(float(np.isin(heldout, vocab).mean()), 4),
               "unseen_in_train_answers": round(float((~np.isin(heldout, list(counts))).mean()), 4)}

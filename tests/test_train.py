@@ -247,6 +247,14 @@ def test_rollout_starts_need_greedy_assistant_windows():
     assert rollout_starts(s, 2, 4).tolist() == [5, 6, 7, 8, 13, 14, 15]
 
 
+def test_rollout_starts_of_answer_openings():
+    s = sample(list(range(10, 40)), [0] * 4 + [1] * 8 + [0] * 6 + [1] * 12)  # answers at 4-11 and 18-29
+    s["target_tokens"] = torch.cat([s["input_ids"][1:], torch.tensor([0])])
+    assert rollout_starts(s, 2, 2).tolist() == list(range(3, 10)) + list(range(17, 28))
+    assert rollout_starts(s, 2, 2, opening=3).tolist() == [3, 4, 5, 17, 18, 19]  # x_{t+1} among an answer's first 3
+    assert rollout_starts(s, 2, 2, opening=100).tolist() == rollout_starts(s, 2, 2).tolist()
+
+
 def test_overfitting_a_few_conversations_lowers_the_loss(tiny_data):
     out = tiny_data / "overfit"
     cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "train"),

@@ -213,7 +213,7 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
                 losses.append(compute_losses(out, batch, batch.valid, head, vocab_index, cfg))
         for s in samples:
             s = {key: v[: cfg.max_len] for key, v in s.items()}
-            starts = rollout_starts(s, model.k, depth)
+            starts = rollout_starts(s, model.k, depth, cfg.eval_answer_opening)
             if len(starts) > max_starts:
                 starts = starts[torch.randperm(len(starts), generator=gen)[:max_starts]].sort().values
             if len(starts):

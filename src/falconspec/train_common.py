@@ -77,6 +77,8 @@ class TrainConfig:
     feature_noise: float = _opt(0.1, "uniform noise U(-x, x) added to input features (train only)")
     eval_every: int = _opt(100, "held-out evaluation (loss, acc@1..8) every N steps")
     eval_samples: int = _opt(32, "held-out sequences per evaluation")
+    eval_answer_opening: int = _opt(0, "score only held-out drafting windows that start among the first N tokens of "
+                                       "an answer (0 = every window; MT-bench's 64-token answers are openings only)")
     save_every: int = _opt(200, "checkpoint every N steps")
     log_every: int = _opt(10, "training log line every N steps")
     seed: int = _opt(0, "seed for data order, noise and glancing")
@@ -84,6 +86,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.distill_topk < 0:
             raise ValueError(f"--distill-topk must be >= 0, got {self.distill_topk}")
+        if self.eval_answer_opening < 0:
+            raise ValueError(f"--eval-answer-opening must be >= 0, got {self.eval_answer_opening}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
         if self.ttt_blocks and self.kind != "sar":
@@ -190,10 +194,11 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return values.mean() if weights is None else (values * weights).sum() / weights.sum()
 
 
-def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
+def rollout_starts(sample: dict, k: int, depth: int, opening: int = 0) -> torch.Tensor:
     """The held-out acc@d windows of a gen-data sample: positions t where drafting x_{t+1..t+depth} can be scored:
     the root x_t and k earlier features exist, the window is assistant text, and the data follows the target's
-    greedy tokens in it (so the target's answer to every drafted prefix is known)."""
+    greedy tokens in it (so the target's answer to every drafted prefix is known). ``opening`` > 0 keeps only the
+    windows whose first token x_{t+1} is among the first ``opening`` tokens of its answer."""
     ids, greedy, mask = sample["input_ids"].long(), sample["target_tokens"].long(), sample["loss_mask"].bool()
     L = len(ids)
     t = torch.arange(k, max(L - depth, k))
@@ -201,6 +206,10 @@ def rollout_starts(sample: dict, k: int, depth: int) -> torch.Tensor:
         return t
     window = t[:, None] + torch.arange(1, depth + 1)[None]  # [n, depth] positions of x_{t+1..t+depth}
     ok = mask[window].all(-1) & (ids[window] == greedy[window - 1]).all(-1)
+    if opening:
+        index = torch.arange(L)
+        answer_start = torch.where(mask & ~torch.cat([mask.new_zeros(1), mask[:-1]]), index, 0).cummax(0).values
+        ok &= (t + 1 - answer_start[t + 1]) < opening
     return t[ok]
 
 
