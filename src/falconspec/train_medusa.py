@@ -72,7 +72,8 @@ def evaluate_medusa(model, head, vocab, samples: list[dict], cfg: TrainConfig) -
     K, chains = model.config.num_heads, []
     for s in samples:
         s = {key: v[: cfg.max_len] for key, v in s.items()}
-        j = rollout_starts(s, 0, K + 1, cfg.eval_answer_opening)  # x_{j+1..j+K+1}, the root x_{j+1} and the K guessed tokens, are scored
+        # x_{j+1..j+K+1}, the root x_{j+1} and the K guessed tokens, are scored
+        j = rollout_starts(s, 0, K + 1, cfg.eval_answer_opening)
         if len(j) == 0:
             continue
         guesses = model(s["hidden_states"].float()[j])  # [n, K, H]
