@@ -50,12 +50,11 @@ MTBENCH=runs/data/mtbench-feat
 if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   name=${2:-}
   if [[ $1 == mtb && $name =~ ^(falcon|eagle)$ ]]; then  # a shipped drafter
-    drafter=$name; flags=$([[ $name == falcon ]] && echo "--k 2" || echo "--k 1")
+    drafter=$name; flags=$([[ $name == falcon ]] && echo "--k 2" || echo "--k 1"); data=$FEATURES-4
   else
     [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
-    drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}
+    drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=$FEATURES-$(cut -d- -f2 <<< "$name")
   fi
-  data=$FEATURES-$(cut -d- -f2 <<< "$name")
 fi
 case "${1:-}" in
   subsets)
@@ -71,27 +70,26 @@ case "${1:-}" in
   train)
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" ${RUNS_OF[$name]} --out $RUNS/$name ;;
-  final)  # no training (--max-steps 0): the finished drafter on the whole held-out set, scored in float32 as the
-          # engine runs it (the last --init-from and --dtype win)
+  final|mtb)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final) or on the
+              # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype win)
+    eval=$([[ $1 == final ]] && echo $HELDOUT || echo $MTBENCH)
+    out=$RUNS/$([[ $1 == final ]] && echo final || echo mtbench)/$name
     # shellcheck disable=SC2086
-    $FS train --data $data "${COMMON[@]}" --eval-data $HELDOUT ${RUNS_OF[$name]} --init-from $RUNS/$name/drafter \
-      --dtype float32 --max-steps 0 --out $RUNS/final/$name ;;
+    $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
+      --max-steps 0 --out $out ;;
   mtbench)
     mkdir -p runs/data
-    "${FS%falconspec}python" - src/falconspec/assets/data/mt_bench_question.jsonl runs/data/mtbench-questions.jsonl <<'PY'
-import json, sys  # MT-bench questions as ShareGPT records: each user turn, a placeholder answer the target replaces
-with open(sys.argv[1]) as src, open(sys.argv[2], "w") as out:
-    for q in map(json.loads, src):
-        turns = [m for t in q["turns"] for m in ({"from": "human", "value": t}, {"from": "gpt", "value": "-"})]
-        out.write(json.dumps({"id": f"mt-bench-{q['question_id']}", "conversations": turns}) + "\n")
+    "${FS%falconspec}python" - runs/data/mtbench-questions.jsonl <<'PY'
+import json, sys  # the prompts the bench sends, each user turn followed by a placeholder answer the target replaces
+from falconspec.bench.datasets import load_dataset
+with open(sys.argv[1], "w") as out:
+    for p in load_dataset("mt-bench").prompts:
+        turns = [m for t in p.turns for m in ({"role": "user", "content": t}, {"role": "assistant", "content": "-"})]
+        out.write(json.dumps({"id": f"mt-bench-{p.question_id}", "messages": [*p.history, *turns]}) + "\n")
 PY
     $FS gen-data --source runs/data/mtbench-questions.jsonl --mode self-distilled --format tokens --split all \
       --out runs/data/mtbench-sd --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
     $FS gen-data --from-tokens runs/data/mtbench-sd --split all --out $MTBENCH ;;
-  mtb)  # as final, on the MT-bench answers (the shipped drafters: --init-from falcon|eagle)
-    # shellcheck disable=SC2086
-    $FS train --data $FEATURES-4 "${COMMON[@]}" --eval-data $MTBENCH $flags --init-from $drafter --dtype float32 \
-      --max-steps 0 --out $RUNS/mtbench/$name ;;
   tau)
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
