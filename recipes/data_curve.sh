@@ -23,7 +23,7 @@ HELDOUT=runs/data/sd4-heldout
 EVAL=runs/data/sd4-heldout-50  # in-training evaluations: the first held-out shard (50 sequences)
 STEPS=${STEPS:-600}
 RUNS=runs/curve
-SIZES=(4 8 15 28)              # token shards: 53,633 / 146,848 / 292,810 / 657,560 answer tokens
+SIZES=(4 8 15 28 40)           # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
 declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
@@ -38,6 +38,10 @@ declare -A RUNS_OF=(
   # the shipped drafters fine-tuned on every train shard (0-27), as round 4 was on shards 0-7; run with STEPS=1200
   [falcon-28-ft]="$FALCON --dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5"
   [eagle-28-ft]="--k 1 --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"  # not run yet
+  # falcon-28-ft continued for STEPS=1200 more on every train shard (0-39: +42% answer tokens) or again on 0-27:
+  # more data against more steps, from the same drafter with the same schedule
+  [falcon-40-ft]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-28-ft/drafter --lr 5e-4 --min-lr 5e-5"
+  [falcon-28-ft2]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-28-ft/drafter --lr 5e-4 --min-lr 5e-5"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -77,18 +81,9 @@ case "${1:-}" in
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
       --max-steps 0 --out $out ;;
-  mtbench)
-    mkdir -p runs/data
-    "${FS%falconspec}python" - runs/data/mtbench-questions.jsonl <<'PY'
-import json, sys  # the prompts the bench sends, each user turn followed by a placeholder answer the target replaces
-from falconspec.bench.datasets import load_dataset
-with open(sys.argv[1], "w") as out:
-    for p in load_dataset("mt-bench").prompts:
-        turns = [m for t in p.turns for m in ({"role": "user", "content": t}, {"role": "assistant", "content": "-"})]
-        out.write(json.dumps({"id": f"mt-bench-{p.question_id}", "messages": [*p.history, *turns]}) + "\n")
-PY
-    $FS gen-data --source runs/data/mtbench-questions.jsonl --mode self-distilled --format tokens --split all \
-      --out runs/data/mtbench-sd --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
+  mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
+    $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out runs/data/mtbench-sd \
+      --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
     $FS gen-data --from-tokens runs/data/mtbench-sd --split all --out $MTBENCH ;;
   tau)
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)

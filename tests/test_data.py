@@ -77,6 +77,21 @@ def test_load_conversations_files_and_errors(tmp_path):
         load_conversations(str(path))
 
 
+def test_question_records_are_user_turns_and_need_no_answer_for_self_distillation(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    lines = [{"question_id": 81, "category": "writing", "turns": ["first", "second"]}, {"turns": ["only"]}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    convs = load_conversations(str(path), need_answer=False)
+    assert [c.id for c in convs][0] == "81" and len(convs[1].id) == 16
+    assert convs[0].messages == [{"role": "user", "content": "first"}, {"role": "user", "content": "second"}]
+    with pytest.raises(ValueError, match="contains an assistant turn"):
+        load_conversations(str(path))  # fixed-answer data needs the dataset's answers
+    with pytest.raises(ValueError, match="record 0: 'turns' must be"):
+        parse_record({"turns": ["ok", " "]}, 0)
+    mt_bench = load_conversations("mt-bench", need_answer=False)
+    assert len(mt_bench) == 80 and all(len(c.messages) == 2 for c in mt_bench)
+
+
 def test_sharegpt_package_streams_first_records():
     convs = load_conversations("sharegpt", limit=5)
     assert len(convs) == 5 and convs[0].messages[0]["role"] == "user"

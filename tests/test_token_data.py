@@ -235,3 +235,21 @@ def test_cli_tokens_then_features(tmp_path, tiny_dir, capsys):
     assert main(["gen-data", "--model", str(tiny_dir), "--split", "all", "--from-tokens", str(tmp_path / "t"),
                  "--out", str(tmp_path / "f")]) == 0
     assert len(ShardDataset(tmp_path / "f")) == 4
+
+
+def test_question_files_give_the_same_tokens_as_conversations(tmp_path, tiny_dir):
+    # MT-bench / Spec-Bench question records ({"turns": [...]}, user messages only) need no answers: the target
+    # writes them, and the dataset's own answers are dropped anyway
+    src = write_convs(tmp_path / "c.json", 3, turns=2)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": c["id"], "turns": [t["value"] for t in c["conversations"]
+                                                                      if t["from"] == "human"]}) + "\n"
+                                 for c in json.loads(src.read_text())))
+    common = dict(model=str(tiny_dir), split="all", max_len=128, max_new_tokens=6, shard_size=3, batch_size=2,
+                  gen_dtype="float32")
+    for name, source in (("conv", src), ("questions", questions)):
+        generate_token_dataset(TokenDataConfig(source=str(source), out=str(tmp_path / name), **common),
+                               progress=quiet)
+    shards = [read_token_shard(tmp_path / name / read_manifest(tmp_path / name)["shards"][0]["file"])
+              for name in ("conv", "questions")]
+    assert shards[0] == shards[1] and [s.id for s in shards[1]] == ["c0", "c1", "c2"]

