@@ -38,10 +38,10 @@ declare -A RUNS_OF=(
   # the shipped drafters fine-tuned on every train shard (0-27), as round 4 was on shards 0-7; run with STEPS=1200
   [falcon-28-ft]="$FALCON --dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5"
   [eagle-28-ft]="--k 1 --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"  # not run yet
-  # falcon-28-ft continued for STEPS=1200 more on every train shard (0-39: +42% answer tokens) or again on 0-27:
-  # more data against more steps, from the same drafter with the same schedule
+  # every train shard (0-39), STEPS=1200: falcon-28-ft continued (the k=2 drafter trains its first token at half
+  # the head's positions per step, so it gets two stages) and the shipped eagle fine-tuned once
   [falcon-40-ft]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-28-ft/drafter --lr 5e-4 --min-lr 5e-5"
-  [falcon-28-ft2]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-28-ft/drafter --lr 5e-4 --min-lr 5e-5"
+  [eagle-40-ft]="--k 1 --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
