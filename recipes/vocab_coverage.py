@@ -38,18 +38,19 @@ def main(argv=None) -> dict:
 
     from falconspec.drafters import SHIPPED_KINDS, shipped_drafter_dir
 
-    heldout, train = answer_tokens(args.answers_split, args.answers), answer_tokens("train")
+    covered, train = answer_tokens(args.answers_split, args.answers), answer_tokens("train")
     directory = shipped_drafter_dir("smollm2-135m", args.drafter) if args.drafter in SHIPPED_KINDS else args.drafter
     with safe_open(str(Path(directory) / "model.safetensors"), framework="np") as f:
         vocab = f.get_tensor("draft_vocab")
     counts = collections.Counter(train.tolist())
-    report = {"answers": f"{args.answers} ({args.answers_split})", "answer_tokens": int(len(heldout)), "train_answer_tokens": int(len(train)),
+    report = {"answers": f"{args.answers} ({args.answers_split})", "answer_tokens": int(len(covered)),
+              "train_answer_tokens": int(len(train)),
               "distinct_train_answer_tokens": len(counts),
-              f"{args.drafter} ({len(vocab)})": round(float(np.isin(heldout, vocab).mean()), 4),
-              "unseen_in_train_answers": round(float((~np.isin(heldout, list(counts))).mean()), 4)}
+              f"{args.drafter} ({len(vocab)})": round(float(np.isin(covered, vocab).mean()), 4),
+              "unseen_in_train_answers": round(float((~np.isin(covered, list(counts))).mean()), 4)}
     for n in args.sizes:
         top = [t for t, _ in counts.most_common(n)]
-        report[f"train top {n}"] = round(float(np.isin(heldout, top).mean()), 4)
+        report[f"train top {n}"] = round(float(np.isin(covered, top).mean()), 4)
     print(json.dumps(report, indent=1))
     return report
 

@@ -130,13 +130,13 @@ def sharegpt_path() -> Path:
 def parse_record(record: object, index: int) -> Conversation:
     """A ShareGPT, OpenAI-format or question record as a Conversation with normalized roles. A question record
     (``{"turns": [...]}``, optional ``id`` or ``question_id``) holds user messages only."""
-    if isinstance(record, dict) and isinstance(record.get("turns"), list):
-        turns = record["turns"]
-        if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise ValueError(f"record {index}: 'turns' must be a non-empty list of non-empty strings")
-        messages = [{"role": "user", "content": t} for t in turns]
-        conv_id = record.get("id", record.get("question_id"))
-        return Conversation(str(conv_id) if conv_id is not None else _content_id(messages), messages)
+    if isinstance(record, dict) and "turns" in record:  # checked as the bench reads it
+        from .bench.datasets import parse_prompt
+
+        prompt = parse_prompt(record, f"record {index}", None, "")
+        messages = [{"role": "user", "content": t} for t in prompt.turns]
+        qid = prompt.question_id
+        return Conversation(_content_id(messages) if qid is None else str(qid), messages)
     if not isinstance(record, dict) or not isinstance(record.get("conversations", record.get("messages")), list):
         raise ValueError(f"record {index}: expected an object with a 'conversations' (ShareGPT), 'messages' "
                          f"(OpenAI) or 'turns' (questions) list, got {str(record)[:80]!r}")

@@ -132,7 +132,7 @@ def read_prompts_jsonl(path: str | Path, category: str, limit: int | None = None
     return prompts
 
 
-def parse_prompt(record: object, where: str, default_id: int, category: str) -> BenchPrompt:
+def parse_prompt(record: object, where: str, default_id: int | None, category: str) -> BenchPrompt:
     """One JSONL record (``turns``, ``messages`` or ``prompt``, see the module doc) as a BenchPrompt."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
