@@ -287,6 +287,28 @@ def test_a_fallback_that_would_be_final_waits_for_evidence():
     assert plans[-1].plain
 
 
+def test_a_plain_start_is_retried_from_the_prior_with_backoff():
+    """One unlucky generation must not leave the planner plain for good: a plain start gathers no evidence."""
+    costs = {1: 63.5, 2: 74.1, 3: 78.6, 4: 102.9, 8: 124.1, 16: 146.3, 32: 178.8}  # the Xeon of issue 12 (ms)
+    prior = np.full((2, 1), 0.45)  # calibration: the drafter pays a little
+    planner = planner_for(costs, 8.0, AcceptanceProfile(prior, strength=16.0), max_depth=2)
+    chain = Tree.chain(0, [1, 2])
+
+    def generation(right: bool) -> int:  # cycles drafted before the plan falls back (at most 64)
+        plan, cycles = planner.start(), 0
+        while not plan.plain and cycles < 64:
+            plan, cycles = planner.observe(chain, [0, 1, 2] if right else [0]), cycles + 1
+        return cycles
+
+    drafted = [generation(right=False) > 0 for _ in range(20)]  # never right: retries at a doubling interval
+    assert [g for g, d in enumerate(drafted) if d] == [0, 2, 5, 10, 19]
+    while generation(right=True) == 0:  # the text changes and the drafter is right: the next retry finds it
+        pass
+    assert generation(right=True) == 64 and generation(right=False) > 0  # and it keeps drafting, wait reset
+    never = planner_for(costs, 8.0, AcceptanceProfile(np.full((2, 1), 0.05), strength=16.0), max_depth=2)
+    assert all(never.start().plain for _ in range(10))  # a drafter the calibration rules out is never retried
+
+
 def test_a_batch_plans_one_budget_for_all_its_sequences():
     """The forward pads every tree to the largest: one sequence's tree costs every sequence its rows."""
     from falconspec.planner import batch_plan

@@ -18,8 +18,15 @@ candidates when it is taken).
 acceptances of the current generation (a Beta posterior per cell), so the plan follows the text: it grows while
 the drafter is right and shrinks, down to plain decoding, when it is not. Once plain, a drafter that needs a model
 pass to follow the text is left alone for the rest of the generation (following it would cost that pass every
-step), so that fallback waits for ``MIN_FALLBACK_TRIALS`` of this generation's own evidence; one that is free to follow (n-gram lookup, lookahead, Medusa) is probed with the best tree every
-``PROBE_EVERY`` cycles, and switched back on when the probes say it pays. Verification stays exact whatever the
+step), so that fallback waits for ``MIN_FALLBACK_TRIALS`` of this generation's own evidence; one that is free to
+follow (n-gram lookup, lookahead, Medusa) is probed with the best tree every ``PROBE_EVERY`` cycles, and switched
+back on when the probes say it pays.
+
+A generation that starts plain drafts nothing, so it learns nothing: left alone, carried evidence that once said
+"plain" (one unlucky generation can) would say it for good. So the planner **retries** with exponential backoff:
+after 1, then 2, 4, 8 ... generations in a row that start plain, a generation starts from the calibration prior
+alone (the carried evidence is forgotten). A retry that falls back doubles the wait; a generation that drafts to
+its end resets it. A drafter the calibration itself rules out is never retried. Verification stays exact whatever the
 plan: the planner only decides how much to verify.
 
 A plan of depth D never drafts level D + 1, so its estimate there would stay whatever the prior said (a calibration
@@ -48,6 +55,7 @@ UNINFORMED = 0.5  # depth 1, rank 0 with no calibration at all
 CARRY_TRIALS = 32.0  # evidence carried from earlier generations weighs at most this many trials per cell
 MIN_FALLBACK_TRIALS = 8  # a drafter that cannot be probed falls back mid-generation only on this much evidence
 PROBE_EVERY = 8  # while decoding plainly, a drafter that is cheap to follow is tried once every this many cycles
+RETRY_BACKOFF = 2  # a retry that falls back again multiplies the wait before the next one by this
 EXPLORE_EVERY = 8  # a tree plan drafts one level deeper once every this many cycles while that level is little known
 
 
@@ -100,6 +108,11 @@ class AcceptanceProfile:
         self.carried_trials *= scale
         self.hits[:] = 0
         self.trials[:] = 0
+
+    def forget_carried(self) -> None:
+        """Drop the evidence of earlier generations: estimates come from the prior and this generation alone."""
+        self.carried_hits[:] = 0
+        self.carried_trials[:] = 0
 
     def observe(self, tree: Tree, accepted_path: Sequence[int]) -> None:
         """Record one verification: every node whose parent was accepted is a trial at its (depth, rank)."""
@@ -194,6 +207,8 @@ class BudgetPlanner:
     _cycle: int = 0
     _plain_cycles: int = 0
     _current: Plan | None = None
+    _plain_starts: int = 0  # generations in a row that started plain on carried evidence
+    _retry_after: int = 1  # plain starts before the next retry from the prior alone
 
     def __post_init__(self) -> None:
         sizes = sorted({int(n) for n in self.sizes if n >= 1} | {1})
@@ -222,10 +237,23 @@ class BudgetPlanner:
 
     # ---------------------------------------------------------------- per generation
     def start(self) -> Plan:
-        """Begin a generation from the prior; returns the first plan."""
+        """Begin a generation from the prior and the carried evidence (or, when a retry is due, from the prior
+        alone); returns the first plan."""
+        if self._current is not None and not self._current.plain and not self.fell_back:
+            self._retry_after = 1  # the last generation drafted to its end
         self.profile.reset()
         self.history, self.fell_back, self._cycle, self._plain_cycles = [], False, 0, 0
         self._current = None
+        plan = self._replan()
+        if not plan.plain or self.probe:
+            self._plain_starts = 0
+            return plan
+        self._plain_starts += 1
+        if self._plain_starts <= self._retry_after or not self.profile.carried_trials.any():
+            return plan
+        self.profile.forget_carried()  # retry: the carried evidence may be one unlucky generation's
+        self._plain_starts, self._retry_after = 0, self._retry_after * RETRY_BACKOFF
+        self.history, self.fell_back, self._current = [], False, None
         return self._replan()
 
     @property
