@@ -5,14 +5,15 @@
 # answers). `python recipes/learning_curve.py --curve` fits acc@d against answer tokens and says what would reach
 # the issue's goals. Resumable: re-run a stage to continue it.
 #   bash recipes/data_curve.sh subsets      # runs/data/sd4-train-N: the first N feature shards (symlinks)
+#   bash recipes/data_curve.sh round3       # runs/round3/KIND: the round-3 drafters (from git) the -ft runs start from
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
-#   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out set
+#   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out set (NAME: a run, or falcon, eagle or
+#                                           # medusa for the shipped drafters)
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
 #   bash recipes/data_curve.sh mtbench      # runs/data/mtbench-feat: the target's own fp32 greedy answers to the 80
 #                                           # MT-bench questions, both turns, 64 tokens each (as the bench asks), with
 #                                           # features: the bench's answers as a held-out set (evaluation only)
-#   bash recipes/data_curve.sh mtb NAME     # acc@1..8 of a run's drafter on them (NAME: a run, or falcon/eagle for the
-#                                           # shipped drafters)
+#   bash recipes/data_curve.sh mtb NAME     # acc@1..8 of a drafter on them (NAME as for final)
 # Paths are relative to the repository root; runs/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,11 @@ HELDOUT=runs/data/sd4-heldout
 EVAL=runs/data/sd4-heldout-50  # in-training evaluations: the first held-out shard (50 sequences)
 STEPS=${STEPS:-600}
 RUNS=runs/curve
+ROUND3=runs/round3             # `round3`: the round-3 drafters the fine-tunes start from, as shipped before round 4
+ROUND3_COMMIT=40b336f
 SIZES=(4 8 15 28 40)           # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
+MEDUSA="--kind medusa --medusa-heads 4"
 declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
   [eagle-15]="--k 1"
@@ -35,13 +39,15 @@ declare -A RUNS_OF=(
   [falcon-28-bf16-long]="$FALCON --dtype bfloat16"  # every train shard (0-27), run with STEPS=2400
   [eagle-28-bf16-long]="--k 1 --dtype bfloat16"      # the k=1 head, the same (STEPS=2400)
   [falcon-15-topk]="$FALCON --dtype bfloat16 --distill-topk 8"  # falcon-15-bf16 with top-k distillation
-  # the shipped drafters fine-tuned on every train shard (0-27), as round 4 was on shards 0-7; run with STEPS=1200
-  [falcon-28-ft]="$FALCON --dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5"
-  [eagle-28-ft]="--k 1 --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"  # not run yet
+  # the round-3 drafters fine-tuned on every train shard (0-27), as round 4 was on shards 0-7; run with STEPS=1200
+  [falcon-28-ft]="$FALCON --dtype bfloat16 --init-from $ROUND3/falcon --lr 5e-4 --min-lr 5e-5"
+  [eagle-28-ft]="--k 1 --dtype bfloat16 --init-from $ROUND3/eagle --lr 5e-4 --min-lr 5e-5"  # not run
   # every train shard (0-39), STEPS=1200: falcon-28-ft continued (the k=2 drafter trains its first token at half
-  # the head's positions per step, so it gets two stages) and the shipped eagle fine-tuned once
+  # the head's positions per step, so it gets two stages) and the round-3 eagle fine-tuned once: the round-4
+  # drafters shipped. medusa-40-ft (STEPS=400, ~3.3 s a step): the round-3 heads, the same; not shipped
   [falcon-40-ft]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-28-ft/drafter --lr 5e-4 --min-lr 5e-5"
-  [eagle-40-ft]="--k 1 --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
+  [eagle-40-ft]="--k 1 --dtype bfloat16 --init-from $ROUND3/eagle --lr 5e-4 --min-lr 5e-5"
+  [medusa-40-ft]="$MEDUSA --dtype bfloat16 --init-from $ROUND3/medusa --lr 5e-4 --min-lr 5e-5"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -53,14 +59,22 @@ COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --voc
 MTBENCH=runs/data/mtbench-feat
 if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   name=${2:-}
-  if [[ $1 == mtb && $name =~ ^(falcon|eagle)$ ]]; then  # a shipped drafter
-    drafter=$name; flags=$([[ $name == falcon ]] && echo "--k 2" || echo "--k 1"); data=$FEATURES-4
+  if [[ $name =~ ^(falcon|eagle|medusa)$ && $1 =~ ^(final|mtb)$ ]]; then  # a shipped drafter
+    declare -A SHIPPED=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
+    drafter=$name; flags=${SHIPPED[$name]}; data=$FEATURES-4
   else
     [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
     drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=$FEATURES-$(cut -d- -f2 <<< "$name")
   fi
 fi
 case "${1:-}" in
+  round3)  # from git history: since round 4 shipped, --init-from falcon|eagle|medusa means the round-4 drafters
+    for kind in falcon eagle medusa; do
+      mkdir -p $ROUND3/$kind
+      for f in config.json model.safetensors recipe.json; do
+        git show $ROUND3_COMMIT:src/falconspec/assets/drafters/smollm2-135m-$kind/$f > $ROUND3/$kind/$f
+      done
+    done ;;
   subsets)
     mkdir -p $EVAL && ln -sfn ../sd4-heldout/shard_00000.safetensors $EVAL/ && cp $HELDOUT/meta.json $EVAL/
     for n in "${SIZES[@]}"; do
@@ -89,5 +103,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | round3 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac
