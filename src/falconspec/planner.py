@@ -244,17 +244,21 @@ class BudgetPlanner:
         self.profile.reset()
         self.history, self.fell_back, self._cycle, self._plain_cycles = [], False, 0, 0
         self._current = None
-        plan = self._replan()
-        if not plan.plain or self.probe:
-            self._plain_starts = 0
-            return plan
-        self._plain_starts += 1
-        if self._plain_starts <= self._retry_after or not self.profile.carried_trials.any():
-            return plan
-        self.profile.forget_carried()  # retry: the carried evidence may be one unlucky generation's
-        self._plain_starts, self._retry_after = 0, self._retry_after * RETRY_BACKOFF
-        self.history, self.fell_back, self._current = [], False, None
+        if self._retry_due():
+            self.profile.forget_carried()  # the carried evidence may be one unlucky generation's
         return self._replan()
+
+    def _retry_due(self) -> bool:
+        """Whether this generation, which the carried evidence would start plain, retries from the prior alone
+        (after 1, 2, 4 ... plain starts in a row; a drafter that is probed while plain needs no retry)."""
+        if self.probe or not self.profile.carried_trials.any() or not self.best_plan().plain:
+            self._plain_starts = 0
+            return False
+        self._plain_starts += 1
+        if self._plain_starts <= self._retry_after:
+            return False
+        self._plain_starts, self._retry_after = 0, self._retry_after * RETRY_BACKOFF
+        return True
 
     @property
     def current(self) -> Plan:
