@@ -3,14 +3,16 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from falconspec import SpeculativeGenerator
 from falconspec.drafters import make_drafter
-from falconspec.drafters.medusa import MedusaDrafter, MedusaHeads
+from falconspec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
 from falconspec.drafters.sar_model import DrafterMismatchError
 from falconspec.testing import tiny_target
 from falconspec.train import TrainConfig, train
-from falconspec.train_medusa import head_targets
+from falconspec.train_common import distillation_losses
+from falconspec.train_medusa import head_targets, medusa_losses
 
 
 def random_heads(target, num_heads=3, seed=0, draft_vocab=None):
@@ -91,3 +93,37 @@ def test_training_lowers_the_loss_and_writes_a_loadable_drafter(tiny_data):
     train(cfg)
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"total"' in line]
     assert steps[-5:] == [41, 42, 43, 44, 45]
+
+
+def test_losses_project_each_target_position_once_with_the_per_head_values():
+    torch.manual_seed(0)
+    hidden, vocab, heads = 8, 11, 3
+    samples = [{"input_ids": torch.arange(n), "loss_mask": (torch.arange(n) > 1).long(),
+                "target_tokens": torch.randint(0, vocab, (n,)), "hidden_states": torch.randn(n, hidden)}
+               for n in (9, 6)]
+    batch = head_targets(samples, num_heads=heads, max_len=64)
+    model = MedusaHeads(MedusaConfig(hidden_size=hidden, vocab_size=vocab, num_heads=heads))
+    head, vocab_index = torch.randn(vocab, hidden), torch.arange(vocab)
+    got = medusa_losses(model, batch, head, vocab_index, kl_weight=0.7)
+    # the reference: every (position, head) pair projects its own target feature
+    valid = batch["valid"]
+    b_idx = torch.arange(valid.shape[0])[:, None, None].expand_as(valid)
+    true = batch["features"][b_idx, batch["source"]][valid]
+    kl, ce, _ = distillation_losses(F.linear(model(batch["features"])[valid], head), F.linear(true, head),
+                                    batch["labels"][valid])
+    torch.testing.assert_close(got["total"], 0.7 * kl + 0.3 * ce)
+
+
+def test_bfloat16_reaches_the_medusa_step(tiny_data):
+    """--dtype bfloat16 runs the heads' loss under bf16 autocast (it used to be ignored: always float32)."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tiny_data / f"medusa-{dtype}"
+        cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "held"),
+                          model=str(tiny_data / "tiny"), kind="medusa", medusa_heads=2, max_steps=1, eval_every=1,
+                          save_every=1, log_every=1, draft_vocab=48, batch_size=4, eval_samples=2, dtype=dtype)
+        train(cfg)
+        losses[dtype] = [json.loads(line)["total"] for line in (out / "log.jsonl").read_text().splitlines()
+                         if '"total"' in line][0]
+    assert losses["float32"] != losses["bfloat16"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)

@@ -13,7 +13,6 @@ directory); :func:`train` runs any gen-data objective (``falconspec train --kind
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .train_common import (
-    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
-    weighted_mean,
+    ShardObjective, TrainConfig, autocast, chain_accuracy, distillation_losses, draft_index, draft_vocabulary,
+    rollout_starts, weighted_mean,
 )
 from .trainer import Objective, Progress, StepResult
 
@@ -335,14 +334,6 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
         losses = Losses(total, losses.reg, losses.kl, losses.ce, losses.acc, losses.count)
         record["ttt_acc"] = accs
     return losses, record
-
-
-def autocast(cfg: TrainConfig, device_type: str = "cpu"):
-    if cfg.dtype in ("bfloat16", "bf16"):
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    if cfg.dtype not in ("float32", "fp32"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    return contextlib.nullcontext()
 
 
 def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Tensor, tokens: torch.Tensor,

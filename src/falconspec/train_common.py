@@ -6,6 +6,7 @@ vocabulary, loading the shards, :class:`ShardObjective` and the recipe's descrip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -188,6 +189,15 @@ def distillation_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor,
         nll = -draft_logp[has_label].gather(-1, labels[has_label, None])[:, 0]
         ce = weighted_mean(nll, weights[has_label])
     return kl, ce, draft_logp
+
+
+def autocast(cfg: TrainConfig, device_type: str = "cpu"):
+    """The training step's precision context: bfloat16 autocast for ``--dtype bfloat16``, else full float32."""
+    if cfg.dtype in ("bfloat16", "bf16"):
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if cfg.dtype not in ("float32", "fp32"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    return contextlib.nullcontext()
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .train_common import (
-    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
+    ShardObjective, TrainConfig, autocast, chain_accuracy, distillation_losses, draft_index, draft_vocabulary,
+    rollout_starts,
 )
 from .trainer import Objective, Progress, StepResult
 
@@ -55,10 +56,12 @@ def medusa_losses(model, batch: dict, head: torch.Tensor, vocab_index: torch.Ten
         zero = sum(p.sum() for p in model.parameters()) * 0
         return {"total": zero, "acc": torch.zeros(valid.shape[-1]), "count": 0}
     guesses = model(batch["features"])  # [B, L, K, H]
-    b_idx = torch.arange(valid.shape[0])[:, None, None].expand_as(valid)
-    true = batch["features"][b_idx, batch["source"]][valid]  # [n, H] h_{j+1+i}
+    B, L, _ = valid.shape
+    # the target's logits at h_{j+1+i}: up to K heads read the same position, so each is projected once
+    rows, where = (torch.arange(B)[:, None, None] * L + batch["source"])[valid].unique(return_inverse=True)
+    target_logits = F.linear(batch["features"].reshape(B * L, -1)[rows], head)[where]  # [n, D]
     label = draft_index(batch["labels"][valid], vocab_index)
-    kl, ce, draft_logp = distillation_losses(F.linear(guesses[valid].float(), head), F.linear(true, head), label)
+    kl, ce, draft_logp = distillation_losses(F.linear(guesses[valid].float(), head), target_logits, label)
     hits = torch.zeros(valid.shape, dtype=torch.float)
     hits[valid] = (draft_logp.argmax(-1) == label).float()
     acc = hits.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)  # [K]
@@ -108,7 +111,8 @@ class MedusaObjective(ShardObjective, Objective):
     def step(self, model, step: int, rank: int, world: int) -> StepResult:
         cfg = self.config
         batch = head_targets(self.batch_samples(step, rank, world), cfg.medusa_heads, cfg.max_len)
-        losses = medusa_losses(model, batch, self.head, self.vocab_index, cfg.kl_weight)
+        with autocast(cfg, self.head.device.type):
+            losses = medusa_losses(model, batch, self.head, self.vocab_index, cfg.kl_weight)
         return StepResult(losses["total"], details=losses)
 
     def train_record(self, result: StepResult, progress: Progress) -> dict:
