@@ -48,6 +48,12 @@ declare -A RUNS_OF=(
   [falcon-40-ft]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-28-ft/drafter --lr 5e-4 --min-lr 5e-5"
   [eagle-40-ft]="--k 1 --dtype bfloat16 --init-from $ROUND3/eagle --lr 5e-4 --min-lr 5e-5"
   [medusa-40-ft]="$MEDUSA --dtype bfloat16 --init-from $ROUND3/medusa --lr 5e-4 --min-lr 5e-5"
+  # medusa-40-ft with 1,200 steps (STEPS=1200), since --dtype bfloat16 reaches the Medusa step (~2 s a step)
+  [medusa-40-long]="$MEDUSA --dtype bfloat16 --init-from $ROUND3/medusa --lr 5e-4 --min-lr 5e-5"
+  # training-time test as a fine-tuning stage of the shipped falcon (falcon-40-ft), against the same fine-tune
+  # without it (same data, steps, schedule and seed); run with STEPS=300
+  [falcon-40-ttt]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-40-ft/drafter --lr 5e-4 --min-lr 5e-5 --ttt-blocks 2"
+  [falcon-40-more]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"

@@ -1,0 +1,82 @@
+"""Collect runs of ``recipes/data_curve.sh`` into one entry of ``recipes/data_curve_mtbench.json`` and a Markdown table.
+
+Per run NAME (a directory of runs/curve, or falcon / eagle / medusa for the shipped drafters, where a stage ran):
+- ``heldout``: the drafter on the whole held-out split (``data_curve.sh final NAME``), acc@1..4 and rollouts;
+- ``mtbench``: on the target's own MT-bench answers (``data_curve.sh mtb NAME``);
+- ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps);
+- ``tau``: mean accepted length per target forward, bonus included, at fixed 4- and 16-node trees on MT-bench
+  first turns (``data_curve.sh tau NAME``; 10 prompts, 64 tokens) and whether every answer equalled greedy.
+
+usage: python recipes/curve_runs.py --key KEY [--note TEXT] [--command TEXT] NAME [NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from falconspec.train_common import eval_history
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "curve"
+OUT = Path(__file__).with_name("data_curve_mtbench.json")
+DEPTHS = range(1, 5)
+
+
+def scores(directory: Path) -> dict | None:
+    history = eval_history(directory)
+    if not history:
+        return None
+    last = history[-1]
+    return {**{f"acc@{d}": last[f"acc@{d}"] for d in DEPTHS if f"acc@{d}" in last}, "rollouts": last["rollouts"]}
+
+
+def tau(directory: Path) -> dict | None:
+    summary = directory / "tau" / "summary.json"
+    if not summary.is_file():
+        return None
+    rows = json.loads(summary.read_text())["rows"]
+    return {row["method"].split("@")[1]: {"tau": round(row["mean_accepted_length"], 3),
+                                          "identical": row["identical_to_greedy"]["rate"], "prompts": row["prompts"]}
+            for row in rows if "@" in row["method"] and row["status"] == "ok"}
+
+
+def collect(name: str) -> dict:
+    entry = {"heldout": scores(RUNS / "final" / name), "mtbench": scores(RUNS / "mtbench" / name),
+             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name)], "tau": tau(RUNS / name)}
+    return {key: value for key, value in entry.items() if value}
+
+
+def row(name: str, entry: dict) -> str:
+    def accs(part: str) -> str:
+        found = entry.get(part)
+        return " / ".join(f"{found[f'acc@{d}']:.3f}" for d in DEPTHS if f"acc@{d}" in found) if found else "–"
+
+    taus = entry.get("tau", {})
+    tau_cell = " / ".join(f"{taus[n]['tau']:.2f}" for n in ("4", "16") if n in taus) or "–"
+    curve = "/".join(f"{a:.3f}" for a in entry.get("curve", [])) or "–"
+    return f"| {name} | {accs('heldout')} | {accs('mtbench')} | {curve} | {tau_cell} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="+")
+    parser.add_argument("--key", required=True, help="the entry's key in data_curve_mtbench.json")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--command", default="")
+    args = parser.parse_args()
+    data = json.loads(OUT.read_text())
+    old = data.get(args.key, {})
+    runs = {name: collect(name) or old.get("runs", {}).get(name, {}) for name in args.names}  # runs/ is git-ignored
+    data[args.key] = {"note": args.note or old.get("note", ""), "command": args.command or old.get("command", ""),
+                      "runs": runs}
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
+    print("| run | held-out acc@1..4 | MT-bench answers acc@1..4 | in training acc@1 (every 100 steps) | τ@4 / τ@16 |")
+    print("|---|---|---|---|---|")
+    for name, entry in runs.items():
+        print(row(name, entry))
+
+
+if __name__ == "__main__":
+    main()
