@@ -361,3 +361,21 @@ def test_two_process_training_resumes_and_loads(tiny_data):
     with pytest.raises(DrafterMismatchError):
         SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama", hidden_size=32))
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("kind", ["sar", "medusa"])
+def test_bfloat16_reaches_every_objectives_step(tiny_data, kind):
+    """--dtype bfloat16 runs each step under bf16 autocast: the loop applies the objective's precision (the Medusa
+    objective used to ignore it and train in float32)."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tiny_data / f"{kind}-{dtype}"
+        cfg = TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "held"),
+                          model=str(tiny_data / "tiny"), kind=kind, medusa_heads=2, max_steps=1, eval_every=1,
+                          save_every=1, log_every=1, draft_vocab=48, batch_size=4, eval_samples=2, dtype=dtype)
+        train(cfg)
+        losses[dtype] = [json.loads(line)["total"] for line in (out / "log.jsonl").read_text().splitlines()
+                         if '"total"' in line][0]
+    assert losses["float32"] != losses["bfloat16"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+

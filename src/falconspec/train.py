@@ -410,9 +410,8 @@ class SARObjective(ShardObjective, Objective):
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * world + rank)
         batch = make_batch(self.batch_samples(step, rank, world), cfg.k, cfg.max_len).to(self.head.device)
-        with autocast(cfg, self.head.device.type):
-            losses, record = csgd_step(model, self.embed, self.head, self.vocab_index, batch, cfg,
-                                       glance_ratio(step, cfg), gen, self.vocab.to(self.head.device))
+        losses, record = csgd_step(model, self.embed, self.head, self.vocab_index, batch, cfg, glance_ratio(step, cfg),
+                                   gen, self.vocab.to(self.head.device))
         return StepResult(losses.total, int(batch.key_padding.sum()), (losses, record))
 
     def train_record(self, result: StepResult, progress: Progress) -> dict:

@@ -288,6 +288,10 @@ class ShardObjective:
 
     config: TrainConfig
 
+    def precision(self):
+        """``--dtype``: bf16 autocast around every training step, whatever the objective."""
+        return autocast(self.config, self.head.device.type)
+
     def setup(self, device: torch.device, checkpoint: Path | None):
         from .models import load_target
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .train_common import (
-    ShardObjective, TrainConfig, autocast, chain_accuracy, distillation_losses, draft_index, draft_vocabulary,
-    rollout_starts,
+    ShardObjective, TrainConfig, chain_accuracy, distillation_losses, draft_index, draft_vocabulary, rollout_starts,
 )
 from .trainer import Objective, Progress, StepResult
 
@@ -111,8 +110,7 @@ class MedusaObjective(ShardObjective, Objective):
     def step(self, model, step: int, rank: int, world: int) -> StepResult:
         cfg = self.config
         batch = head_targets(self.batch_samples(step, rank, world), cfg.medusa_heads, cfg.max_len)
-        with autocast(cfg, self.head.device.type):
-            losses = medusa_losses(model, batch, self.head, self.vocab_index, cfg.kl_weight)
+        losses = medusa_losses(model, batch, self.head, self.vocab_index, cfg.kl_weight)
         return StepResult(losses["total"], details=losses)
 
     def train_record(self, result: StepResult, progress: Progress) -> dict:

@@ -18,6 +18,7 @@ sessions, config; re-running the same command resumes from it), ``drafter/`` (fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -89,6 +90,10 @@ class Objective(ABC):
         """The loss of 0-based step ``step`` (with gradients) on this process's batch (``rank`` of ``world``).
         For an ``accelerated`` objective ``model`` may be wrapped for distributed training: call it, do not read
         its attributes (keep what you need from :meth:`setup`)."""
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The context every :meth:`step` runs in (e.g. bf16 autocast); default: full precision."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def train_record(self, result: StepResult, progress: Progress) -> dict:
@@ -163,7 +168,8 @@ def train(objective: Objective) -> Path | None:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        result = objective.step(model, step, rank, world)
+        with objective.precision():
+            result = objective.step(model, step, rank, world)
         acc.backward(result.loss)
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else None
         optimizer.step()
