@@ -5,7 +5,8 @@ Per run NAME (a directory of runs/curve, or falcon / eagle / medusa for the ship
 - ``mtbench``: on the target's own MT-bench answers (``data_curve.sh mtb NAME``);
 - ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps);
 - ``tau``: mean accepted length per target forward, bonus included, at fixed 4- and 16-node trees on MT-bench
-  first turns (``data_curve.sh tau NAME``; 10 prompts, 64 tokens) and whether every answer equalled greedy.
+  first turns (``data_curve.sh tau NAME``; 10 prompts, 64 tokens), whether every answer equalled greedy, and the
+  speed-up (which means little when other jobs shared the cores, as they did).
 
 usage: python recipes/curve_runs.py --key KEY [--note TEXT] [--command TEXT] NAME [NAME ...]
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ablation_table import tau_rows  # recipes/ is the script's directory, so on sys.path
 from falconspec.train_common import eval_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,19 +34,9 @@ def scores(directory: Path) -> dict | None:
     return {**{f"acc@{d}": last[f"acc@{d}"] for d in DEPTHS if f"acc@{d}" in last}, "rollouts": last["rollouts"]}
 
 
-def tau(directory: Path) -> dict | None:
-    summary = directory / "tau" / "summary.json"
-    if not summary.is_file():
-        return None
-    rows = json.loads(summary.read_text())["rows"]
-    return {row["method"].split("@")[1]: {"tau": round(row["mean_accepted_length"], 3),
-                                          "identical": row["identical_to_greedy"]["rate"], "prompts": row["prompts"]}
-            for row in rows if "@" in row["method"] and row["status"] == "ok"}
-
-
 def collect(name: str) -> dict:
     entry = {"heldout": scores(RUNS / "final" / name), "mtbench": scores(RUNS / "mtbench" / name),
-             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name)], "tau": tau(RUNS / name)}
+             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name)], "tau": tau_rows(RUNS / name / "tau" / "summary.json")}
     return {key: value for key, value in entry.items() if value}
 
 
