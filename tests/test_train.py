@@ -213,6 +213,28 @@ def test_unrolled_blocks_attend_and_read_as_drafting_does(llama, k, newest_pair,
         assert not passes[0][1][0, k : 2 * k - offset].any()
 
 
+def test_every_alignment_trains_each_sequence_once_per_block_alignment(llama):
+    torch.manual_seed(0)
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
+    s = target_sample(llama, 30, 6)
+    head, vocab_index = llama.lm_head.weight.detach(), torch.arange(llama.vocab_size)
+    embed = llama.model.get_input_embeddings().weight.detach()
+    cfg = TrainConfig(data="", out="", k=2, feature_noise=0.0, glance=False, every_alignment=True)
+    one = make_batch([s], k=2, max_len=64)
+    losses, _ = csgd_step(model, embed, head, vocab_index, one, cfg, 0.0, torch.Generator().manual_seed(1))
+    # the same as the sequence written twice, trained once with blocks starting at even and once at odd positions
+    two, offsets = make_batch([s, s], k=2, max_len=64), torch.tensor([0, 1])
+    reference = compute_losses(forward(model, 2, embed, two, two.features, two.tokens, offsets), two, two.valid, head,
+                               vocab_index, cfg, offsets)
+    assert losses.count == 2 * int(one.valid.sum()) == reference.count
+    assert float(losses.total.detach()) == pytest.approx(float(reference.total.detach()), rel=1e-5)
+    # so every trained position is the first slot of a block once: slot (j + offset) % 2 is 0 in exactly one copy
+    slot = (torch.arange(two.valid.shape[1])[None] + offsets[:, None]) % 2
+    assert ((slot == 0) & two.valid).sum(0).eq(1).masked_select(one.valid[0]).all()
+    with pytest.raises(ValueError, match="--kind sar"):
+        TrainConfig(data="", out="", kind="medusa", every_alignment=True)
+
+
 def test_training_time_test_adds_the_unrolled_blocks_losses(llama):
     model = SARDrafterModel.for_target(llama, k=2, num_layers=1)
     s = target_sample(llama, 40, 8)

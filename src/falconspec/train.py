@@ -46,6 +46,10 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(**{name: value.to(device) for name, value in self.__dict__.items()})
 
+    def repeat_each(self, times: int) -> Batch:
+        """Every sequence ``times`` times in a row (sequence i becomes rows i * times ... i * times + times - 1)."""
+        return Batch(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
+
 
 def make_batch(samples: list[dict], k: int, max_len: int) -> Batch:
     """Collate gen-data samples (see :class:`falconspec.data.ShardDataset`) for a drafter with block size k."""
@@ -305,7 +309,7 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
     (:func:`unroll_blocks`, chains from blocks without glanced inputs, weighted ``cfg.ttt_weight ** s``; ``vocab``:
     draft index -> target id). Returns the losses (with gradients) and a log record."""
     device = batch.tokens.device  # random draws come from the CPU generator, then move to the batch's device
-    offsets = torch.randint(0, cfg.k, (batch.tokens.shape[0],), generator=gen)
+    batch, offsets = block_alignments(batch, cfg, gen)
     noise = ((torch.rand(batch.features.shape, generator=gen) * 2 - 1) * cfg.feature_noise).to(device)
     features, tokens = batch.features + noise, batch.tokens
     chosen = torch.zeros_like(batch.valid)
@@ -334,6 +338,17 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
         losses = Losses(total, losses.reg, losses.kl, losses.ce, losses.acc, losses.count)
         record["ttt_acc"] = accs
     return losses, record
+
+
+def block_alignments(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Batch, torch.Tensor]:
+    """The batch a CSGD step trains on and its block alignments [B] (block starts at position offset mod k): one
+    random alignment per sequence, or with ``cfg.every_alignment`` every sequence k times, once per alignment, so
+    that each position is trained once in every slot of a block (the first slot, the drafter's depth-1 token,
+    included) at k times the cost."""
+    if cfg.every_alignment and cfg.k > 1:
+        batch = batch.repeat_each(cfg.k)
+        return batch, torch.arange(batch.tokens.shape[0]) % cfg.k
+    return batch, torch.randint(0, cfg.k, (batch.tokens.shape[0],), generator=gen)
 
 
 def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Tensor, tokens: torch.Tensor,

@@ -66,6 +66,10 @@ class TrainConfig:
     chain_slots: bool = _opt(False, "SAR k>=2: slot i>0 of a block reads the token drafted at slot i-1 through a small "
                                     "MLP on its output, per candidate (the block's second token conditioned on its "
                                     "first)")
+    every_alignment: bool = _opt(False, "SAR k>=2: train every sequence of a step at each of the k block alignments, "
+                                        "so every position is once the first slot of a block (the depth-1 draft) "
+                                        "and once each later slot, at k times the cost of a step (default: one "
+                                        "random alignment per sequence)")
     ttt_blocks: int = _opt(0, "SAR: training-time test: after the teacher-forced pass, unroll this many drafted blocks "
                               "per position, each fed the drafter's own predicted features and tokens of the block "
                               "before and attending as drafting does, and train on them too")
@@ -91,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"--eval-answer-opening must be >= 0, got {self.eval_answer_opening}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
+        if self.every_alignment and self.kind != "sar":
+            raise ValueError(f"--every-alignment trains a SAR drafter's block alignments: it needs --kind sar, not "
+                             f"{self.kind!r}")
         if self.ttt_blocks and self.kind != "sar":
             raise ValueError(f"--ttt-blocks unrolls a SAR drafter's blocks: it needs --kind sar, not {self.kind!r}")
 
