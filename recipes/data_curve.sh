@@ -26,7 +26,7 @@ STEPS=${STEPS:-600}
 RUNS=runs/curve
 ROUND3=runs/round3             # `round3`: the round-3 drafters the fine-tunes start from, as shipped before round 4
 ROUND3_COMMIT=40b336f
-SIZES=(4 8 15 28 40)           # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 answer tokens
+SIZES=(4 8 15 28 40 53)        # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
 MEDUSA="--kind medusa --medusa-heads 4"
 declare -A RUNS_OF=(
@@ -54,6 +54,18 @@ declare -A RUNS_OF=(
   # without it (same data, steps, schedule and seed); run with STEPS=300
   [falcon-40-ttt]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-40-ft/drafter --lr 5e-4 --min-lr 5e-5 --ttt-blocks 2"
   [falcon-40-more]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
+  # every position in the first slot once per pass: falcon-40-more with both block alignments of each sequence in
+  # every step (twice the cost of a step; same data, steps, schedule and seed); run with STEPS=300
+  [falcon-40-every]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-40-ft/drafter --lr 5e-4 --min-lr 5e-5 --every-alignment"
+  # falcon-15-bf16 with both alignments per step, from scratch (STEPS=600): does the k=2 drafter's first token reach
+  # the head's (eagle-15) when it is trained at as many positions per step?
+  [falcon-15-every]="$FALCON --dtype bfloat16 --every-alignment"
+  # round 5, shipped: the round-4 drafters fine-tuned on every train shard (0-52), falcon with both alignments per
+  # step, the head as before; run with STEPS=600
+  [falcon-53-every]="$FALCON --dtype bfloat16 --init-from $RUNS/falcon-40-ft/drafter --lr 5e-4 --min-lr 5e-5 --every-alignment"
+  [eagle-53-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
+  # eagle-53-more's control: the same 600 steps on shards 0-39 only (does the gain come from the new shards?)
+  [eagle-40-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
