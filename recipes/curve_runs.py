@@ -36,7 +36,8 @@ def scores(directory: Path) -> dict | None:
 
 def collect(name: str) -> dict:
     entry = {"heldout": scores(RUNS / "final" / name), "mtbench": scores(RUNS / "mtbench" / name),
-             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name)], "tau": tau_rows(RUNS / name / "tau" / "summary.json")}
+             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name)],
+             "tau": tau_rows(RUNS / name / "tau" / "summary.json")}
     return {key: value for key, value in entry.items() if value}
 
 

@@ -11,8 +11,8 @@ import torch
 from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel, relaxed_causal_mask
 from falconspec.testing import tiny_target
 from falconspec.train import (
-    TrainConfig, apply_glances, choose_glances, compute_losses, csgd_step, forward, make_batch, rollout, rollout_starts,
-    train, unroll_blocks,
+    TrainConfig, apply_glances, block_alignments, choose_glances, compute_losses, csgd_step, forward, make_batch, rollout,
+    rollout_starts, train, unroll_blocks,
 )
 
 def sample(ids, mask, hidden=4):
@@ -228,9 +228,10 @@ def test_every_alignment_trains_each_sequence_once_per_block_alignment(llama):
                                vocab_index, cfg, offsets)
     assert losses.count == 2 * int(one.valid.sum()) == reference.count
     assert float(losses.total.detach()) == pytest.approx(float(reference.total.detach()), rel=1e-5)
-    # so every trained position is the first slot of a block once: slot (j + offset) % 2 is 0 in exactly one copy
-    slot = (torch.arange(two.valid.shape[1])[None] + offsets[:, None]) % 2
-    assert ((slot == 0) & two.valid).sum(0).eq(1).masked_select(one.valid[0]).all()
+    # because the step trains exactly that batch: the sequence twice, at alignments 0 and 1
+    trained, alignments = block_alignments(one, cfg, torch.Generator().manual_seed(1))
+    assert alignments.tolist() == [0, 1] and torch.equal(trained.tokens, two.tokens)
+    assert torch.equal(trained.features, two.features) and torch.equal(trained.valid, two.valid)
     with pytest.raises(ValueError, match="--kind sar"):
         TrainConfig(data="", out="", kind="medusa", every_alignment=True)
 

@@ -95,11 +95,11 @@ class TrainConfig:
             raise ValueError(f"--eval-answer-opening must be >= 0, got {self.eval_answer_opening}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
-        if self.every_alignment and self.kind != "sar":
-            raise ValueError(f"--every-alignment trains a SAR drafter's block alignments: it needs --kind sar, not "
-                             f"{self.kind!r}")
-        if self.ttt_blocks and self.kind != "sar":
-            raise ValueError(f"--ttt-blocks unrolls a SAR drafter's blocks: it needs --kind sar, not {self.kind!r}")
+        sar_only = {"--every-alignment": "trains a SAR drafter's block alignments",
+                    "--ttt-blocks": "unrolls a SAR drafter's blocks"}
+        for flag, what in sar_only.items():
+            if getattr(self, flag[2:].replace("-", "_")) and self.kind != "sar":
+                raise ValueError(f"{flag} {what}: it needs --kind sar, not {self.kind!r}")
 
 
 def lr_at(step: int, cfg) -> float:
