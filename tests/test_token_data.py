@@ -1,6 +1,8 @@
 """Self-distilled token data: shards, manifest, resume, multi-turn prompts, batching, features from tokens."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,6 +171,59 @@ def test_reuse_keeps_its_rows_full_across_shards(tmp_path, tiny_dir):
     rows = [int(line.split()[1]) for line in lines if line.strip().startswith("batch:")]  # prompts per batch
     short = [i for i, r in enumerate(rows) if r < 3]
     assert rows[:3] == [3, 3, 3] and short == list(range(short[0], len(rows))), rows
+
+
+def test_processes_side_by_side_grow_one_dataset(tmp_path, tiny_dir):
+    """Two processes growing one dataset at once (as under torchrun) answer disjoint conversations, every i-th one
+    each, and record all their shards and both runs: together they hold exactly what one process writes."""
+    src = write_convs(tmp_path / "c.json", 9, turns=3)
+    common = dict(model=str(tiny_dir), source=str(src), split="all", max_len=200, max_new_tokens=8, shard_size=2,
+                  batch_size=3, gen_dtype="float32")
+    generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "one")), progress=quiet)
+    script = ("import sys; from falconspec.token_data import TokenDataConfig, generate_token_dataset; "
+              f"generate_token_dataset(TokenDataConfig(**{common!r}, out={str(tmp_path / 'two')!r}), "
+              "progress=lambda *_: None, process=(int(sys.argv[1]), 2))")
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(2)]
+    assert [w.wait(timeout=600) for w in workers] == [0, 0]
+
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert sorted(r["process"] for r in two["runs"]) == ["0/2", "1/2"]
+    assert sorted(s["index"] for s in two["shards"]) == list(range(len(two["shards"]))) and len(two["shards"]) == 5
+    for run in two["runs"]:
+        first = int(run["process"].split("/")[0])
+        mine = [c for s in two["shards"] if s["run"] == run["run"] for c in s["conversations"]]
+        assert sorted(mine) == sorted(f"c{i}" for i in range(first, 9, 2)) and run["shards"] == 3 - first
+    drop = lambda totals: {k: {f: v for f, v in t.items() if f != "shards"} for k, t in totals.items()}  # noqa: E731
+    assert drop(two["totals"]) == drop(one["totals"])
+
+    def by_id(out, manifest):
+        return {s.id: s for shard in manifest["shards"] for s in read_token_shard(out / shard["file"])}
+
+    assert by_id(tmp_path / "two", two) == by_id(tmp_path / "one", one)
+    assert generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "two")), progress=quiet) == {}
+    with pytest.raises(ValueError, match="process index 2"):
+        generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "two")), progress=quiet, process=(2, 2))
+
+
+def test_conversations_recorded_meanwhile_by_another_run_are_left_out(tmp_path, tiny_dir, monkeypatch):
+    """Two runs started side by side without torchrun both take every conversation: the one that records second
+    leaves out those already recorded instead of storing them twice."""
+    import falconspec.token_data as token_data
+
+    src = write_convs(tmp_path / "c.json", 5, turns=2)
+    cfg = TokenDataConfig(model=str(tiny_dir), source=str(src), out=str(tmp_path / "d"), split="all", max_len=200,
+                          max_new_tokens=8, shard_size=2, batch_size=3, gen_dtype="float32", limit=3)
+    generate_token_dataset(cfg, progress=quiet)  # the other run: c0, c1, c2
+    real, calls = token_data.done_ids, []
+    monkeypatch.setattr(token_data, "done_ids",  # this run started before the other recorded anything
+                        lambda manifest, split=None: (calls.append(1), set() if len(calls) == 1 else real(manifest))[1])
+    lines = []
+    generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "limit": None}), progress=lines.append)
+    shards = read_manifest(tmp_path / "d")["shards"]
+    recorded = [c for s in shards for c in s["conversations"]]
+    assert sorted(recorded) == [f"c{i}" for i in range(5)], "each conversation once"
+    assert [s["run"] for s in shards[:2]] == [0, 0] and {s["run"] for s in shards[2:]} == {1}
+    assert any("already recorded by another run are left out" in line for line in lines)
 
 
 def _tiny_model(path):

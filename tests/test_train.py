@@ -234,6 +234,8 @@ def test_every_alignment_trains_each_sequence_once_per_block_alignment(llama):
     assert torch.equal(trained.features, two.features) and torch.equal(trained.valid, two.valid)
     with pytest.raises(ValueError, match="--kind sar"):
         TrainConfig(data="", out="", kind="medusa", every_alignment=True)
+    with pytest.raises(ValueError, match="with --k 1 there is only one"):
+        TrainConfig(data="", out="", k=1, every_alignment=True)
 
 
 def test_training_time_test_adds_the_unrolled_blocks_losses(llama):

@@ -5,6 +5,9 @@
 # Runs from any clone (paths are relative to the repository). Extra arguments go to both gen-data calls, e.g.
 #   recipes/scripts/gen_tokens.sh --max-seconds 3600
 # On a shared CPU prefer one thread: OMP_NUM_THREADS=1 (two threads fighting other jobs ran ~4x slower here).
+# PROCS=N grows the train split with N processes side by side under torchrun, one thread each: process i answers
+# the conversations at positions i, i + N, ... and records its shards under a lock on the manifest, so N free cores
+# give ~N times the answers per hour of one.
 set -e
 cd "$(dirname "$0")/../.."
 FS=${FALCONSPEC:-falconspec}
@@ -13,4 +16,9 @@ COMMON=(--mode self-distilled --format tokens --out recipes/data/sharegpt-sd --m
 # shards of 64 conversations: a shard holds the next 64 to finish, while free batch rows are refilled across shard
 # boundaries (--cache reuse), so the size only bounds what a killed run loses (the finished ones not yet written)
 $FS gen-data "${COMMON[@]}" --split heldout --limit "${HELDOUT_LIMIT:-256}" --shard-size 64 "$@"
-$FS gen-data "${COMMON[@]}" --split train --shard-size 64 "$@"
+if (( ${PROCS:-1} > 1 )); then
+  OMP_NUM_THREADS=1 ${TORCHRUN:-torchrun} --standalone --nproc_per_node "$PROCS" "$(command -v "$FS")" gen-data \
+    "${COMMON[@]}" --split train --shard-size 64 "$@"
+else
+  $FS gen-data "${COMMON[@]}" --split train --shard-size 64 "$@"
+fi

@@ -39,12 +39,16 @@ real conversations), 1.6x slower on the development CPU. In fp32 batched answers
 
 Resumable and growing: the manifest lists the conversation ids of every finished shard; a run skips them and
 appends new shards, each written atomically and then recorded in the manifest (a killed run loses at most the shard
-in progress). Each run records its machine, settings and throughput. Pausing the process (SIGSTOP/SIGCONT) is
+in progress). Several processes can grow one dataset side by side (``torchrun --nproc_per_node N $(which
+falconspec) gen-data --format tokens ...``, one core each): process ``i`` of ``n`` answers the conversations at
+positions ``i, i + n, ...`` of the selected split, and each records its shards and its run under a lock on the
+manifest, which it re-reads first, so shard numbers follow the order shards finish in. Each run records its machine, settings and throughput. Pausing the process (SIGSTOP/SIGCONT) is
 harmless: batches during which the process was stopped are left out of the throughput figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
@@ -69,6 +73,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "falconspec-token-shards"
 FORMAT_VERSION = 1
 PROMPT_MARGIN = 16  # a turn is answered only if its prompt leaves at least this many tokens of max_len
+LOCK_NAME = ".manifest.lock"  # beside manifest.json: processes growing one dataset take turns recording shards
 CACHES = ("reuse", "dynamic", "static")  # how answers are generated: see answer_dialogues
 SENTINEL = "\u2063FALCONSPEC-ANSWER\u2063"  # stands in for an answer's text when rendering the template
 
@@ -467,6 +472,26 @@ def done_ids(manifest: dict, split: str | None = None) -> set[str]:
     return {i for s in manifest.get("shards", []) if split in (None, s["split"]) for i in s["conversations"]}
 
 
+@contextlib.contextmanager
+def manifest_lock(out: Path, processes: int = 1):
+    """Hold an exclusive lock on ``out``'s manifest across processes (``out/.manifest.lock``, POSIX ``flock``), so
+    that processes growing one dataset side by side never write over each other's records."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): fine for one process
+        if processes > 1:
+            raise RuntimeError("gen-data --format tokens in several processes needs POSIX file locks (fcntl)")
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # ----------------------------------------------------------------------------- the growing command
 @dataclass(frozen=True)
 class TokenDataConfig:
@@ -584,23 +609,36 @@ def _finished_dialogues(cfg: TokenDataConfig, model, tokenizer, convs: Iterable[
         yield from chunk
 
 
-def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
+def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[int, int] | None = None) -> dict:
     """Grow the token dataset at ``cfg.out`` by the conversations of ``cfg.split`` (first ``cfg.limit``) not yet in
-    it; returns this run's record (also stored in the manifest)."""
+    it; returns this run's record (also stored in the manifest). ``process``: (index, count) of this process among
+    those growing the dataset side by side (default: its place under torchrun/accelerate, else (0, 1)); it takes
+    the conversations at positions index, index + count, ... of the selection."""
     from .models import load_target
 
+    if process is None:
+        from .data import process_state
+
+        state = process_state()
+        process = (state.process_index, state.num_processes)
+    rank, world = process
+    if not 0 <= rank < world:
+        raise ValueError(f"process index {rank} is not in [0, {world})")
+    tag = f"[{rank}/{world}] " if world > 1 else ""
     out = Path(cfg.out)
     convs = load_conversations(cfg.source, need_answer=False)  # the target writes every answer
     if cfg.split != "all":
         convs = sharegpt_split(convs, cfg.split, cfg.heldout_percent)
     convs = convs[: cfg.limit]
-    existing = read_manifest(out) if manifest_path(out).is_file() else None
-    done = done_ids(existing) if existing else set()
-    todo = [c for c in convs if c.id not in done]
     if len({c.id for c in convs}) != len(convs):
         raise ValueError(f"{cfg.source} has repeated conversation ids: they cannot mark what is done")
-    progress(f"gen-data tokens: split {cfg.split}: {len(convs)} conversations selected, {len(convs) - len(todo)} "
-             f"already in {out}, {len(todo)} to do")
+    mine = convs[rank::world]
+    existing = read_manifest(out) if manifest_path(out).is_file() else None
+    done = done_ids(existing) if existing else set()
+    todo = [c for c in mine if c.id not in done]
+    share = f", {len(mine)} of them this process's" if world > 1 else ""
+    progress(f"{tag}gen-data tokens: split {cfg.split}: {len(convs)} conversations selected{share}, "
+             f"{len(mine) - len(todo)} already in {out}, {len(todo)} to do")
     if not todo:
         return {}
 
@@ -609,11 +647,8 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
     identity = _identity(cfg, reference, weights)
     if existing:
         _check_identity(existing, identity, out)
-        manifest = existing
-    else:
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **identity,
-                    "token_dtype": token_dtype(reference.vocab_size).name, "runs": [], "shards": []}
     gen_dtype = resolve_gen_dtype(cfg.gen_dtype)
+    vocab_size = reference.vocab_size
     if gen_dtype in ("float32", "fp32"):
         target = reference
     else:
@@ -622,50 +657,70 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print) -> dict:
     model, tokenizer = target.model, target.tokenizer
     signal.signal(signal.SIGCONT, _on_sigcont)
 
-    run = {"run": len(manifest["runs"]), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split,
-           "limit": cfg.limit, "gen_dtype": gen_dtype, "batch_size": cfg.batch_size, "cache": cfg.cache,
-           "shard_size": cfg.shard_size, **_machine(), "shards": 0, "conversations": 0, "answers": 0,
-           "answer_tokens": 0, "wall_seconds": 0.0, "generate_seconds": 0.0, "paused_batches": 0}
-    manifest["runs"].append(run)
-    index = 1 + max((s["index"] for s in manifest["shards"] if s["split"] == cfg.split), default=-1)
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split, "limit": cfg.limit,
+           **({"process": f"{rank}/{world}"} if world > 1 else {}), "gen_dtype": gen_dtype,
+           "batch_size": cfg.batch_size, "cache": cfg.cache, "shard_size": cfg.shard_size, **_machine(), "shards": 0,
+           "conversations": 0, "answers": 0, "answer_tokens": 0, "wall_seconds": 0.0, "generate_seconds": 0.0,
+           "paused_batches": 0}
+    with manifest_lock(out, world):  # the run's record, under a number no other process takes
+        manifest = read_manifest(out) if manifest_path(out).is_file() else None
+        if manifest:
+            _check_identity(manifest, identity, out)
+        else:
+            manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **identity,
+                        "token_dtype": token_dtype(vocab_size).name, "runs": [], "shards": []}
+        run = {"run": len(manifest["runs"]), **run}
+        manifest["runs"].append(run)
+        write_manifest(out, manifest)
     started, total, shard_stats = time.perf_counter(), GenStats(), GenStats()
     shard_start = started
 
     def on_batch(part: GenStats) -> None:
         shard_stats.add(part)
         rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
-        progress(f"  batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> "
+        progress(f"  {tag}batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> "
                  f"{part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
 
     order = {c.id: n for n, c in enumerate(todo)}
 
     def write(done: list[Dialogue]) -> None:  # a shard: the next conversations to finish, listed in source order
-        nonlocal index, shard_stats, shard_start
+        nonlocal shard_stats, shard_start
         done = sorted(done, key=lambda d: order[d.conv.id])
-        samples = [d.sample for d in done if d.sample.spans]
-        rel = f"shards/{cfg.split}-{index:05d}.npz"
-        sha = write_token_shard(out / rel, samples, target.vocab_size)
-        stats, shard_stats = shard_stats, GenStats()
-        total.add(stats)
-        shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
-                 "gen_dtype": gen_dtype, "sequences": len(samples),
-                 "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
-                 "answer_tokens": sum(s.answer_tokens for s in samples),
-                 "cut_answers": sum(sum(s.cut) for s in samples),
-                 "seconds": round(time.perf_counter() - shard_start, 1), "conversations": [d.conv.id for d in done]}
-        shard_start = time.perf_counter()
-        manifest["shards"].append(shard)
-        run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(done),  # what the shards hold
-                   answers=run["answers"] + shard["answers"],
-                   answer_tokens=run["answer_tokens"] + shard["answer_tokens"],
-                   wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
-                   paused_batches=total.paused_batches, answer_tokens_per_s=round(total.tokens_per_s, 1),
-                   samples_per_s=round(total.samples_per_s, 3),
-                   padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_manifest(out, manifest)
-        index += 1
-        progress(f"gen-data tokens: {rel}: {len(done)} conversations -> {shard['answers']} answers, "
+        with manifest_lock(out, world):  # the manifest as it is now: other processes may have added shards
+            manifest = read_manifest(out)
+            recorded = done_ids(manifest)
+            if any(d.conv.id in recorded for d in done):  # e.g. two runs started side by side without torchrun
+                progress(f"{tag}gen-data tokens: {sum(d.conv.id in recorded for d in done)} conversation(s) already "
+                         "recorded by another run are left out of this shard")
+                done = [d for d in done if d.conv.id not in recorded]
+                if not done:
+                    return
+            samples = [d.sample for d in done if d.sample.spans]
+            index = 1 + max((s["index"] for s in manifest["shards"] if s["split"] == cfg.split), default=-1)
+            rel = f"shards/{cfg.split}-{index:05d}.npz"
+            sha = write_token_shard(out / rel, samples, target.vocab_size)
+            stats, shard_stats = shard_stats, GenStats()
+            total.add(stats)
+            shard = {"file": rel, "split": cfg.split, "index": index, "sha256": sha, "run": run["run"],
+                     "gen_dtype": gen_dtype, "sequences": len(samples),
+                     "answers": sum(len(s.spans) for s in samples), "tokens": sum(len(s.input_ids) for s in samples),
+                     "answer_tokens": sum(s.answer_tokens for s in samples),
+                     "cut_answers": sum(sum(s.cut) for s in samples),
+                     "seconds": round(time.perf_counter() - shard_start, 1),
+                     "conversations": [d.conv.id for d in done]}
+            shard_start = time.perf_counter()
+            manifest["shards"].append(shard)
+            run.update(shards=run["shards"] + 1, conversations=run["conversations"] + len(done),  # what shards hold
+                       answers=run["answers"] + shard["answers"],
+                       answer_tokens=run["answer_tokens"] + shard["answer_tokens"],
+                       wall_seconds=round(time.perf_counter() - started, 1), generate_seconds=round(total.seconds, 1),
+                       paused_batches=total.paused_batches, answer_tokens_per_s=round(total.tokens_per_s, 1),
+                       samples_per_s=round(total.samples_per_s, 3),
+                       padding_efficiency=round(total.answer_tokens / max(total.padded_steps, 1), 3),
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            manifest["runs"] = [run if r["run"] == run["run"] else r for r in manifest["runs"]]
+            write_manifest(out, manifest)
+        progress(f"{tag}gen-data tokens: {rel}: {len(done)} conversations -> {shard['answers']} answers, "
                  f"{shard['answer_tokens']} answer tokens in {shard['seconds']:.0f} s "
                  f"({stats.tokens_per_s:.0f} answer tok/s since the last shard); run: {run['answers']} answers, "
                  f"{run['answer_tokens']} answer tokens, {run['answer_tokens_per_s']} tok/s, "

@@ -100,6 +100,9 @@ class TrainConfig:
         for flag, what in sar_only.items():
             if getattr(self, flag[2:].replace("-", "_")) and self.kind != "sar":
                 raise ValueError(f"{flag} {what}: it needs --kind sar, not {self.kind!r}")
+        if self.every_alignment and self.k < 2:
+            raise ValueError("--every-alignment trains each of a block's k alignments: with --k 1 there is only one "
+                             "(drop the flag)")
 
 
 def lr_at(step: int, cfg) -> float:

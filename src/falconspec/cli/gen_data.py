@@ -9,7 +9,9 @@ Three forms:
 * tokens: ``gen-data --mode self-distilled --format tokens --out recipes/data/sharegpt-sd`` has the target answer
   every user turn (its own earlier answers in the history, batched greedy decoding) and keeps the results as
   compact token-id shards plus ``manifest.json`` (see ``falconspec.token_data``). Re-run to grow it: conversations
-  already in the manifest are skipped and new shards are appended; a killed run loses at most one shard.
+  already in the manifest are skipped and new shards are appended; a killed run loses at most one shard. Several
+  processes grow one dataset side by side (``torchrun --nproc_per_node N $(which falconspec) gen-data --format tokens
+  ...``, one core each): each answers every N-th conversation and records its shards under a lock on the manifest.
 * features from tokens: ``gen-data --from-tokens recipes/data/sharegpt-sd --split train --out DIR`` runs one
   teacher-forced target pass per stored sequence and writes the feature shards ``falconspec train`` reads (no
   generation: a fresh clone can retrain without regenerating). Resumable and multi-process as the first form.
