@@ -66,6 +66,17 @@ declare -A RUNS_OF=(
   [eagle-53-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
   # eagle-53-more's control: the same 600 steps on shards 0-39 only (does the gain come from the new shards?)
   [eagle-40-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
+  # why k=2's first token learns at half the head's rate per step: falcon-15-bf16 with the block's later slot
+  # weighted 0 (only the first slot, the depth-1 draft, is trained), 600 steps from scratch. If it matches the head
+  # (eagle-15), training the second slot beside it is what slows the first; if not, the SAR block layout is
+  [falcon-15-slot0]="$FALCON --dtype bfloat16 --later-slot-weight 0"
+  # the rest of the first-token gap: CSGD's glancing (only first slots are glanced, and their losses are dropped)?
+  # falcon-15-bf16 and falcon-15-slot0 with plain token-shift training, as the head trains (STEPS=600)
+  [falcon-15-noglance]="$FALCON --dtype bfloat16 --no-glance"
+  [falcon-15-slot0-noglance]="$FALCON --dtype bfloat16 --later-slot-weight 0 --no-glance"
+  # falcon-15-slot0 with both alignments per step: every position trained once as a first slot, the head's loss
+  # and positions per step in the k=2 block layout (STEPS=600)
+  [falcon-15-slot0-every]="$FALCON --dtype bfloat16 --later-slot-weight 0 --every-alignment"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
