@@ -42,7 +42,8 @@ appends new shards, each written atomically and then recorded in the manifest (a
 in progress). Several processes can grow one dataset side by side (``torchrun --nproc_per_node N $(which
 falconspec) gen-data --format tokens ...``, one core each): process ``i`` of ``n`` answers the conversations at
 positions ``i, i + n, ...`` of the selected split, and each records its shards and its run under a lock on the
-manifest, which it re-reads first, so shard numbers follow the order shards finish in. Each run records its machine, settings and throughput. Pausing the process (SIGSTOP/SIGCONT) is
+manifest, which it re-reads first, so shard numbers follow the order shards finish in. Each run is recorded when it
+starts, with its machine and settings, and its throughput as it goes. Pausing the process (SIGSTOP/SIGCONT) is
 harmless: batches during which the process was stopped are left out of the throughput figures.
 """
 
@@ -589,8 +590,9 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": cpu, "native_bf16": native_bf16(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {"host": platform.node(), "cpu": cpu, "native_bf16": native_bf16(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
 
 
 def _finished_dialogues(cfg: TokenDataConfig, model, tokenizer, convs: Iterable[Conversation],
