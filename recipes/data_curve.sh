@@ -26,7 +26,8 @@ STEPS=${STEPS:-600}
 RUNS=runs/curve
 ROUND3=runs/round3             # `round3`: the round-3 drafters the fine-tunes start from, as shipped before round 4
 ROUND3_COMMIT=40b336f
-SIZES=(4 8 15 28 40 53)        # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 answer tokens
+SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 /
+                               # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
 MEDUSA="--kind medusa --medusa-heads 4"
 declare -A RUNS_OF=(
