@@ -69,7 +69,7 @@ declare -A RUNS_OF=(
   [eagle-40-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
   # why k=2's first token learns at half the head's rate per step: falcon-15-bf16 with the block's later slot
   # weighted 0 (only the first slot, the depth-1 draft, is trained), 600 steps from scratch. If it matches the head
-  # (eagle-15), training the second slot beside it is what slows the first; if not, the SAR block layout is
+  # (eagle-15), training the second slot beside it is what slows the first; if not, the SAR block layout does
   [falcon-15-slot0]="$FALCON --dtype bfloat16 --later-slot-weight 0"
   # the rest of the first-token gap: CSGD's glancing (only first slots are glanced, and their losses are dropped)?
   # falcon-15-bf16 and falcon-15-slot0 with plain token-shift training, as the head trains (STEPS=600)

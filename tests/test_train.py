@@ -11,8 +11,8 @@ import torch
 from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel, relaxed_causal_mask
 from falconspec.testing import tiny_target
 from falconspec.train import (
-    TrainConfig, apply_glances, block_alignments, choose_glances, compute_losses, csgd_step, forward, make_batch, rollout,
-    rollout_starts, train, unroll_blocks,
+    TrainConfig, apply_glances, block_alignments, choose_glances, compute_losses, csgd_step, forward, make_batch,
+    rollout, rollout_starts, train, unroll_blocks,
 )
 
 def sample(ids, mask, hidden=4):

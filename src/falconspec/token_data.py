@@ -647,18 +647,7 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
     reference = load_target(cfg.model, dtype="float32")
     weights = weights_sha256(reference.model)
     identity = _identity(cfg, reference, weights)
-    if existing:
-        _check_identity(existing, identity, out)
     gen_dtype = resolve_gen_dtype(cfg.gen_dtype)
-    vocab_size = reference.vocab_size
-    if gen_dtype in ("float32", "fp32"):
-        target = reference
-    else:
-        del reference
-        target = load_target(cfg.model, dtype=gen_dtype)
-    model, tokenizer = target.model, target.tokenizer
-    signal.signal(signal.SIGCONT, _on_sigcont)
-
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split, "limit": cfg.limit,
            **({"process": f"{rank}/{world}"} if world > 1 else {}), "gen_dtype": gen_dtype,
            "batch_size": cfg.batch_size, "cache": cfg.cache, "shard_size": cfg.shard_size, **_machine(), "shards": 0,
@@ -670,10 +659,17 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
             _check_identity(manifest, identity, out)
         else:
             manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **identity,
-                        "token_dtype": token_dtype(vocab_size).name, "runs": [], "shards": []}
+                        "token_dtype": token_dtype(reference.vocab_size).name, "runs": [], "shards": []}
         run = {"run": len(manifest["runs"]), **run}
         manifest["runs"].append(run)
         write_manifest(out, manifest)
+    if gen_dtype in ("float32", "fp32"):
+        target = reference
+    else:
+        del reference
+        target = load_target(cfg.model, dtype=gen_dtype)
+    model, tokenizer = target.model, target.tokenizer
+    signal.signal(signal.SIGCONT, _on_sigcont)
     started, total, shard_stats = time.perf_counter(), GenStats(), GenStats()
     shard_start = started
 

@@ -345,7 +345,7 @@ def block_alignments(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> tu
     random alignment per sequence, or with ``cfg.every_alignment`` every sequence k times, once per alignment, so
     that each position is trained once in every slot of a block (the first slot, the drafter's depth-1 token,
     included) at k times the cost."""
-    if cfg.every_alignment and cfg.k > 1:
+    if cfg.every_alignment:  # TrainConfig refuses it with k = 1
         batch = batch.repeat_each(cfg.k)
         return batch, torch.arange(batch.tokens.shape[0]) % cfg.k
     return batch, torch.randint(0, cfg.k, (batch.tokens.shape[0],), generator=gen)
