@@ -67,6 +67,8 @@ declare -A RUNS_OF=(
   [eagle-53-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
   # eagle-53-more's control: the same 600 steps on shards 0-39 only (does the gain come from the new shards?)
   [eagle-40-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-40-ft/drafter --lr 5e-4 --min-lr 5e-5"
+  # round 6: the round-5 head fine-tuned 600 more steps on every train shard (0-61) (STEPS=600)
+  [eagle-62-more]="--k 1 --dtype bfloat16 --init-from $RUNS/eagle-53-more/drafter --lr 5e-4 --min-lr 5e-5"
   # why k=2's first token learns at half the head's rate per step: falcon-15-bf16 with the block's later slot
   # weighted 0 (only the first slot, the depth-1 draft, is trained), 600 steps from scratch. If it matches the head
   # (eagle-15), training the second slot beside it is what slows the first; if not, the SAR block layout does
@@ -78,6 +80,23 @@ declare -A RUNS_OF=(
   # falcon-15-slot0 with both alignments per step: every position trained once as a first slot, the head's loss
   # and positions per step in the k=2 block layout (STEPS=600)
   [falcon-15-slot0-every]="$FALCON --dtype bfloat16 --later-slot-weight 0 --every-alignment"
+  # the newest-slots layout (--newest-slots): every slot of a k=2 block drafts from the block's newest position,
+  # slot 0 as the head drafts, slot 1 by the chain on slot 0's token; falcon-15-bf16's data and steps, from scratch
+  [falcon-15-newest]="--k 2 --newest-slots --dtype bfloat16"
+  # round 6 candidate: the round-5 head (eagle-53-more) grown into a newest-slots k=2 drafter (its decoder drafts
+  # slot 0, the chain starts at zero) and fine-tuned on every train shard (0-61) as eagle-62-more is (STEPS=600)
+  [falcon-62-newest]="--k 2 --newest-slots --dtype bfloat16 --init-from $RUNS/eagle-53-more/drafter --lr 5e-4 --min-lr 5e-5"
+  # falcon-15-newest with the later slot's losses stopped at the chain: the decoder learns slot 0 as the head does
+  [falcon-15-newest-detach]="--k 2 --newest-slots --detach-chain --dtype bfloat16"
+  # falcon-62-newest with the chain's gradients stopped (--detach-chain): the decoder fine-tunes as the head does
+  # (eagle-62-more), the chain learns the second token on top (STEPS=600)
+  [falcon-62-newest-detach]="--k 2 --newest-slots --detach-chain --dtype bfloat16 --init-from $RUNS/eagle-53-more/drafter --lr 5e-4 --min-lr 5e-5"
+  # is the chain short of steps or of capacity? falcon-62-newest-detach continued 600 steps at the from-scratch
+  # learning rate (STEPS=600)
+  [falcon-62-newest-detach2]="--k 2 --newest-slots --detach-chain --dtype bfloat16 --init-from $RUNS/falcon-62-newest-detach/drafter"
+  # the reversed-slots layout (--reversed-slots): the paper's relaxed mask, the block's first token drafted from its
+  # newest position and the second from the older one, which sees the whole block; falcon-15-noglance otherwise
+  [falcon-15-reversed]="$FALCON --dtype bfloat16 --reversed-slots"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"

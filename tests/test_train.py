@@ -126,12 +126,15 @@ def test_top_k_distillation_spans_greedy_ce_to_the_full_kl():
         TrainConfig(data="", out="", distill_topk=-1)
 
 
-@pytest.mark.parametrize("k, newest_pair, chain_slots", [(1, False, False), (2, False, False), (2, True, False),
-                                                        (2, False, True), (3, True, True)])
-def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots):
+@pytest.mark.parametrize("k, newest_pair, chain_slots, newest_slots", [
+    (1, False, False, False), (2, False, False, False), (2, True, False, False), (2, False, True, False),
+    (3, True, True, False), (2, False, True, True), (3, False, True, True), (2, False, True, "reversed"),
+    (3, True, True, "reversed")])
+def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots, newest_slots):
     torch.manual_seed(k)
-    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair,
-                                       chain_slots=chain_slots).eval()
+    reversed_slots, newest_slots = newest_slots == "reversed", newest_slots is True
+    model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair, chain_slots=chain_slots,
+                                       newest_slots=newest_slots, reversed_slots=reversed_slots).eval()
     with torch.no_grad():
         if newest_pair:
             model.newest.weight.normal_(0, 0.05)
@@ -151,9 +154,15 @@ def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots):
             feats, toks, drafted = hidden[:t], ids[1 : t + 1], []
             while len(drafted) < depth:
                 n = len(toks)
-                mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
-                out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
-                            block_offset=(-n) % k)[0, -k:]
+                if newest_slots:  # causal; every slot from the newest output
+                    out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None],
+                                relaxed_causal_mask(n, 0, 1))[0, -1:].expand(k, -1)
+                else:
+                    mask = relaxed_causal_mask(n, 0, k, block_offset=(-n) % k)
+                    out = model(feats[None], model.embed(embed, toks[None]), torch.arange(n)[None], mask,
+                                block_offset=(-n) % k)[0, -k:]
+                    if reversed_slots:  # slot s from the block's position k-1-s
+                        out = out.flip(0)
                 rows, new = [], []
                 for slot in range(k):  # chained slots read the token drafted at the slot before
                     rows.append(out[slot] if slot == 0 or not chain_slots else
@@ -347,6 +356,114 @@ def test_chained_slots_train_and_grow_an_init_from_drafter(tiny_data, llama):
         SARDrafterModel.for_target(llama, k=1, chain_slots=True)
     for path in (base, out):
         shutil.rmtree(path)
+
+
+def test_newest_slots_teacher_forced_slots_are_the_drafted_ones(llama):
+    """A teacher-forced causal pass of a newest-slots drafter gives, at every position j, the k slots drafting
+    reads from a block whose newest position is j: o_j, then o_j chained on the true token x_{j+i+1}."""
+    torch.manual_seed(0)
+    model = SARDrafterModel.for_target(llama, k=3, num_layers=1, chain_slots=True, newest_slots=True).eval()
+    with torch.no_grad():
+        model.chain.down.weight.normal_(0, 0.5)
+    features, ids = torch.randn(1, 9, llama.hidden_size), torch.randint(4, 100, (1, 9))
+    embeds = model.embed(llama.model.get_input_embeddings(), ids)
+    args = (features, embeds, torch.arange(9)[None], relaxed_causal_mask(9, 0, 1))
+    out, slots = model(*args), model(*args, chain_embeds=embeds)
+    assert slots.shape == (1, 9, 3, llama.hidden_size)
+    for j in range(7):
+        torch.testing.assert_close(slots[0, j, 0], out[0, j])
+        for i in (1, 2):
+            torch.testing.assert_close(slots[0, j, i], model.chain(out[0, j], embeds[0, j + i]))
+    model(*args, chain_embeds=embeds, detach_chain=True)[:, :, 1:].sum().backward()  # later slots only
+    assert all(not p.grad.any() for p in model.layers.parameters()), "--detach-chain: the decoder learns slot 0 alone"
+    assert model.chain.up.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="add --newest-slots"):
+        TrainConfig(data="", out="", detach_chain=True)
+
+
+def test_newest_slots_train_from_a_head_whose_first_slot_they_keep(tiny_data, llama):
+    """--newest-slots trains every slot at every position; --init-from a k=1 head starts a drafter whose slot 0 is
+    that head (same decoder, same outputs) and whose chain is zero; the flag is checked against its neighbours."""
+    common = dict(data=str(tiny_data / "train"), eval_data=str(tiny_data / "held"), model=str(tiny_data / "tiny"),
+                  eval_every=6, save_every=6, log_every=2, draft_vocab=48, lr=3e-3, warmup=2, batch_size=4,
+                  eval_samples=2)
+    head_dir = tiny_data / "newest-head"
+    train(TrainConfig(out=str(head_dir), max_steps=6, k=1, **common))
+    target = tiny_target("llama")
+    head = SARDrafterModel.from_pretrained(head_dir / "drafter", target)
+    grown = head.with_newest_slots(2)
+    assert grown.k == 2 and grown.config.newest_slots and grown.chain.down.weight.abs().sum() == 0
+    features, tokens = torch.randn(1, 7, head.config.hidden_size), torch.randn(1, 7, head.config.hidden_size)
+    args = (features, tokens, torch.arange(7)[None], relaxed_causal_mask(7, 0, 1))
+    torch.testing.assert_close(grown(*args), head(*args), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only a plain k=1 head"):
+        grown.with_newest_slots(2)
+    out = tiny_data / "newest-slots"
+    cfg = TrainConfig(out=str(out), max_steps=6, k=2, newest_slots=True, init_from=str(head_dir / "drafter"),
+                      **common)
+    assert cfg.chain_slots, "--newest-slots brings the chain"
+    train(cfg)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["slot_acc"]) == 2 for r in records if "total" in r)
+    assert any("acc@2" in r.get("eval", {}) for r in records)
+    drafter = SARDrafterModel.from_pretrained(out / "drafter", target)
+    assert drafter.config.newest_slots and drafter.chain.down.weight.abs().sum() > 0, "the chain trained"
+    for bad, match in (({"k": 1}, "--k 2 or more"), ({"kind": "medusa"}, "--kind sar"),
+                       ({"newest_pair": True}, "excludes --newest-pair"),
+                       ({"every_alignment": True}, "excludes --every-alignment"),
+                       ({"ttt_blocks": 2}, "excludes --ttt-blocks")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(data="", out="", **{"k": 2, "newest_slots": True, **bad})
+    with pytest.raises(ValueError, match="newest_slots=True"):  # a newest-slots drafter into the block layout
+        train(TrainConfig(out=str(tiny_data / "newest-2"), max_steps=6, k=2, chain_slots=True,
+                          init_from=str(out / "drafter"), **common))
+    with pytest.raises(ValueError, match="needs chain_slots"):
+        SARDrafterModel.for_target(llama, k=2, newest_slots=True)
+    for path in (head_dir, out):
+        shutil.rmtree(path)
+
+
+def test_reversed_slots_targets_and_chained_tokens(llama):
+    """--reversed-slots: in a block [q, q+1] the newest position q+1 drafts slot 0 (regresses h_{q+2}) and q drafts
+    slot 1 (regresses h_{q+3}), chained on slot 0's true token x_{q+3}, the input token of position q+2."""
+    from falconspec.train import reversed_slots_batch
+
+    cfg = TrainConfig(data="", out="", k=2, reversed_slots=True, chain_slots=True, max_len=64)
+    batch, offsets = reversed_slots_batch([sample(list(range(10, 22)), [0, 0] + [1] * 10)], cfg)
+    assert offsets.tolist() == [0]
+    assert batch.target_features[0, :8, 0].tolist() == [13, 12, 15, 14, 17, 16, 19, 18]  # h_{j+3}, h_{j+1}, ...
+    assert batch.labels[0, :8].tolist() == [113, 112, 115, 114, 117, 116, 119, 118]
+    assert batch.valid[0].tolist() == [True] * 8 + [False, True, False]  # x_{j+a+1} exists and is an answer token
+    torch.manual_seed(0)
+    model = SARDrafterModel.for_target(llama, k=2, chain_slots=True, reversed_slots=True).eval()
+    with torch.no_grad():
+        model.chain.down.weight.normal_(0, 0.5)
+    outputs, embeds = torch.randn(1, 8, llama.hidden_size), torch.randn(1, 8, llama.hidden_size)
+    chained = model.chain_teacher_forced(outputs, embeds, 0)
+    for j in range(6):
+        expected = model.chain(outputs[0, j], embeds[0, j + 2]) if j % 2 == 0 else outputs[0, j]
+        torch.testing.assert_close(chained[0, j], expected)
+    with pytest.raises(ValueError, match="excludes --later-slot-weight"):
+        TrainConfig(data="", out="", k=2, reversed_slots=True, later_slot_weight=0.5)
+    with pytest.raises(ValueError, match="--k 2 or more"):
+        TrainConfig(data="", out="", k=1, reversed_slots=True)
+    with pytest.raises(ValueError, match="excludes newest_slots"):
+        SARDrafterModel.for_target(llama, k=2, chain_slots=True, newest_slots=True, reversed_slots=True)
+
+
+def test_reversed_slots_train_end_to_end(tiny_data):
+    out = tiny_data / "reversed"
+    train(TrainConfig(data=str(tiny_data / "train"), out=str(out), eval_data=str(tiny_data / "held"),
+                      model=str(tiny_data / "tiny"), max_steps=6, eval_every=6, save_every=6, log_every=2,
+                      draft_vocab=48, lr=3e-3, warmup=2, batch_size=4, eval_samples=2, reversed_slots=True,
+                      chain_slots=True, every_alignment=True))
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["total"] for r in records if "total" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # steps 1, 2, 4, 6
+    assert any("acc@2" in r.get("eval", {}) for r in records)
+    drafter = SARDrafterModel.from_pretrained(out / "drafter", tiny_target("llama"))
+    assert drafter.config.reversed_slots and drafter.chain.down.weight.abs().sum() > 0
+    shutil.rmtree(out)
 
 
 @pytest.mark.parametrize("extra", [{}, {"newest_pair": True, "chain_slots": True, "distill_topk": 8}])

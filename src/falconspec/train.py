@@ -5,7 +5,9 @@ over trained positions, per sample; (3) glance N = floor(lambda * d) positions (
 inputs become the ground truth of position j+k, and their own losses are dropped; (4) pass 2 with gradients;
 (5) SmoothL1 feature regression + distillation (KL(target || drafter) and CE to the target's greedy token, both on
 the draft vocabulary); AdamW, warmup + cosine decay, gradient-norm clipping. ``glance=False`` is plain token-shift
-training; ``k=1`` trains an EAGLE-style head (glancing needs k >= 2 and is skipped).
+training; ``k=1`` trains an EAGLE-style head (glancing needs k >= 2 and is skipped). A drafter whose slots all draft
+from the newest position (``newest_slots``) trains by teacher forcing instead, every slot at every position of one
+causal pass (:func:`newest_slots_losses`).
 
 :class:`SARObjective` is this objective in the one training loop (:mod:`.trainer`, which also describes the run
 directory); :func:`train` runs any gen-data objective (``falconspec train --kind sar|medusa``).
@@ -159,41 +161,46 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
 def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, sample: dict, starts: torch.Tensor,
             depth: int) -> torch.Tensor:
     """Draft ``depth`` tokens after each start t the way the drafter runs at inference: one pass over the prefix
-    (the last k outputs form one block ending at t-1), then passes that feed back the drafter's own k predicted
-    features and tokens as a new block. All starts share one prefix pass per block alignment. Returns [n, depth]
-    bool: drafted token == the target's greedy token."""
-    from .drafters.sar_model import additive_mask, relaxed_causal_mask
+    (the last k outputs form one block ending at t-1; ``slot_outputs`` says which of them draft its slots), then
+    passes that feed back the drafter's own k predicted features and tokens as a new block. All starts share one
+    prefix pass per block alignment. Returns [n, depth] bool: drafted token == the target's greedy token."""
+    from .drafters.sar_model import additive_mask, attention_block, relaxed_causal_mask, slot_outputs
 
     k, S, dev = model.k, len(sample["input_ids"]) - 1, head.device  # index bookkeeping stays on the CPU
+    block = attention_block(model)  # k, or 1: causal, every slot drafted from the newest position
     h = sample["hidden_states"].float()[None, :S].to(dev)  # [1, S, H]
     ids = sample["input_ids"].long()
     greedy = sample["target_tokens"].long()
     hits = torch.zeros(len(starts), depth, dtype=torch.bool)
-    for offset in range(k):
-        pick = ((starts + offset) % k == 0).nonzero().flatten()
+    for offset in range(block):
+        pick = ((starts + offset) % block == 0).nonzero().flatten()
         if len(pick) == 0:
             continue
         t, n = starts[pick], len(pick)
         cache = model.new_cache()
-        mask = relaxed_causal_mask(S, 0, k, block_offset=offset, device=dev)
+        mask = relaxed_causal_mask(S, 0, block, block_offset=offset, device=dev)
         out = model(h, model.embed(embed, ids[None, 1 : S + 1]), torch.arange(S, device=dev)[None], mask, cache,
                     block_offset=offset)[0]
         whole_blocks = torch.zeros(n, dtype=torch.long, device=dev)  # rows of k outputs, each one whole block
-        feats, first = drafted_view(model, embed, head, vocab, out[t[:, None] - k + torch.arange(k)[None]],
-                                    whole_blocks)
+        last_block = slot_outputs(model, out[t[:, None] - k + torch.arange(k)[None]])
+        feats, first = drafted_view(model, embed, head, vocab, last_block, whole_blocks)
         drafted = [first]  # [n, k] target ids; feats [n, k, H]: predicted h_t .. h_{t+k-1}
         owner = torch.arange(n).repeat_interleave(k)  # start of each query in a feedback block
         prefix_ok = torch.arange(S)[None] < t.repeat_interleave(k)[:, None]  # [Q, S]
         new_keys = torch.zeros(n * k, 0, dtype=torch.bool)
+        query = torch.arange(n * k)
         for p in range(1, -(-depth // k)):
             own = owner[:, None] == owner[None]  # [Q, Q]: same start (full attention inside the block)
+            if block == 1:  # causal inside it
+                own &= query[:, None] >= query[None]
             new_keys = torch.cat([new_keys, own], dim=1)
             allowed = torch.cat([prefix_ok, new_keys], dim=1)[None, None]  # [1, 1, Q, S + p*Q]
             positions = (t[:, None] + (p - 1) * k + torch.arange(k)[None]).reshape(1, -1)
             tokens = drafted[-1].reshape(1, -1)
             o = model(feats.reshape(1, n * k, -1), model.embed(embed, tokens), positions.to(dev),
                       additive_mask(allowed.to(dev), torch.float32), cache, block_offset=0)[0]
-            feats, block_tokens = drafted_view(model, embed, head, vocab, o.reshape(n, k, -1), whole_blocks)
+            feats, block_tokens = drafted_view(model, embed, head, vocab, slot_outputs(model, o.reshape(n, k, -1)),
+                                               whole_blocks)
             drafted.append(block_tokens)
         tokens = torch.cat(drafted, dim=1)[:, :depth].cpu()  # [n, depth]
         truth = greedy[t[:, None] + torch.arange(depth)[None]]
@@ -209,7 +216,19 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
     losses, chains = [], []
     with torch.no_grad(), autocast(cfg, head.device.type):
         for i in range(0, len(samples), cfg.batch_size):
-            batch = make_batch(samples[i : i + cfg.batch_size], model.k, cfg.max_len).to(head.device)
+            if model.config.newest_slots:
+                batches = [b.to(head.device) for b in slot_batches(samples[i : i + cfg.batch_size], model.k,
+                                                                    cfg.max_len)]
+                if batches[0].valid.any():
+                    losses.append(newest_slots_losses(model, embed, head, vocab_index, batches, cfg,
+                                                      batches[0].features)[0])
+                continue
+            chunk = samples[i : i + cfg.batch_size]
+            if model.config.reversed_slots:  # one alignment: blocks from position 0
+                batch = reversed_slots_batch(chunk, cfg)[0]
+            else:
+                batch = make_batch(chunk, model.k, cfg.max_len)
+            batch = batch.to(head.device)
             if batch.valid.any():
                 out = forward(model, model.k, embed, batch, batch.features, batch.tokens,
                               torch.zeros(len(batch.tokens), dtype=torch.long))
@@ -340,6 +359,61 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
     return losses, record
 
 
+def slot_batches(samples: list[dict], k: int, max_len: int) -> list[Batch]:
+    """The batches of a drafter whose slots all draft from the newest position (``newest_slots``), one per slot:
+    slot i of position j regresses h_{j+i+1} (:func:`make_batch` with block size i + 1; same inputs in all)."""
+    return [make_batch(samples, slot + 1, max_len) for slot in range(k)]
+
+
+def newest_slots_losses(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch.Tensor,
+                        batches: list[Batch], cfg: TrainConfig, features: torch.Tensor) -> tuple[Losses, list[float]]:
+    """Teacher-forced losses of a drafter whose slots all draft from the newest position (``newest_slots``; plain
+    token-shift training, as the head's): one causal pass over ``features`` [B, S, H] (the inputs, noised or not)
+    gives o_j, slot 0, regressing h_{j+1}; slot i is o_j through the chain on the true token x_{j+i+1} (slot
+    i - 1's) and regresses h_{j+i+1} (``batches`` from :func:`slot_batches`). Every position trains every slot; slot
+    i weighs ``cfg.later_slot_weight ** i``; with ``cfg.detach_chain`` only slot 0's loss reaches the decoder.
+    Returns the weighted total (reg, kl, ce, acc and count: slot 0's) and each slot's acc."""
+    from .drafters.sar_model import relaxed_causal_mask
+
+    first = batches[0]
+    B, S = first.tokens.shape
+    mask = relaxed_causal_mask(S, 0, 1, key_padding=first.key_padding, device=first.tokens.device)
+    positions = torch.arange(S, device=first.tokens.device)[None].expand(B, S)
+    embeds = F.embedding(first.tokens, embed)
+    out = model(features, embeds, positions, mask, chain_embeds=embeds,
+                detach_chain=cfg.detach_chain)  # [B, S, k, H]
+    slots = [compute_losses(out[:, :, slot], batch, batch.valid, head, vocab_index, cfg)
+             for slot, batch in enumerate(batches)]
+    total = sum(cfg.later_slot_weight ** slot * losses.total for slot, losses in enumerate(slots))
+    head_slot = slots[0]
+    return (Losses(total, head_slot.reg, head_slot.kl, head_slot.ce, head_slot.acc, head_slot.count),
+            [round(float(losses.acc), 4) for losses in slots])
+
+
+def reversed_slots_batch(samples: list[dict], cfg: TrainConfig,
+                         gen: torch.Generator | None = None) -> tuple[Batch, torch.Tensor]:
+    """The batch and block alignments [B] of a step of a drafter that drafts its blocks' slots in reverse
+    (``reversed_slots``): alignments as :func:`block_alignments` chooses them (without ``gen``: blocks from position
+    0), then position j drafting slot s regresses h_{j+2s+1} (:func:`.sar_model.regress_ahead`; the targets of
+    :func:`make_batch` with block size 2s + 1, picked per position)."""
+    from .drafters.sar_model import regress_ahead
+
+    batch = make_batch(samples, 1, cfg.max_len)
+    if gen is None:
+        offsets = torch.zeros(len(samples), dtype=torch.long)
+    else:
+        batch, offsets = block_alignments(batch, cfg, gen)
+    times = batch.tokens.shape[0] // len(samples)
+    ahead = regress_ahead(cfg, batch.tokens.shape[1], offsets)  # [B, S]
+    targets = {name: getattr(batch, name) for name in ("target_features", "labels", "valid", "next_features",
+                                                       "next_tokens")}
+    for a in range(3, 2 * cfg.k, 2):
+        other, pick = make_batch(samples, a, cfg.max_len).repeat_each(times), ahead == a
+        for name, value in targets.items():
+            targets[name] = torch.where(pick[..., None] if value.dim() == 3 else pick, getattr(other, name), value)
+    return Batch(**{**batch.__dict__, **targets}), offsets
+
+
 def block_alignments(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Batch, torch.Tensor]:
     """The batch a CSGD step trains on and its block alignments [B] (block starts at position offset mod k): one
     random alignment per sequence, or with ``cfg.every_alignment`` every sequence k times, once per alignment, so
@@ -385,6 +459,8 @@ class SARObjective(ShardObjective, Objective):
         """An ``--init-from`` drafter grows the parts the settings add (they start at zero, so it drafts as before
         until trained); a resumed one must already match."""
         cfg = self.config
+        if why == "init_from" and cfg.newest_slots and model.k == 1 < cfg.k:  # a head: its decoder drafts slot 0
+            return model.with_newest_slots(cfg.k)
         if why != "init_from" or model.k < 2:
             return model
         return model.grown(newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots)
@@ -392,7 +468,7 @@ class SARObjective(ShardObjective, Objective):
     def check(self, model, why: str, source) -> None:
         cfg = self.config
         mine = model.config
-        shape = ("k", "num_layers", "newest_pair", "chain_slots")
+        shape = ("k", "num_layers", "newest_pair", "chain_slots", "newest_slots", "reversed_slots")
         if all(getattr(mine, name) == getattr(cfg, name) for name in shape):
             return
         held = "a drafter with " + ", ".join(f"{name}={getattr(mine, name)}" for name in shape)
@@ -401,7 +477,7 @@ class SARObjective(ShardObjective, Objective):
         parts = "".join(f" --{name.replace('_', '-')}" for name in shape[2:] if getattr(mine, name))
         raise ValueError(f"--init-from {cfg.init_from} holds {held}: pass --k {mine.k} --num-layers "
                          f"{mine.num_layers}{parts} (--newest-pair and --chain-slots may be added to a drafter "
-                         f"without them, never removed)")
+                         f"without them, never removed; a k=1 head may become a --newest-slots drafter)")
 
     def fresh(self, target):
         """Draft vocabulary from the data, then seeded weights (decoder layers copied from the target's last ones
@@ -412,7 +488,8 @@ class SARObjective(ShardObjective, Objective):
         vocab_ids = draft_vocabulary(self.train_samples, target, cfg)
         torch.manual_seed(cfg.seed)
         model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids,
-                                           newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots)
+                                           newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots,
+                                           newest_slots=cfg.newest_slots, reversed_slots=cfg.reversed_slots)
         if cfg.init_from_target:
             for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
                 mine.load_state_dict(theirs.state_dict())
@@ -424,7 +501,22 @@ class SARObjective(ShardObjective, Objective):
     def step(self, model, step: int, rank: int, world: int) -> StepResult:
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * world + rank)
-        batch = make_batch(self.batch_samples(step, rank, world), cfg.k, cfg.max_len).to(self.head.device)
+        samples = self.batch_samples(step, rank, world)
+        if cfg.newest_slots:  # teacher forcing, every slot at every position
+            batches = [b.to(self.head.device) for b in slot_batches(samples, cfg.k, cfg.max_len)]
+            noise = (torch.rand(batches[0].features.shape, generator=gen) * 2 - 1) * cfg.feature_noise
+            losses, accs = newest_slots_losses(model, self.embed, self.head, self.vocab_index, batches, cfg,
+                                               batches[0].features + noise.to(self.head.device))
+            return StepResult(losses.total, int(batches[0].key_padding.sum()), (losses, {"slot_acc": accs}))
+        if cfg.reversed_slots:  # token-shift training: glancing replaces inputs by the paper's layout's targets
+            batch, offsets = reversed_slots_batch(samples, cfg, gen)
+            batch = batch.to(self.head.device)
+            noise = (torch.rand(batch.features.shape, generator=gen) * 2 - 1) * cfg.feature_noise
+            out = forward(model, cfg.k, self.embed, batch, batch.features + noise.to(self.head.device), batch.tokens,
+                          offsets)
+            losses = compute_losses(out, batch, batch.valid, self.head, self.vocab_index, cfg)
+            return StepResult(losses.total, int(batch.key_padding.sum()), (losses, {}))
+        batch = make_batch(samples, cfg.k, cfg.max_len).to(self.head.device)
         losses, record = csgd_step(model, self.embed, self.head, self.vocab_index, batch, cfg, glance_ratio(step, cfg),
                                    gen, self.vocab.to(self.head.device))
         return StepResult(losses.total, int(batch.key_padding.sum()), (losses, record))

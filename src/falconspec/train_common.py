@@ -66,6 +66,16 @@ class TrainConfig:
     chain_slots: bool = _opt(False, "SAR k>=2: slot i>0 of a block reads the token drafted at slot i-1 through a small "
                                     "MLP on its output, per candidate (the block's second token conditioned on its "
                                     "first)")
+    newest_slots: bool = _opt(False, "SAR k>=2: every slot of a block drafts from the block's newest position (causal "
+                                     "mask; slot 0 as a k=1 head drafts, later slots by the chain, so it implies "
+                                     "--chain-slots), trained by teacher forcing at every position and slot, without "
+                                     "glancing; --init-from may name a k=1 head (its decoder drafts slot 0)")
+    detach_chain: bool = _opt(False, "with --newest-slots: the later slots' losses train the chain alone, not the "
+                                     "decoder, which then learns slot 0 exactly as a k=1 head")
+    reversed_slots: bool = _opt(False, "SAR k>=2: the paper's relaxed causal mask with each block's slots drafted "
+                                       "from its positions in reverse (the first token from the newest position, as "
+                                       "a k=1 head drafts it, later ones from older positions that see the whole "
+                                       "block), trained by token shift without glancing")
     every_alignment: bool = _opt(False, "SAR k>=2: train every sequence of a step at each of the k block alignments, "
                                         "so every position is once the first slot of a block (the depth-1 draft) "
                                         "and once each later slot, at k times the cost of a step (default: one "
@@ -100,6 +110,26 @@ class TrainConfig:
         for flag, what in sar_only.items():
             if getattr(self, flag[2:].replace("-", "_")) and self.kind != "sar":
                 raise ValueError(f"{flag} {what}: it needs --kind sar, not {self.kind!r}")
+        layouts = {  # flag: (set, what it does, the flags it excludes)
+            "--newest-slots": (self.newest_slots, "drafts a block's k >= 2 tokens from its newest position",
+                               {"--newest-pair": self.newest_pair, "--every-alignment": self.every_alignment,
+                                "--ttt-blocks": self.ttt_blocks}),
+            "--reversed-slots": (self.reversed_slots, "drafts a block's k >= 2 slots from its positions in reverse",
+                                 {"--newest-slots": self.newest_slots, "--ttt-blocks": self.ttt_blocks,
+                                  "--later-slot-weight": self.later_slot_weight != 1.0}),
+        }
+        for flag, (on, what, excluded) in layouts.items():
+            if on and (self.kind != "sar" or self.k < 2):
+                raise ValueError(f"{flag} {what}: it needs --kind sar and --k 2 or more, not --kind {self.kind} "
+                                 f"--k {self.k}")
+            clash = [name for name, set_too in excluded.items() if on and set_too]
+            if clash:
+                raise ValueError(f"{flag} excludes {', '.join(clash)}")
+        if self.newest_slots:
+            self.chain_slots = True  # its later slots are the chain's
+        if self.detach_chain and not self.newest_slots:
+            raise ValueError("--detach-chain stops the later slots' gradients at a --newest-slots drafter's chain: "
+                             "add --newest-slots")
         if self.every_alignment and self.k < 2:
             raise ValueError("--every-alignment trains each of a block's k alignments: with --k 1 there is only one "
                              "(drop the flag)")

@@ -15,6 +15,9 @@ One cycle, k = 2, L committed tokens (P = L-1 cached drafter positions):
    outputs give depths 3 and 4. Branches of one pass run together in one forward.
 3. The expansion KV is cropped after the cycle; only committed positions stay cached.
 
+With ``newest_slots`` the masks are causal and every slot of a block drafts from its newest position's output
+(o_{P-1} predicts h_{L-1}, then the chain on the drafted x_L gives h_L): :func:`.sar_model.slot_outputs`.
+
 Which nodes are drafted is :mod:`.trees`' business (dynamic EAGLE-2-style top-k, or a static rank-path tree).
 Whatever is proposed, verification keeps the output exactly the target's.
 """
@@ -31,7 +34,9 @@ from ..kernels import attach_policy, policy_linear
 from ..tree import Tree
 from ..verify import Acceptance
 from .base import INITIAL_NUM_NODES, Drafter
-from .sar_model import SARDrafterModel, additive_mask, check_fits, end_aligned_offset, relaxed_causal_mask
+from .sar_model import (
+    SARDrafterModel, additive_mask, attention_block, check_fits, end_aligned_offset, relaxed_causal_mask, slot_outputs,
+)
 from .trees import STATIC_TREES, DraftTreeBuilder, check_rank_paths
 
 MAX_STATIC_DEPTH = 32
@@ -64,6 +69,7 @@ class SARDrafter(Drafter):
         self.policy = target.matmul_policy  # drafting passes are a few rows each: the paths calibration measured
         attach_policy(model, self.policy)
         self.k = model.k
+        self.attention_block = attention_block(model)  # k, or 1 when every slot drafts from the newest position
         self.chain = getattr(model, "chain", None)  # chain_slots: later slots conditioned on the candidate before
         self.name = "falcon" if self.k > 1 else "eagle3" if model.feature_layers else "eagle"
         self.feature_layers = model.feature_layers  # None: the target's last layer
@@ -132,10 +138,10 @@ class SARDrafter(Drafter):
         num = tokens.shape[0]
         if num == 0:
             return
-        start, offset = self.cache_len, end_aligned_offset(num, self.k)
-        mask = relaxed_causal_mask(num, start, self.k, offset, dtype=self.model.dtype, device=self.device)
+        start, offset = self.cache_len, end_aligned_offset(num, self.attention_block)
+        mask = relaxed_causal_mask(num, start, self.attention_block, offset, dtype=self.model.dtype, device=self.device)
         out = self._forward(features, tokens, torch.arange(start, start + num, device=self.device), mask, offset)
-        self.block = out[-self.k:] if num >= self.k else None
+        self.block = slot_outputs(self.model, out[-self.k:]) if num >= self.k else None
 
     def _forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                  mask: torch.Tensor, block_offset: int) -> torch.Tensor:
@@ -185,8 +191,12 @@ class SARDrafter(Drafter):
             features = self._chained(features.reshape(len(branches), k, -1),
                                      tokens.reshape(len(branches), k)).reshape(len(branches) * k, -1)
         positions = first_position + torch.arange(k, device=self.device).repeat(len(branches))
-        # mask: every committed position; earlier expansion blocks of ancestor branches; the own block, fully
+        # mask: every committed position; earlier expansion blocks of ancestor branches; the own block, fully (or
+        # causally, when every slot drafts from the newest position)
         num = len(branches) * k
+        own = torch.ones(k, k, dtype=torch.bool)
+        if self.attention_block == 1:
+            own = own.tril()
         allowed = torch.zeros(num, prefix_len + len(owners) + num, dtype=torch.bool)
         allowed[:, :prefix_len] = True
         for i, branch in enumerate(branches):
@@ -194,10 +204,11 @@ class SARDrafter(Drafter):
             above = builder.ancestors(branch)
             allowed[rows, prefix_len:prefix_len + len(owners)] = torch.tensor([o in above for o in owners],
                                                                               dtype=torch.bool)
-            allowed[rows, prefix_len + len(owners) + i * k:prefix_len + len(owners) + (i + 1) * k] = True
+            allowed[rows, prefix_len + len(owners) + i * k:prefix_len + len(owners) + (i + 1) * k] = own
         mask = additive_mask(allowed.to(self.device)[None, None], self.model.dtype)
         owners += [b for b in branches for _ in range(k)]
-        return self._forward(features, tokens, positions, mask, block_offset=0)
+        out = self._forward(features, tokens, positions, mask, block_offset=0)
+        return slot_outputs(self.model, out.reshape(len(branches), k, -1)).reshape(num, -1)
 
     def _top(self, outputs: torch.Tensor, m: int) -> list[tuple[list[list[int]], list[list[float]]]]:
         """Per block of k output rows [B*k, H]: the m best target token ids and log-probs per slot ([k][m] lists)."""

@@ -27,6 +27,13 @@ for the first L-k positions. Build the mask with ``relaxed_causal_mask(L-1, 0, k
 last block to the end of the chunk (``end_aligned_offset``). ``block_offset`` = how many slots of the first block
 lie before the first position, so 0 = blocks start at position 0 (Falcon's alignment).
 
+With ``newest_slots`` (our layout, not the paper's) the mask is the plain causal one (:func:`attention_block` is
+1), o_j regresses h_{j+1} as a head's output does, and every slot of a block drafts from its newest position's
+output (:func:`slot_outputs`), slot i > 0 through the chain on slot i - 1's token: the first token of each pass is
+drafted as the head drafts it, the later ones by the chain, one pass per k tokens all the same. With
+``reversed_slots`` (ours too) the mask stays relaxed and slot s is drafted from a block's position k-1-s, which
+regresses h_{j+2s+1} (:func:`regress_ahead`).
+
 Create an untrained drafter with ``SARDrafterModel.for_target(target, k=2, num_layers=2, draft_vocab=ids)``
 (``most_frequent_tokens(counts, size, always=eos_ids)`` picks the ids), save it with ``save_pretrained(dir)`` and
 load it with ``SARDrafterModel.from_pretrained(dir, target)``.
@@ -133,6 +140,43 @@ def block_last_index(num_queries: int, k: int, block_offset: int | torch.Tensor 
     return torch.minimum(last, torch.as_tensor(limit, device=device))
 
 
+def attention_block(model) -> int:
+    """The block size of a drafter's attention mask (:func:`relaxed_causal_mask`): its k, or 1 (the plain causal
+    mask) when every slot drafts from the newest position (``newest_slots``). Any drafter module (an EAGLE-3 one
+    has k = 1)."""
+    return 1 if getattr(model.config, "newest_slots", False) else model.k
+
+
+def slot_outputs(model, blocks: torch.Tensor) -> torch.Tensor:
+    """The outputs that draft a block's k slots, before any chaining, from the pass outputs of whole blocks
+    [.., k, H] (positions in order): the outputs themselves, the newest position's output in every slot
+    (``newest_slots``), or the outputs in reverse (``reversed_slots``)."""
+    if getattr(model.config, "newest_slots", False):
+        return blocks[..., -1:, :].expand_as(blocks)
+    if getattr(model.config, "reversed_slots", False):
+        return blocks.flip(-2)
+    return blocks
+
+
+def drafted_slots(config, num_queries: int, block_offset: int | torch.Tensor = 0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B|1, S] long: the slot (0 = the block's first drafted token) each query's output drafts, under the relaxed
+    causal mask with blocks aligned by ``block_offset``: its place in its block, or (``reversed_slots``) k - 1 minus
+    that."""
+    place = block_slots(num_queries, config.k, block_offset, device)
+    return config.k - 1 - place if config.reversed_slots else place
+
+
+def regress_ahead(config, num_queries: int, block_offset: int | torch.Tensor = 0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B|1, S] long: how far ahead of its own position each query's output regresses (o_j ≈ h_{j+a}): k in the
+    paper's layout; 2s + 1 for the query drafting slot s with ``reversed_slots`` (its block's newest position is
+    s places later, and slot s drafts s + 1 tokens past it)."""
+    if config.reversed_slots:
+        return 2 * drafted_slots(config, num_queries, block_offset, device) + 1
+    return torch.full((1, num_queries), config.k, dtype=torch.long, device=device)
+
+
 def relaxed_causal_mask(num_queries: int, num_cached: int = 0, k: int = 2, block_offset: int | torch.Tensor = 0,
                         key_padding: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> torch.Tensor:
@@ -181,6 +225,17 @@ class SARConfig:
     # decoder layers): the block's later tokens are conditioned on its earlier ones, as Hydra's heads are on the tokens
     # before them, at the cost of a small MLP per candidate instead of a drafter pass (k >= 2; an addition of ours)
     chain_slots: bool = False
+    # every slot of a block drafts from the block's NEWEST position: the decoder runs under the plain causal mask, the
+    # newest position's output o is slot 0 (o_j regresses h_{j+1}, the head's depth-1 feature), and slot i > 0 is
+    # o through the chain on slot i - 1's token; still one pass per block of k tokens (needs chain_slots,
+    # excludes newest_pair: an addition of ours, not in the paper, whose block's first slot sits at its OLDEST
+    # position and sees the newest only through attention)
+    newest_slots: bool = False
+    # the paper's relaxed causal mask with a block's slots drafted from its positions in reverse: slot s from the
+    # block's position k-1-s, so the first token comes from the newest position (as a head drafts it) and the later
+    # ones from older positions, which see the whole block; position j drafting slot s regresses h_{j+2s+1}
+    # (:func:`regress_ahead`; an addition of ours)
+    reversed_slots: bool = False
     draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
     target_model_type: str = ""  # identity of the target: config.model_type, model class, name
     target_architecture: str = ""
@@ -193,6 +248,14 @@ class SARConfig:
             raise ValueError("newest_pair needs k >= 2: with k=1 every slot already holds its block's newest pair")
         if self.chain_slots and self.k < 2:
             raise ValueError("chain_slots needs k >= 2: with k=1 a block has no later slot to condition")
+        if self.newest_slots and not self.chain_slots:
+            raise ValueError("newest_slots needs chain_slots: the later slots of a block are drafted by the chain")
+        if self.reversed_slots and (self.k < 2 or self.newest_slots):
+            raise ValueError("reversed_slots needs k >= 2 and excludes newest_slots (two ways to choose a block's "
+                             "drafting positions)")
+        if self.newest_slots and self.newest_pair:
+            raise ValueError("newest_slots and newest_pair exclude each other: with newest_slots every slot already "
+                             "drafts from the block's newest position")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
 
@@ -316,10 +379,22 @@ class SARDrafterModel(nn.Module):
         added = {name: True for name, wanted in parts.items() if wanted and not getattr(self.config, name)}
         if not added:
             return self
-        config = dataclasses.replace(self.config, **added)
+        new = tuple(prefix for name, prefix in (("newest_pair", "newest."), ("chain_slots", "chain.")) if name in added)
+        return self._rebuilt(dataclasses.replace(self.config, **added), new)
+
+    def with_newest_slots(self, k: int = 2) -> SARDrafterModel:
+        """This k=1 head as a k-token drafter whose slots all draft from the newest position (``newest_slots``): the
+        same decoder drafts slot 0 exactly as the head drafts its token, and the chain that drafts the later slots
+        starts at zero (untrained), so that a trained head can be fine-tuned into one."""
+        if self.k != 1 or self.newest is not None or self.chain is not None:
+            raise ValueError(f"only a plain k=1 head becomes a newest-slots drafter, not one with k={self.k}")
+        return self._rebuilt(dataclasses.replace(self.config, k=k, chain_slots=True, newest_slots=True), ("chain.",))
+
+    def _rebuilt(self, config: SARConfig, new: tuple[str, ...]) -> SARDrafterModel:
+        """A drafter with ``config`` holding this one's weights; only the (zero-initialised) parameters under the
+        prefixes ``new`` are its own."""
         model = type(self)(config, None if self.draft_vocab is None else self.draft_vocab.cpu())
         missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
-        new = tuple(prefix for name, prefix in (("newest_pair", "newest."), ("chain_slots", "chain.")) if name in added)
         assert not unexpected and all(key.startswith(new) for key in missing), (missing, unexpected)
         return model.to(device=self.fuse.weight.device, dtype=self.dtype).train(self.training)
 
@@ -342,10 +417,12 @@ class SARDrafterModel(nn.Module):
     def forward(self, features: torch.Tensor, token_embeds: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_key_values: KVCache | None = None,
                 block_offset: int | torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                chain_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                chain_embeds: torch.Tensor | None = None, detach_chain: bool = False) -> torch.Tensor:
         """Predicted features o_j ≈ h_{j+k}, [B, S, H] (see the module docstring for the inputs). ``chain_embeds``
         [B, S, H], a teacher-forced pass's true input-token embeddings: later block slots come out conditioned on
-        them (``chain_slots``, :meth:`chain_teacher_forced`; inside forward, so data-parallel training syncs it)."""
+        them (``chain_slots``, :meth:`chain_teacher_forced`; inside forward, so data-parallel training syncs it);
+        with ``newest_slots`` every position's k slots then come out, [B, S, k, H] (:meth:`slots_teacher_forced`;
+        ``detach_chain``: the later slots' gradients stop at the chain)."""
         if features.shape != token_embeds.shape or features.shape[-1] != self.config.hidden_size:
             raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must "
                              f"both be [B, S, {self.config.hidden_size}]")
@@ -365,23 +442,43 @@ class SARDrafterModel(nn.Module):
             hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=past_key_values is not None, position_embeddings=position_embeddings,
                            **forward_kwargs(layer.forward, past_key_values))
+        if chain_embeds is not None and self.config.newest_slots:
+            return self.slots_teacher_forced(hidden, chain_embeds, detach_chain)
         if chain_embeds is not None:
             hidden = self.chain_teacher_forced(hidden, chain_embeds, block_offset)
         return hidden
 
+    def slots_teacher_forced(self, outputs: torch.Tensor, token_embeds: torch.Tensor,
+                             detach: bool = False) -> torch.Tensor:
+        """``newest_slots``: the k slot outputs [B, S, k, H] of every position j of a teacher-forced causal pass
+        (``outputs`` [B, S, H], slot 0): slot i > 0 is slot 0 through the chain on slot i - 1's true token x_{j+i+1},
+        the input token of position j + i (``token_embeds`` [B, S, H]: the true inputs; past the end: unused), as
+        drafting chains a block's slots. ``detach``: the chain reads slot 0 without its gradient, so the later
+        slots' losses train the chain alone and the decoder learns slot 0 as a k=1 head would."""
+        num = outputs.shape[1]
+        slots = [outputs]
+        source = outputs.detach() if detach else outputs
+        for slot in range(1, self.k):
+            ahead = (torch.arange(num, device=outputs.device) + slot).clamp(max=num - 1)
+            slots.append(self.chain(source, token_embeds[:, ahead]))
+        return torch.stack(slots, dim=2)
+
     def chain_teacher_forced(self, outputs: torch.Tensor, token_embeds: torch.Tensor,
                              block_offset: int | torch.Tensor | None) -> torch.Tensor:
         """Outputs [B, S, H] of a teacher-forced pass with every later slot conditioned (``chain_slots``) on the true
-        token of the slot before it: o_q predicts x_{q+k+1}, so its block-mate q-1 drafts x_{q+k}, the input token of
-        position q+k-1 (``token_embeds`` [B, S, H]: the true inputs). Unchanged without ``chain_slots``."""
+        token of the slot before it: o_q ≈ h_{q+a} predicts x_{q+a+1} (a: :func:`regress_ahead`, k in the paper's
+        layout), so the slot before drafts x_{q+a}, the input token of position q+a-1 (``token_embeds`` [B, S, H]:
+        the true inputs). Unchanged without ``chain_slots``."""
         if self.chain is None:
             return outputs
         if block_offset is None:
             raise ValueError("chaining a teacher-forced pass's slots needs its block_offset")
-        num = outputs.shape[1]
-        later = block_slots(num, self.k, block_offset, outputs.device) > 0  # [B|1, S]
-        previous = (torch.arange(num, device=outputs.device) + self.k - 1).clamp(max=num - 1)  # past the end: unused
-        chained = self.chain(outputs, token_embeds[:, previous])
+        num, dev = outputs.shape[1], outputs.device
+        later = drafted_slots(self.config, num, block_offset, dev) > 0  # [B|1, S]
+        # o_j ≈ h_{j+a} drafts x_{j+a+1}; the slot before drafts x_{j+a}, the input token of position j+a-1
+        previous = (torch.arange(num, device=dev) + regress_ahead(self.config, num, block_offset, dev) - 1)
+        previous = previous.clamp(max=num - 1).expand(outputs.shape[0], -1)  # past the end: unused
+        chained = self.chain(outputs, token_embeds.gather(1, previous[..., None].expand(-1, -1, outputs.shape[-1])))
         return torch.where(later[..., None], chained, outputs)
 
     # ---------------------------------------------------------------- the (frozen) head
