@@ -329,8 +329,7 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
     draft index -> target id). Returns the losses (with gradients) and a log record."""
     device = batch.tokens.device  # random draws come from the CPU generator, then move to the batch's device
     batch, offsets = block_alignments(batch, cfg, gen)
-    noise = ((torch.rand(batch.features.shape, generator=gen) * 2 - 1) * cfg.feature_noise).to(device)
-    features, tokens = batch.features + noise, batch.tokens
+    features, tokens = noised(batch.features, cfg, gen), batch.tokens
     chosen = torch.zeros_like(batch.valid)
     record = {}
     if cfg.glance and cfg.k > 1 and ratio > 0:
@@ -412,6 +411,13 @@ def reversed_slots_batch(samples: list[dict], cfg: TrainConfig,
         for name, value in targets.items():
             targets[name] = torch.where(pick[..., None] if value.dim() == 3 else pick, getattr(other, name), value)
     return Batch(**{**batch.__dict__, **targets}), offsets
+
+
+def noised(features: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Training inputs: ``features`` plus uniform noise U(-x, x), x = ``cfg.feature_noise``, drawn from the CPU
+    generator ``gen`` and moved to the features' device."""
+    noise = (torch.rand(features.shape, generator=gen) * 2 - 1) * cfg.feature_noise
+    return features + noise.to(features.device)
 
 
 def block_alignments(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Batch, torch.Tensor]:
@@ -504,16 +510,13 @@ class SARObjective(ShardObjective, Objective):
         samples = self.batch_samples(step, rank, world)
         if cfg.newest_slots:  # teacher forcing, every slot at every position
             batches = [b.to(self.head.device) for b in slot_batches(samples, cfg.k, cfg.max_len)]
-            noise = (torch.rand(batches[0].features.shape, generator=gen) * 2 - 1) * cfg.feature_noise
             losses, accs = newest_slots_losses(model, self.embed, self.head, self.vocab_index, batches, cfg,
-                                               batches[0].features + noise.to(self.head.device))
+                                               noised(batches[0].features, cfg, gen))
             return StepResult(losses.total, int(batches[0].key_padding.sum()), (losses, {"slot_acc": accs}))
         if cfg.reversed_slots:  # token-shift training: glancing replaces inputs by the paper's layout's targets
             batch, offsets = reversed_slots_batch(samples, cfg, gen)
             batch = batch.to(self.head.device)
-            noise = (torch.rand(batch.features.shape, generator=gen) * 2 - 1) * cfg.feature_noise
-            out = forward(model, cfg.k, self.embed, batch, batch.features + noise.to(self.head.device), batch.tokens,
-                          offsets)
+            out = forward(model, cfg.k, self.embed, batch, noised(batch.features, cfg, gen), batch.tokens, offsets)
             losses = compute_losses(out, batch, batch.valid, self.head, self.vocab_index, cfg)
             return StepResult(losses.total, int(batch.key_padding.sum()), (losses, {}))
         batch = make_batch(samples, cfg.k, cfg.max_len).to(self.head.device)
