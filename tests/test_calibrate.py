@@ -116,6 +116,19 @@ def test_generator_calibrates_a_planned_drafter_once(llama, calibration_dir, mon
     llama.matmul_policy.set(())
 
 
+def test_a_drafter_is_measured_again_when_the_drafting_code_changes(llama, calibration_dir, monkeypatch):
+    calibration = Calibration.for_target(llama, TINY)
+    drafter = make_drafter("pld", llama)
+    entry = calibration.drafter_entry(llama, drafter, TINY)
+    assert calibration.drafter_entry(llama, drafter, TINY) is entry  # cached
+    monkeypatch.setattr(calibrate, "drafting_code_hash", lambda: "another-version")
+    measured = []
+    monkeypatch.setattr(calibrate, "measure_drafter", lambda *args: measured.append(args) or dict(entry))
+    calibration.drafter_entry(llama, drafter, TINY)
+    assert len(measured) == 1 and len(calibration.data["drafters"]) == 2
+    llama.matmul_policy.set(())
+
+
 def test_cli_calibrate_and_explain(tmp_path, calibration_dir, capsys):
     model = save_tiny_model(tmp_path / "tiny")
     assert main(["calibrate", "--model", str(model), "--quick", "--drafters", "pld"]) == 0

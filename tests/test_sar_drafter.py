@@ -337,3 +337,58 @@ def test_builder_dynamic_keeps_the_best_prefix_closed_nodes():
     tree = builder.build(num_nodes=4, max_depth=2)
     # scores: 10 -0.1, 10->20 -0.3, 10->21 -0.6, 11 -1.0: the three best drafts
     assert tree.tokens == (9, 10, 20, 21) and tree.parents == (-1, 0, 1, 1)
+
+
+def grown_paths(builder: DraftTreeBuilder, nodes) -> list[tuple[tuple[int, ...], float]]:
+    """(token path from the root, score) of ``nodes``, sorted: a tree's content, whatever its node order."""
+    def path(i):
+        tokens = []
+        while i > 0:
+            tokens.append(builder.nodes[i].token)
+            i = builder.nodes[i].parent
+        return tuple(tokens[::-1])
+
+    return sorted((path(i), round(builder.nodes[i].score, 6)) for i in nodes)
+
+
+def test_builder_grows_several_branches_with_one_call_per_slot():
+    """Growing the blocks of several branches together asks for each slot's distributions once (one head product
+    per slot for a drafter) and grows exactly what growing them one by one grows, the per-level cap per branch."""
+    def grown(together: bool):
+        builder, calls = DraftTreeBuilder(9, 2, max_per_level=3), []
+
+        def top_of(slot, parents):  # each parent's children depend on its token
+            calls.append(slot)
+            tokens = [[100 * slot + builder.nodes[p].token % 7 + r for r in range(3)] for p in parents]
+            return tokens, [[-0.1 * (r + 1) - 0.01 * (builder.nodes[p].token % 5) for r in range(3)]
+                            for p in parents]
+
+        branches = builder.next_branches(builder.grow_with([0], top_of), limit=2)
+        calls.clear()
+        if together:
+            frontier = builder.grow_with(branches, top_of)
+        else:
+            frontier = [n for b in branches for n in builder.grow_with([b], top_of)]
+        return grown_paths(builder, range(1, len(builder.nodes))), grown_paths(builder, frontier), calls
+
+    (nodes, frontier, calls), (nodes_alone, frontier_alone, calls_alone) = grown(True), grown(False)
+    assert nodes == nodes_alone and frontier == frontier_alone
+    assert len(frontier) == 6, "3 kept per branch: 9 slot-1 candidates under each of 2 branches"
+    assert calls == [0, 1] and calls_alone == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("chain_slots", [False, True])
+def test_a_pass_is_scored_in_one_head_product_per_slot(llama, chain_slots):
+    """Drafting 4 levels with 2 branches: the first block and the expansion pass each score their candidates in k
+    head products (chained slots) or one (independent slots), however many branches the pass expands."""
+    drafter = drafter_for(llama, 2, seed=4, chain_slots=chain_slots, num_nodes=40, depth=4, top_k=3, branches=2)
+    ids = torch.tensor(prompts(4, llama.vocab_size, seed=2)[3][:11])
+    drafter.begin(ids, llama.prefill(ids[:-1]))
+    products, top_rows = [], drafter._top_rows
+    drafter._top_rows = lambda rows, m: products.append(rows.shape[0]) or top_rows(rows, m)
+    tree = drafter.propose(ids, max_depth=4)
+    assert tree.max_depth == 4
+    if chain_slots:
+        assert len(products) == 4 and products[2] == 2, products  # slot 0 of both branches in one product
+    else:
+        assert products == [2, 4], products  # the block's 2 slots; 2 branches x 2 slots

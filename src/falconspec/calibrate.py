@@ -13,7 +13,8 @@ for the same forward is opposite). So nothing here is assumed; everything is tim
 
 Results are cached as JSON in ``$FALCONSPEC_CALIBRATION_DIR`` (default ``<cache dir>/calibration``), one file per
 fingerprint (CPU model and flags or GPU name, torch version and BLAS, threads, dtype, device, a hash of the model's
-weights). ``FALCONSPEC_CALIBRATION=FILE`` uses a given file instead, ``FALCONSPEC_RECALIBRATE=1`` measures again.
+weights); within it, per drafter (its weights and the drafting code's version: an upgrade that changes what drafting
+costs measures it again). ``FALCONSPEC_CALIBRATION=FILE`` uses a given file instead, ``FALCONSPEC_RECALIBRATE=1`` measures again.
 The quick form (run automatically the first time a target and drafter meet) takes seconds; ``falconspec calibrate``
 runs the full form.
 """
@@ -260,10 +261,23 @@ class Calibration:
 
 
 def drafter_key(drafter) -> str:
-    """A drafter's identity in the cache: its class, name and, for trained drafters, a hash of its weights."""
-    key = f"{type(drafter).__name__}:{drafter.name}"
+    """A drafter's identity in the cache: its class, name, the drafting code (:func:`drafting_code_hash`: a new
+    version of it may cost differently, so it is measured again) and, for trained drafters, a hash of its weights."""
+    key = f"{type(drafter).__name__}:{drafter.name}:code-{drafting_code_hash()}"
     model = getattr(drafter, "model", None)
     return key + (f":{model_hash(model)}" if isinstance(model, nn.Module) else "")
+
+
+def drafting_code_hash() -> str:
+    """A short hash of the sources of :mod:`falconspec.drafters` and :mod:`falconspec.kernels`, which decide what a
+    drafting pass costs."""
+    from . import drafters, kernels
+
+    digest = hashlib.sha256()
+    files = sorted(Path(drafters.__file__).parent.glob("*.py")) + [Path(kernels.__file__)]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------- measuring

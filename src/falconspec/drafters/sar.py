@@ -162,8 +162,8 @@ class SARDrafter(Drafter):
         builder = DraftTreeBuilder(root, self.k, self.static_paths,
                                    None if self.static_paths is not None else self.num_nodes - 1)
         ranks = builder.ranks_needed or self.top_k
-        frontier = self._grow(builder, 0, self.block, ranks)
         outputs = {0: self.block}  # branch node -> its block's outputs, the input features of its sub-branches
+        frontier = self._grow(builder, [0], outputs, ranks)
         prefix_len = self.cache_len
         owners: list[int] = []  # branch node of each expansion entry in the cache, in cache order
         try:
@@ -172,11 +172,8 @@ class SARDrafter(Drafter):
                 if not branches:
                     break
                 out = self._expand(builder, branches, outputs, prefix_len + (step - 1) * self.k, owners)
-                frontier = []
-                tops = self._top(out, ranks) if self.chain is None else [None] * len(branches)  # one product
-                for branch, block_out, top in zip(branches, out.split(self.k), tops):
-                    outputs[branch] = block_out
-                    frontier += self._grow(builder, branch, block_out, ranks, top)
+                outputs.update(zip(branches, out.split(self.k)))
+                frontier = self._grow(builder, branches, outputs, ranks)
         finally:
             self.cache.crop_to(prefix_len)
         return builder.build(self.num_nodes, depth)
@@ -225,21 +222,24 @@ class SARDrafter(Drafter):
             indices = self.vocab_ids[indices]
         return indices.tolist(), values.tolist()
 
-    def _grow(self, builder: DraftTreeBuilder, branch: int, block_out: torch.Tensor, m: int, top=None) -> list[int]:
-        """Grow one block [k, H] of outputs under ``branch`` (``top``: its :meth:`_top` if already computed); with
-        chained slots, slot i's candidates under each slot i-1 node come from slot i's output conditioned on that
-        node's token."""
-        if self.chain is None:
-            return builder.grow(branch, *(top or self._top(block_out, m)[0]))
+    def _grow(self, builder: DraftTreeBuilder, branches: list[int], outputs: dict[int, torch.Tensor], m: int
+              ) -> list[int]:
+        """Grow one block under each of ``branches`` from its outputs [k, H] in ``outputs``, scoring all of them in
+        one head product per slot; with chained slots, slot i's candidates under each slot i-1 node come from slot
+        i's output conditioned on that node's token."""
+        if self.chain is None:  # slots independent of the node above: every slot of every branch in one product
+            tops = self._top(torch.cat([outputs[b] for b in branches]), m)
+            return [n for branch, top in zip(branches, tops) for n in builder.grow(branch, *top)]
 
         def top_of(slot: int, parents: list[int]):
-            rows = block_out[slot].expand(len(parents), -1)
+            owners = parents if slot == 0 else [builder.nodes[p].branch for p in parents]
+            rows = torch.stack([outputs[b][slot] for b in owners])
             if slot:
                 previous = torch.tensor([builder.nodes[p].token for p in parents], device=self.device)
                 rows = self.chain(rows, self.model.embed(self.embedding, previous))
             return self._top_rows(rows, m)
 
-        return builder.grow_with(branch, top_of)
+        return builder.grow_with(branches, top_of)
 
     def _chained(self, outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Blocks of outputs [n, k, H] with slots i > 0 conditioned on ``tokens`` [n, k] at slot i - 1."""

@@ -85,26 +85,33 @@ class DraftTreeBuilder:
         top_tokens / top_logprobs: [k][m] per slot, the m best token ids and their log-probabilities, best first
         (one distribution per slot, shared by every parent: the slots are conditionally independent).
         """
-        return self.grow_with(branch, lambda slot, parents: ([top_tokens[slot]] * len(parents),
-                                                            [top_logprobs[slot]] * len(parents)))
+        return self.grow_with([branch], lambda slot, parents: ([top_tokens[slot]] * len(parents),
+                                                              [top_logprobs[slot]] * len(parents)))
 
-    def grow_with(self, branch: int, top_of) -> list[int]:
-        """:meth:`grow` for slots whose distribution depends on the node above: ``top_of(slot, parents)`` returns,
-        for each parent node index, its children's m best token ids and log-probabilities ([n][m] each)."""
-        level = [branch]
+    def grow_with(self, branches: list[int], top_of) -> list[int]:
+        """:meth:`grow` for slots whose distribution depends on the node above, one block under each of
+        ``branches`` at once, slot by slot: ``top_of(slot, parents)`` is called once per slot with the parent nodes
+        of every branch (slot 0: the branches themselves; later slots: nodes whose ``branch`` says which) and
+        returns, per parent, its children's m best token ids and log-probabilities ([n][m] each), so that a drafter
+        scores a whole pass in one product per slot. The dynamic policy's cap applies per branch. Returns the new
+        deepest nodes, branch by branch."""
+        levels = [[branch] for branch in branches]
         for slot in range(self.k):
-            new: list[int] = []
-            tokens_of, logprobs_of = top_of(slot, level)
-            for parent, top_tokens, top_logprobs in zip(level, tokens_of, logprobs_of):
-                node = self.nodes[parent]
-                for rank in self._ranks_under(node, len(top_tokens)):
-                    new.append(len(self.nodes))
-                    self.nodes.append(DraftNode(top_tokens[rank], parent, node.depth + 1,
-                                                node.score + top_logprobs[rank], node.ranks + (rank,), branch))
-            if self.max_per_level is not None and len(new) > self.max_per_level:
-                new = sorted(new, key=self._order)[:self.max_per_level]
-            level = new
-        return level
+            parents = [p for level in levels for p in level]
+            tokens_of, logprobs_of = top_of(slot, parents)
+            rows = iter(zip(tokens_of, logprobs_of))
+            for b, (branch, level) in enumerate(zip(branches, levels)):
+                new: list[int] = []
+                for parent, (top_tokens, top_logprobs) in zip(level, rows):
+                    node = self.nodes[parent]
+                    for rank in self._ranks_under(node, len(top_tokens)):
+                        new.append(len(self.nodes))
+                        self.nodes.append(DraftNode(top_tokens[rank], parent, node.depth + 1,
+                                                    node.score + top_logprobs[rank], node.ranks + (rank,), branch))
+                if self.max_per_level is not None and len(new) > self.max_per_level:
+                    new = sorted(new, key=self._order)[:self.max_per_level]
+                levels[b] = new
+        return [n for level in levels for n in level]
 
     def _ranks_under(self, node: DraftNode, available: int) -> list[int]:
         if self.child_ranks is None:
