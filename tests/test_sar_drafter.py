@@ -390,5 +390,12 @@ def test_a_pass_is_scored_in_one_head_product_per_slot(llama, chain_slots):
     assert tree.max_depth == 4
     if chain_slots:
         assert len(products) == 4 and products[2] == 2, products  # slot 0 of both branches in one product
+        products.clear()
+        cut = drafter.propose(ids, max_depth=3)  # the last block's second slot is never scored
+        assert len(products) == 3 and products[2] == 2, products
+        def drafts(t):  # token paths of every node (the budget of 40 holds every candidate here)
+            return {tuple(t.tokens[i] for i in t.path_to(n)) for n in range(t.num_nodes)}
+
+        assert cut.max_depth == 3 and drafts(cut) == drafts(tree.truncate(3))
     else:
         assert products == [2, 4], products  # the block's 2 slots; 2 branches x 2 slots

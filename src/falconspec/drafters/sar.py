@@ -12,7 +12,8 @@ One cycle, k = 2, L committed tokens (P = L-1 cached drafter positions):
 2. **Expansion** (in ``propose``): a chosen depth-2 node b becomes the next block, at positions P, P+1, with inputs
    (o_{P-2}, x_L), (o_{P-1}, x_{L+1}): the drafter's own predicted features and the draft tokens on b's path.
    It attends to every committed position, to the blocks of b's ancestor branches and to its own block, and its
-   outputs give depths 3 and 4. Branches of one pass run together in one forward.
+   outputs give depths 3 and 4. Branches of one pass run together in one forward, and their candidates are scored
+   together: one head product per block slot (a block the tree's depth cuts scores only its first slots).
 3. The expansion KV is cropped after the cycle; only committed positions stay cached.
 
 With ``newest_slots`` the masks are causal and every slot of a block drafts from its newest position's output
@@ -163,7 +164,7 @@ class SARDrafter(Drafter):
                                    None if self.static_paths is not None else self.num_nodes - 1)
         ranks = builder.ranks_needed or self.top_k
         outputs = {0: self.block}  # branch node -> its block's outputs, the input features of its sub-branches
-        frontier = self._grow(builder, [0], outputs, ranks)
+        frontier = self._grow(builder, [0], outputs, ranks, depth)
         prefix_len = self.cache_len
         owners: list[int] = []  # branch node of each expansion entry in the cache, in cache order
         try:
@@ -173,7 +174,7 @@ class SARDrafter(Drafter):
                     break
                 out = self._expand(builder, branches, outputs, prefix_len + (step - 1) * self.k, owners)
                 outputs.update(zip(branches, out.split(self.k)))
-                frontier = self._grow(builder, branches, outputs, ranks)
+                frontier = self._grow(builder, branches, outputs, ranks, depth - step * self.k)
         finally:
             self.cache.crop_to(prefix_len)
         return builder.build(self.num_nodes, depth)
@@ -222,11 +223,11 @@ class SARDrafter(Drafter):
             indices = self.vocab_ids[indices]
         return indices.tolist(), values.tolist()
 
-    def _grow(self, builder: DraftTreeBuilder, branches: list[int], outputs: dict[int, torch.Tensor], m: int
-              ) -> list[int]:
+    def _grow(self, builder: DraftTreeBuilder, branches: list[int], outputs: dict[int, torch.Tensor], m: int,
+              depth_left: int) -> list[int]:
         """Grow one block under each of ``branches`` from its outputs [k, H] in ``outputs``, scoring all of them in
         one head product per slot; with chained slots, slot i's candidates under each slot i-1 node come from slot
-        i's output conditioned on that node's token."""
+        i's output conditioned on that node's token, and only the ``depth_left`` first slots are scored."""
         if self.chain is None:  # slots independent of the node above: every slot of every branch in one product
             tops = self._top(torch.cat([outputs[b] for b in branches]), m)
             return [n for branch, top in zip(branches, tops) for n in builder.grow(branch, *top)]
@@ -239,7 +240,7 @@ class SARDrafter(Drafter):
                 rows = self.chain(rows, self.model.embed(self.embedding, previous))
             return self._top_rows(rows, m)
 
-        return builder.grow_with(branches, top_of)
+        return builder.grow_with(branches, top_of, min(self.k, depth_left))
 
     def _chained(self, outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Blocks of outputs [n, k, H] with slots i > 0 conditioned on ``tokens`` [n, k] at slot i - 1."""

@@ -88,15 +88,16 @@ class DraftTreeBuilder:
         return self.grow_with([branch], lambda slot, parents: ([top_tokens[slot]] * len(parents),
                                                               [top_logprobs[slot]] * len(parents)))
 
-    def grow_with(self, branches: list[int], top_of) -> list[int]:
+    def grow_with(self, branches: list[int], top_of, slots: int | None = None) -> list[int]:
         """:meth:`grow` for slots whose distribution depends on the node above, one block under each of
         ``branches`` at once, slot by slot: ``top_of(slot, parents)`` is called once per slot with the parent nodes
         of every branch (slot 0: the branches themselves; later slots: nodes whose ``branch`` says which) and
         returns, per parent, its children's m best token ids and log-probabilities ([n][m] each), so that a drafter
-        scores a whole pass in one product per slot. The dynamic policy's cap applies per branch. Returns the new
-        deepest nodes, branch by branch."""
+        scores a whole pass in one product per slot. The dynamic policy's cap applies per branch. ``slots``: grow
+        only the first that many slots of the blocks (a last block the tree's depth cuts). Returns the new deepest
+        nodes, branch by branch."""
         levels = [[branch] for branch in branches]
-        for slot in range(self.k):
+        for slot in range(self.k if slots is None else slots):
             parents = [p for level in levels for p in level]
             tokens_of, logprobs_of = top_of(slot, parents)
             rows = iter(zip(tokens_of, logprobs_of))
