@@ -14,13 +14,15 @@ for the same forward is opposite). So nothing here is assumed; everything is tim
 Results are cached as JSON in ``$FALCONSPEC_CALIBRATION_DIR`` (default ``<cache dir>/calibration``), one file per
 fingerprint (CPU model and flags or GPU name, torch version and BLAS, threads, dtype, device, a hash of the model's
 weights); within it, per drafter (its weights and the drafting code's version: an upgrade that changes what drafting
-costs measures it again). ``FALCONSPEC_CALIBRATION=FILE`` uses a given file instead, ``FALCONSPEC_RECALIBRATE=1`` measures again.
+costs measures it again). ``FALCONSPEC_CALIBRATION=FILE`` uses a given file instead, ``FALCONSPEC_RECALIBRATE=1``
+measures again.
 The quick form (run automatically the first time a target and drafter meet) takes seconds; ``falconspec calibrate``
 runs the full form.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -268,9 +270,10 @@ def drafter_key(drafter) -> str:
     return key + (f":{model_hash(model)}" if isinstance(model, nn.Module) else "")
 
 
+@functools.cache
 def drafting_code_hash() -> str:
     """A short hash of the sources of :mod:`falconspec.drafters` and :mod:`falconspec.kernels`, which decide what a
-    drafting pass costs."""
+    drafting pass costs; read once per process (every planner asks for it)."""
     from . import drafters, kernels
 
     digest = hashlib.sha256()
