@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from falconspec.dialogue_batch import DialogueBatch
+from falconspec.dialogue_batch import DialogueBatch, prefill_groups
 from falconspec.kv_cache import KVCache, SlabLayer
 
 
@@ -58,6 +58,43 @@ def test_dialogue_batch_rounds_answer_as_each_row_alone(llama):
                                eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
         cut = next((i + 1 for i, t in enumerate(alone) if t in eos), len(alone))
         assert answer == alone[:cut]
+
+
+def test_prefill_groups_pad_each_row_only_to_its_group():
+    # sorted 3, 4, 50, 98, 100: two groups cost 2 x 4 + 3 x 100 = 308 row-columns, one 500
+    assert prefill_groups([3, 100, 4, 98, 50], 2) == [[0, 2], [4, 3, 1]]
+    assert prefill_groups([3, 100, 4, 98, 50], 1) == [[0, 2, 4, 3, 1]]
+    assert prefill_groups([7, 7, 7], 4) == [[0, 1, 2]]  # nothing to save: one forward
+    assert prefill_groups([5], 4) == [[0]]
+
+
+def test_grouped_prefill_answers_as_one_padded_forward(llama, monkeypatch):
+    """A round whose new segments differ in length (some rows continuing, some new) prefills in groups: the same
+    answers as prefilling every row in one right-aligned forward, with fewer row-columns forwarded."""
+    model, eos = llama.model, sorted(llama.eos_token_ids)
+    first = [list(range(20, 23)), list(range(40, 70)), list(range(60, 64)), list(range(10, 14))]
+    forward = DialogueBatch._forward
+
+    def run(max_forwards: int) -> tuple[list, int]:
+        monkeypatch.setattr(DialogueBatch, "MAX_PREFILL_FORWARDS", max_forwards)
+        batch, columns = DialogueBatch(model, eos, pad=0), []
+
+        def counted(self, tokens, *args):
+            columns.append(tokens.numel() if tokens.shape[1] > 1 else 0)
+            return forward(self, tokens, *args)
+
+        monkeypatch.setattr(DialogueBatch, "_forward", counted)
+        one, _ = batch.answer([None] * 4, first, [3, 2, 3, 8])
+        second_prompts = [first[2] + one[2] + list(range(70, 95)), list(range(5, 8)), first[0] + one[0] + [9],
+                          first[3] + one[3] + [4, 5]]
+        two, _ = batch.answer([2, None, 0, 3], second_prompts, [4, 2, 4, 9])
+        assert batch.valid.sum(1).tolist() == batch.cached  # every row's real columns, packed
+        return one + two, sum(columns)
+
+    grouped, grouped_columns = run(4)
+    single, single_columns = run(1)
+    assert grouped == single
+    assert grouped_columns < single_columns
 
 
 def test_dialogue_batch_refuses_a_prompt_that_does_not_extend_its_row(llama):

@@ -5,9 +5,12 @@ prefills its whole history again, and the histories of multi-turn ShareGPT conve
 answers. Here the conversations of a batch share one :class:`~.kv_cache.KVCache` of one row each:
 
 * a **round** extends every row by the tokens that are new since its last forward (its last answer token, the
-  template's text closing the answer, the next user message, the answer prompt), right-aligned in one forward, then
-  decodes greedily, one token per row per forward, until every row's answer has ended (an end-of-turn token or its
-  budget); a row whose answer ended feeds padding;
+  template's text closing the answer, the next user message, the answer prompt), then decodes greedily, one token
+  per row per forward, until every row's answer has ended (an end-of-turn token or its budget); a row whose answer
+  ended feeds padding;
+* the new tokens are prefilled right-aligned, in at most four forwards of rows with similar lengths
+  (:func:`prefill_groups`, each on a copy of its rows' cache, stacked and packed again afterwards): in one forward
+  a single long user message padded all 32 rows to its length, and 78% of the prefilled row-columns were padding;
 * rows are not aligned with each other: a row's positions count its own real tokens, padding columns are masked out
   for every query (a float mask ``[B, 1, new, cached + new]``) and a padding query sees only itself;
 * between rounds the cache keeps only the rows of conversations with a turn to go, each with its real positions
@@ -32,6 +35,8 @@ from .kv_cache import KVCache
 class DialogueBatch:
     """B conversations' rows in one KV cache: :meth:`answer` runs one round."""
 
+    MAX_PREFILL_FORWARDS = 4  # rows are prefilled in at most this many groups of similar new lengths
+
     def __init__(self, model, eos: list[int], pad: int):
         self.model, self.eos, self.pad = model, set(eos), pad
         self.cache = KVCache(model.config)
@@ -54,15 +59,7 @@ class DialogueBatch:
             if len(prompt) <= cached:
                 raise ValueError(f"a prompt of {len(prompt)} tokens does not extend its row's {cached} cached tokens")
             segments.append(prompt[cached:])
-        width = max(map(len, segments))
-        tokens = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        real = torch.zeros(len(rows), width, dtype=torch.bool)
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        for row, (segment, cached) in enumerate(zip(segments, self.cached)):
-            tokens[row, width - len(segment):] = torch.tensor(segment)
-            real[row, width - len(segment):] = True
-            positions[row, width - len(segment):] = torch.arange(cached, cached + len(segment))
-        following = self._forward(tokens, positions, real)
+        following = self._prefill(segments)
 
         answers: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
@@ -76,6 +73,41 @@ class DialogueBatch:
             live = torch.tensor([not d for d in done])
             last = torch.tensor([a[-1] if not d else self.pad for a, d in zip(answers, done)])
             following = self._forward(last[:, None], torch.tensor(self.cached)[:, None], live[:, None])
+
+    def _prefill(self, segments: list[list[int]]) -> torch.Tensor:
+        """Append each row's new tokens to its cache; the greedy token that follows each row [B]. Rows of similar
+        length are prefilled together (:func:`prefill_groups`), each group in a forward of its own on its rows'
+        cache, and the groups' caches are stacked and packed again, so a long segment does not pad every row."""
+        groups = prefill_groups([len(s) for s in segments], self.MAX_PREFILL_FORWARDS)
+        if len(groups) == 1:
+            return self._forward(*_right_aligned(segments, self.cached, self.pad))
+        parts, following = [], torch.zeros(len(segments), dtype=torch.long)
+        for group in groups:
+            part = self._part(group)
+            following[group] = part._forward(*_right_aligned([segments[i] for i in group], part.cached, self.pad))
+            parts.append(part)
+        self._join(parts, groups)
+        return following
+
+    def _part(self, rows: list[int]) -> "DialogueBatch":
+        """A batch of rows ``rows`` of this one (copies of their cache); this one is left as it is."""
+        part = DialogueBatch(self.model, sorted(self.eos), self.pad)
+        index = torch.tensor(rows, dtype=torch.long)
+        if self.valid.shape[1]:
+            part.cache = self.cache.take_rows(index)
+        part.valid, part.cached = self.valid[index], [self.cached[i] for i in rows]
+        return part
+
+    def _join(self, parts: list["DialogueBatch"], rows: list[list[int]]) -> None:
+        """This batch becomes the rows of ``parts``, part ``p``'s row ``k`` as row ``rows[p][k]``, each row's real
+        columns packed to the right."""
+        self.cache = KVCache.stack_rows([part.cache for part in parts])
+        width = max(part.valid.shape[1] for part in parts)
+        self.valid = torch.cat([torch.nn.functional.pad(part.valid, (0, width - part.valid.shape[1]))
+                                for part in parts])
+        self.cached = [c for part in parts for c in part.cached]
+        stacked = {row: n for n, row in enumerate(row for part_rows in rows for row in part_rows)}
+        self._keep([stacked[row] for row in range(len(stacked))])
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` [B, n] (``real`` [B, n]: False for padding) to the cache; the greedy token that follows
@@ -109,3 +141,42 @@ class DialogueBatch:
             sources = torch.tensor([0 if r is None else r for r in rows], dtype=torch.long)
             self.cache.select(sources, packed)
         self.valid, self.cached = valid, [0 if r is None else self.cached[r] for r in rows]
+
+
+def _right_aligned(segments: list[list[int]], cached: list[int], pad: int) -> tuple[torch.Tensor, ...]:
+    """Tokens [B, width] of ``segments`` right-aligned with ``pad`` before them, their positions (row ``b``'s from
+    ``cached[b]`` on) and which columns are real."""
+    width = max(map(len, segments))
+    tokens = torch.full((len(segments), width), pad, dtype=torch.long)
+    real = torch.zeros(len(segments), width, dtype=torch.bool)
+    positions = torch.zeros(len(segments), width, dtype=torch.long)
+    for row, (segment, start) in enumerate(zip(segments, cached)):
+        tokens[row, width - len(segment):] = torch.tensor(segment)
+        real[row, width - len(segment):] = True
+        positions[row, width - len(segment):] = torch.arange(start, start + len(segment))
+    return tokens, positions, real
+
+
+def prefill_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
+    """Rows (indices into ``lengths``) in at most ``max_groups`` groups of consecutive lengths, the partition with
+    the fewest padded row-columns (sum over groups of rows x longest): one forward per group pads each row only to
+    its group's longest. Dynamic programming over the rows sorted by length."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    n, inf = len(sizes), float("inf")
+    # best[g][j]: fewest row-columns for the first j sorted rows in g groups; cut[g][j]: where its last group starts
+    best = [[0.0] + [inf] * n] + [[inf] * (n + 1) for _ in range(max_groups)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (j - i) * sizes[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g = min(range(1, max_groups + 1), key=lambda k: (best[k][n], k))  # fewest groups among the cheapest
+    groups, j = [], n
+    while j:
+        i = cut[g][j]
+        groups.append(order[i:j])
+        j, g = i, g - 1
+    return groups[::-1]

@@ -158,6 +158,32 @@ class KVCache:
             layer.reset()
             layer.update(keys, values)
 
+    def take_rows(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding rows ``rows`` [R] of this one, all their positions; this one is left as it is."""
+        taken = KVCache(self.config, self.full_layers)
+        if self.length:
+            taken._hf.layers = [SlabLayer() for _ in self._hf.layers]
+            for mine, theirs in zip(self._hf.layers, taken._hf.layers):
+                index = rows.to(mine.keys.device)
+                theirs.update(mine.keys.index_select(0, index), mine.values.index_select(0, index))
+        return taken
+
+    @classmethod
+    def stack_rows(cls, caches: list["KVCache"]) -> "KVCache":
+        """One cache holding the rows of ``caches`` one after the other, each padded at its end to the longest with
+        positions of zeros (for the caller to mask out or drop with :meth:`select`)."""
+        if not caches or any(c.length == 0 for c in caches):
+            raise ValueError("stacking needs caches that all hold positions")
+        longest = max(c.length for c in caches)
+        stacked = KVCache(caches[0].config, caches[0].full_layers)
+        stacked._hf.layers = [SlabLayer() for _ in caches[0]._hf.layers]
+        for index, layer in enumerate(stacked._hf.layers):
+            parts = [(c._hf.layers[index].keys, c._hf.layers[index].values) for c in caches]
+            pad = [(0, 0, 0, longest - keys.shape[-2]) for keys, _ in parts]
+            layer.update(torch.cat([torch.nn.functional.pad(k, p) for (k, _), p in zip(parts, pad)]),
+                         torch.cat([torch.nn.functional.pad(v, p) for (_, v), p in zip(parts, pad)]))
+        return stacked
+
 
 class BatchedKVCache:
     """Several sequences' caches side by side for one batched forward, right-padded to the longest.
