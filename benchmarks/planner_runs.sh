@@ -14,7 +14,6 @@ for run in "${runs[@]}"; do
   case "$run" in
     fp32)  # MT-bench, both turns: the planner against the hand-tuned 4-node budgets, in one interleaved run
       $FS calibrate --model smollm2-135m
-      sleep 90  # the bench reads the 1-minute load average at its start: let the calibration's threads leave it
       $FS bench --methods $METHODS --datasets mt-bench --max-new-tokens 64 \
         --num-prompts "$PROMPTS" --out "$OUT/$NAME" --no-progress --resume ;;
     paths)  # each product path forced in turn, MT-bench first turns

@@ -413,3 +413,7 @@ def test_contention_flag_discounts_the_benchmarks_own_threads():
     assert not contended(env(0.3), env(2.1))  # our own two threads on two cores
     assert contended(env(0.3), env(3.8))  # something else ran alongside
     assert contended(env(2.5), env(2.1))  # the machine was busy when the run started
+    # measured during the run, the sampled CPU time of other processes decides, not the load average
+    quiet = {"mean_cores": 0.05, "max_cores": 0.3, "interval_s": 15, "samples": 40}
+    assert not contended(env(2.5), env(2.1), quiet)
+    assert contended(env(0.3), env(2.1), {**quiet, "max_cores": 1.2})

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..batch import BatchGenerator
 from ..generate import GenerationResult
+from ..machine_load import OtherProcessesLoad
 from ..models import load_target
 from ..target import TargetModel
 from .datasets import BenchPrompt, load_dataset
@@ -60,7 +61,7 @@ def run_batch_bench(config: BenchConfig) -> dict:
                "environment": {"start": environment()}, "rows": [],
                "datasets": [{"name": d.name, "source": d.source, "prompts": len(d.prompts)} for d in datasets]}
     too_long: dict[str, set] = {d.name: set() for d in datasets}
-    with PeakMemory():
+    with PeakMemory(), OtherProcessesLoad() as others:
         for dtype in config.dtypes:
             target = load_target(config.model, dtype=dtype, device=config.device)
             methods, skipped = build_methods(list(config.methods), target, config.model, config.options)
@@ -82,7 +83,7 @@ def run_batch_bench(config: BenchConfig) -> dict:
                                         for s in skipped]
             del target, methods, engine
             gc.collect()
-    return finish_summary(summary, too_long)
+    return finish_summary(summary, too_long, others)
 
 
 def _run_setting(config: BenchConfig, target: TargetModel, methods: list[EngineMethod], sizes: list[int],

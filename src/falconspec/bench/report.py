@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from ..machine_load import shared
 from .methods import BASELINE, COMPARED_WITH, LLAMACPP_METHODS
 
 PLAIN_METHODS = (BASELINE, "hf", "llamacpp")  # plain decoding: every accepted length is 1, nothing to plot
@@ -76,10 +77,11 @@ def header(summary: dict, title: str) -> list[str]:
     lines = [f"# {title}", "",
              f"{start['time']} to {end['time']} on {start['cpu'] or start['platform']} ({start['cpu_count']} cores, "
              f"{start['torch_threads']} torch threads), torch {start['torch']}, transformers {start['transformers']}, "
-             f"falconspec {start['falconspec']}. Load average at start {_load(start)}, at end {_load(end)}.", ""]
-    if contended(start, end):
-        lines += ["> **Contended machine**: other processes loaded the CPU during the run (load average beyond the "
-                  "benchmark's own threads), so these timings are not results.", ""]
+             f"falconspec {start['falconspec']}. Load average at start {_load(start)}, at end {_load(end)}."
+             + _others_line(env.get("other_processes")), ""]
+    if contended(start, end, env.get("other_processes")):
+        lines += ["> **Contended machine**: other processes used the CPU during the run, so these timings are not "
+                  "results.", ""]
     if summary.get("command"):
         lines += [f"Command: `{summary['command']}`", ""]
     return lines
@@ -104,11 +106,22 @@ def markdown(summary: dict, legend: bool = True) -> str:
     return "\n".join(lines + ([legend_text] if legend else []))
 
 
-def contended(start: dict, end: dict) -> bool:
-    """Did other work share the CPU? The 1-minute load average at the end counts the benchmark's own torch threads,
-    so those are subtracted; at the start it shows what ran just before (half the cores or more is too much)."""
+def contended(start: dict, end: dict, others: dict | None = None) -> bool:
+    """Did other work share the CPU? As measured during the run (:func:`~falconspec.machine_load.shared`); without
+    that measurement (older summaries, no ``/proc/stat``), the 1-minute load average: at the end less the
+    benchmark's own torch threads, at the start what ran just before; half the cores or more is too much."""
+    cores = start["cpu_count"]
+    if others:
+        return shared(others, cores)
     others_at_end = end["load_average"][0] - end["torch_threads"]
-    return max(start["load_average"][0], others_at_end) >= 0.5 * start["cpu_count"] + 0.5
+    return max(start["load_average"][0], others_at_end) >= 0.5 * cores + 0.5
+
+
+def _others_line(others: dict | None) -> str:
+    if not others:
+        return ""
+    return (f" Other processes used {others['mean_cores']:.2f} cores on average, {others['max_cores']:.2f} in the "
+            f"busiest {others['interval_s']:g} s.")
 
 
 def _not_run(rows: list[dict]) -> list[str]:

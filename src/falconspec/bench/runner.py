@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..calibrate import cpu_info
+from ..machine_load import OtherProcessesLoad
 from ..models import load_target, parse_dtype
 from ..target import TargetModel
 from .answers import AnswerKey, PromptRecord, append_answers, read_answers
@@ -100,7 +101,7 @@ def run_bench(config: BenchConfig) -> dict:
                "datasets": [{"name": d.name, "source": d.source, "prompts": len(d.prompts)} for d in datasets]}
     too_long: dict[str, set] = {d.name: set() for d in datasets}
     reference = None  # the float32 model that bf16/fp16 greedy answers are checked against (reference.py)
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, OtherProcessesLoad() as others:
         for dtype in config.dtypes:
             target = load_target(config.model, dtype=dtype, device=config.device)
             methods, skipped = build_methods(list(config.methods), target, config.model, config.options)
@@ -113,14 +114,16 @@ def run_bench(config: BenchConfig) -> dict:
                 summary["rows"] += setting.run(methods, skipped, datasets, too_long)
             del target, methods, setting
             gc.collect()
-    return finish_summary(summary, too_long)
+    return finish_summary(summary, too_long, others)
 
 
-def finish_summary(summary: dict, too_long: dict[str, set]) -> dict:
-    """Close a run's summary: the prompts each dataset skipped as too long, and the machine's state at the end."""
+def finish_summary(summary: dict, too_long: dict[str, set], others: OtherProcessesLoad) -> dict:
+    """Close a run's summary: the prompts each dataset skipped as too long, the machine's state at the end and the
+    CPU other processes used during the run."""
     for entry in summary["datasets"]:
         entry["skipped_too_long"] = sorted(too_long[entry["name"]], key=str)
     summary["environment"]["end"] = environment()
+    summary["environment"]["other_processes"] = others.summary()
     return summary
 
 
