@@ -11,8 +11,8 @@ import torch
 from falconspec.data import Conversation, GenDataConfig, ShardDataset, generate_dataset
 from falconspec.testing import save_tiny_model
 from falconspec.token_data import (
-    FORMAT_NAME, TokenDataConfig, TokenSample, features_from_tokens, generate_token_dataset,
-    read_manifest, read_token_shard, regenerate, token_dtype, user_turns, write_token_shard,
+    FORMAT_NAME, Dialogue, GenStats, TokenDataConfig, TokenSample, features_from_tokens, generate_token_dataset,
+    read_manifest, read_token_shard, regenerate, stream_dialogues, token_dtype, user_turns, write_token_shard,
 )
 
 
@@ -148,6 +148,37 @@ def test_manifest_and_resume_skip_done_conversations(tmp_path, tiny_dir):
     write_convs(src, 8, turns=3)  # the source grew: one new conversation, but other settings are refused
     with pytest.raises(ValueError, match="other generation settings.*max_new_tokens"):
         generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_new_tokens": 9}), progress=quiet)
+
+
+def test_rounds_that_end_early_answer_as_rounds_that_run_to_the_end(qwen2, monkeypatch):
+    """A round ends once a quarter of its rows have ended their answer: the other rows carry their answers into the
+    next round while the ended ones take their next turn. In fp32 every answer is what one-row-at-a-time gives,
+    with fewer decoding steps padded."""
+    import collections
+
+    import falconspec.token_data as token_data
+
+    convs = [conv(i, 1 + i % 3) for i in range(9)]
+    budgets = {"max_len": 300, "max_new_tokens": 12}
+    # random weights seldom end an answer: make a token the model often writes end one too, so answers end apart
+    plain, _ = regenerate(qwen2.model, qwen2.tokenizer, convs, batch_size=1, **budgets)
+    counts = collections.Counter(t for s in plain for lo, hi in s.spans for t in s.input_ids[lo:hi - 1])
+    eos = token_data.eos_ids(qwen2.model, qwen2.tokenizer)
+    monkeypatch.setattr(token_data, "eos_ids", lambda *a: eos + [counts.most_common(3)[-1][0]])
+
+    def stream(refill_at):
+        stats = GenStats()
+        done = list(stream_dialogues(qwen2.model, qwen2.tokenizer, [Dialogue(c) for c in convs], batch_size=4,
+                                     stats=stats, refill_at=refill_at, **budgets))
+        return sorted((d.sample for d in done), key=lambda s: s.id), stats
+
+    early, early_stats = stream(0.25)
+    to_the_end, end_stats = stream(1.0)
+    one, _ = regenerate(qwen2.model, qwen2.tokenizer, convs, batch_size=1, **budgets)
+    assert early == to_the_end == sorted(one, key=lambda s: s.id)
+    assert early_stats.answers == end_stats.answers == sum(len(s.spans) for s in one)
+    assert early_stats.answer_tokens == end_stats.answer_tokens
+    assert early_stats.padded_steps < end_stats.padded_steps
 
 
 def test_reuse_keeps_its_rows_full_across_shards(tmp_path, tiny_dir):

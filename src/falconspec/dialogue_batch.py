@@ -6,8 +6,10 @@ answers. Here the conversations of a batch share one :class:`~.kv_cache.KVCache`
 
 * a **round** extends every row by the tokens that are new since its last forward (its last answer token, the
   template's text closing the answer, the next user message, the answer prompt), then decodes greedily, one token
-  per row per forward, until every row's answer has ended (an end-of-turn token or its budget); a row whose answer
-  ended feeds padding;
+  per row per forward, until every row's answer has ended (an end-of-turn token or its budget; a row whose answer
+  ended feeds padding), or, with ``until_ended``, until that many have: gen-data ends a round once a quarter of its
+  rows have, and the unfinished rows continue their answers in the next round, whose only new token for them is
+  their last answer token (:func:`~.token_data.stream_dialogues`);
 * the new tokens are prefilled right-aligned, in at most four forwards of rows with similar lengths
   (:func:`prefill_groups`, each on a copy of its rows' cache, stacked and packed again afterwards): in one forward
   a single long user message padded all 32 rows to its length, and 78% of the prefilled row-columns were padding;
@@ -44,15 +46,19 @@ class DialogueBatch:
         self.cached: list[int] = []  # per row: real tokens cached (= the row's next position)
 
     @torch.inference_mode()
-    def answer(self, rows: list[int | None], prompts: list[list[int]],
-               budgets: list[int]) -> tuple[list[list[int]], int]:
+    def answer(self, rows: list[int | None], prompts: list[list[int]], budgets: list[int],
+               until_ended: int | None = None) -> tuple[list[list[int]], int]:
         """One round: row ``i`` continues row ``rows[i]`` of the last round (None: a new, empty row) with prompt
         ``prompts[i]``, which must start with what that row has cached; rows of the last round not continued are
         dropped. Returns the greedy answers (each up to and including its end-of-turn token, at most its budget) and
-        the number of tokens prefilled."""
+        the number of tokens prefilled. ``until_ended``: stop decoding once that many answers have ended (default:
+        all); the others are returned unfinished, and a later round continues such a row with its prompt plus what it
+        has answered so far (its last token is then the only new one) and the rest of its budget."""
         if len(rows) != len(prompts) or len(budgets) != len(prompts) or not prompts:
             raise ValueError(f"need one row and one budget per prompt, got {len(rows)} rows, {len(budgets)} budgets "
                              f"and {len(prompts)} prompts")
+        if min(budgets) < 1:
+            raise ValueError(f"every budget must be at least one token, got {min(budgets)}")
         self._keep(rows)
         segments = []
         for cached, prompt in zip(self.cached, prompts):
@@ -68,7 +74,7 @@ class DialogueBatch:
                 if not done[row]:
                     answers[row].append(token)
                     done[row] = token in self.eos or len(answers[row]) >= budgets[row]
-            if all(done):
+            if sum(done) >= (until_ended or len(rows)):
                 return answers, sum(map(len, segments))
             live = torch.tensor([not d for d in done])
             last = torch.tensor([a[-1] if not d else self.pad for a, d in zip(answers, done)])

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "falconspec-token-shards"
 FORMAT_VERSION = 1
 PROMPT_MARGIN = 16  # a turn is answered only if its prompt leaves at least this many tokens of max_len
+REFILL_AT = 0.25  # --cache reuse: a round ends once this share of its rows have ended their answer (stream_dialogues)
 LOCK_NAME = ".manifest.lock"  # beside manifest.json: processes growing one dataset take turns recording shards
 CACHES = ("reuse", "dynamic", "static")  # how answers are generated: see answer_dialogues
 SENTINEL = "\u2063FALCONSPEC-ANSWER\u2063"  # stands in for an answer's text when rendering the template
@@ -260,7 +261,8 @@ def _on_sigcont(signum, frame) -> None:
 
 @dataclass
 class GenStats:
-    answers: int = 0
+    rows: int = 0  # batch rows decoding, summed over rounds
+    answers: int = 0  # answers that ended
     answer_tokens: int = 0
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens run through the target (fewer than prompt_tokens when caches are reused)
@@ -341,7 +343,8 @@ def _answer_batch(generate, dialogues: list[Dialogue], prompts: list[list[int]],
     answers, prefilled = generate(prompts, budgets)
     elapsed = time.perf_counter() - start
     tokens = sum(len(a) for a in answers)
-    part = GenStats(answers=len(prompts), answer_tokens=tokens, prompt_tokens=sum(map(len, prompts)),
+    part = GenStats(rows=len(prompts), answers=len(prompts), answer_tokens=tokens,
+                    prompt_tokens=sum(map(len, prompts)),
                     prefilled_tokens=prefilled, padded_steps=len(prompts) * max(len(a) for a in answers))
     if _continued != before:
         part.paused_batches, part.paused_seconds = 1, elapsed
@@ -379,35 +382,81 @@ def answer_dialogues(model, tokenizer, dialogues: list[Dialogue], max_len: int, 
     return stats
 
 
+@dataclass
+class _Turn:
+    """A turn being answered in a row of :func:`stream_dialogues`: its prompt, budget and the answer so far."""
+    dialogue: Dialogue
+    prompt: list
+    budget: int
+    answer: list = field(default_factory=list)
+
+    def ended(self, eos: list[int]) -> bool:
+        return bool(self.answer) and (self.answer[-1] in eos or len(self.answer) >= self.budget)
+
+
 def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: int, max_new_tokens: int,
-                     batch_size: int, stats: GenStats, on_batch=None, pool: int = 0) -> Iterator[Dialogue]:
+                     batch_size: int, stats: GenStats, on_batch=None, pool: int = 0,
+                     refill_at: float = REFILL_AT) -> Iterator[Dialogue]:
     """Answer the turns of ``dialogues`` (:mod:`.dialogue_batch`) and yield each one when it has no turn left, in the
     order they finish (one whose first prompt does not fit at once).
 
     Up to ``batch_size`` dialogues answer their turns round by round in one KV cache kept across turns, so only the
-    tokens new since the last answer are prefilled. A dialogue with no turn left frees its row for the next one
-    waiting: the shortest first prompt among ``pool`` (default ``batch_size``) drawn ahead from ``dialogues``, which
-    is read lazily, so the rows stay full until the source ends. Timing goes to ``stats`` and ``on_batch``."""
+    tokens new since the last answer are prefilled. A round ends once ``refill_at`` of its rows (at least one) have
+    ended their answer; the other rows carry their unfinished answers into the next round, and the ended ones take
+    their dialogue's next turn, or, for a dialogue with no turn left, the next one waiting: the shortest first
+    prompt among ``pool`` (default ``batch_size``) drawn ahead from ``dialogues``, which is read lazily. So rows
+    seldom idle until a round's longest answer ends. Timing goes to ``stats`` and ``on_batch``."""
     from .dialogue_batch import DialogueBatch
 
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     source, pool = iter(dialogues), pool or batch_size
-    batch, rows, waiting = DialogueBatch(model, eos, pad), [], []  # rows: the dialogue of each cache row
+    batch, rows, waiting = DialogueBatch(model, eos, pad), [], []  # rows: the turn of each cache row
+
+    def budget(prompt: list[int]) -> int:
+        return min(max_new_tokens, max_len - len(prompt))
+
     while True:
         drawn = list(itertools.islice(source, max(pool - len(waiting), 0)))
         ready = dict(_next_prompts(drawn, tokenizer, eos, max_len))  # index -> first prompt, if it fits
         yield from (d for i, d in enumerate(drawn) if i not in ready)
         waiting = sorted(waiting + [(drawn[i], prompt) for i, prompt in ready.items()], key=lambda dp: len(dp[1]))
-        round_ = [(row, rows[row], prompt) for row, prompt in _next_prompts(rows, tokenizer, eos, max_len)]
-        yield from (d for d in rows if not d.pending)
+        round_ = [(row, turn) for row, turn in enumerate(rows) if not turn.ended(eos)]  # unfinished answers go on
+        ended = [(row, turn.dialogue) for row, turn in enumerate(rows) if turn.ended(eos)]
+        for i, prompt in _next_prompts([d for _, d in ended], tokenizer, eos, max_len):  # their next turns
+            round_.append((ended[i][0], _Turn(ended[i][1], prompt, budget(prompt))))
+        yield from (d for _, d in ended if not d.pending)
         while len(round_) < batch_size and waiting:  # free rows take the next waiting conversations
-            round_.append((None, *waiting.pop(0)))
+            d, prompt = waiting.pop(0)
+            round_.append((None, _Turn(d, prompt, budget(prompt))))
         if not round_:
             return
-        sources, rows, prompts = map(list, zip(*round_))
-        _answer_batch(lambda ps, bs: batch.answer(sources, ps, bs), rows, prompts, eos, max_len, max_new_tokens,
-                      stats, on_batch)
+        sources, rows = map(list, zip(*round_))
+        new_prompts = [turn.prompt for turn in rows if not turn.answer]
+        prompts = [turn.prompt + turn.answer for turn in rows]
+        budgets = [turn.budget - len(turn.answer) for turn in rows]
+        refills = waiting or any(t.dialogue.answered + 1 < len(t.dialogue.turns) for t in rows)
+        until = max(1, round(refill_at * len(rows))) if refills else None  # nothing to refill: run all to the end
+        before, start = _continued, time.perf_counter()
+        answers, prefilled = batch.answer(sources, prompts, budgets, until_ended=until)
+        elapsed = time.perf_counter() - start
+        for turn, answer in zip(rows, answers):
+            turn.answer = turn.answer + answer
+        finished = [turn for turn in rows if turn.ended(eos)]
+        for turn in finished:
+            turn.dialogue.add_answer(turn.prompt, turn.answer, cut=turn.answer[-1] not in eos)
+        tokens = sum(map(len, answers))
+        part = GenStats(rows=len(rows), answers=len(finished), answer_tokens=tokens,
+                        prompt_tokens=sum(map(len, new_prompts)),
+                        prefilled_tokens=prefilled, padded_steps=len(rows) * max(map(len, answers)))
+        if _continued != before:
+            part.paused_batches, part.paused_seconds = 1, elapsed
+            part.paused_answer_tokens, part.paused_answers = tokens, len(finished)
+        else:
+            part.seconds = elapsed
+        stats.add(part)
+        if on_batch is not None:
+            on_batch(part)
 
 
 def regenerate(model, tokenizer, convs: list[Conversation], max_len: int, max_new_tokens: int, batch_size: int,
@@ -676,8 +725,8 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
     def on_batch(part: GenStats) -> None:
         shard_stats.add(part)
         rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
-        progress(f"  {tag}batch: {part.answers} prompts ({part.prompt_tokens} prompt tokens) -> "
-                 f"{part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
+        progress(f"  {tag}batch: {part.rows} rows, {part.answers} answers ended ({part.prompt_tokens} new prompt "
+                 f"tokens) -> {part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
 
     order = {c.id: n for n, c in enumerate(todo)}
 
