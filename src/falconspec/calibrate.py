@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .kernels import FEW_ROW, STOCK
-from .machine_load import OtherProcessesLoad, shared
+from .machine_load import OtherProcessesLoad
 from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
@@ -318,10 +318,10 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
                             times[path][n].append(elapsed)
         finally:
             target.matmul_policy.set(saved)
-    load = others.summary()  # None where it cannot be measured: then the load average decides
+    # other processes' CPU use while measuring, for the record; "busy" stays the load average's verdict, the same
+    # test that decides later whether the machine is quiet enough to measure again
     return {"effort": effort.name, "prefix": prefix_len, "rounds": effort.rounds, "sizes": list(effort.sizes),
-            "load_average": os.getloadavg()[0], "other_processes": load,
-            "busy": shared(load, os.cpu_count() or 1) if load else busy(),
+            "load_average": os.getloadavg()[0], "other_processes": others.summary(), "busy": busy(),
             "seconds": {p: [statistics.median(times[p][n]) for n in effort.sizes] for p in paths}}
 
 

@@ -342,18 +342,23 @@ def _answer_batch(generate, dialogues: list[Dialogue], prompts: list[list[int]],
     before, start = _continued, time.perf_counter()
     answers, prefilled = generate(prompts, budgets)
     elapsed = time.perf_counter() - start
-    tokens = sum(len(a) for a in answers)
-    part = GenStats(rows=len(prompts), answers=len(prompts), answer_tokens=tokens,
-                    prompt_tokens=sum(map(len, prompts)),
-                    prefilled_tokens=prefilled, padded_steps=len(prompts) * max(len(a) for a in answers))
-    if _continued != before:
+    for d, prompt, answer in zip(dialogues, prompts, answers):
+        d.add_answer(prompt, answer, cut=not answer or answer[-1] not in eos)
+    _record(GenStats(rows=len(prompts), answers=len(prompts), answer_tokens=sum(map(len, answers)),
+                     prompt_tokens=sum(map(len, prompts)), prefilled_tokens=prefilled,
+                     padded_steps=len(prompts) * max(map(len, answers))),
+            elapsed, _continued != before, stats, on_batch)
+
+
+def _record(part: GenStats, elapsed: float, paused: bool, stats: GenStats, on_batch) -> None:
+    """Add one batch's counts to ``stats`` and report them to ``on_batch``: with its time, or, if the process was
+    paused meanwhile (SIGCONT came), as paused."""
+    if paused:
         part.paused_batches, part.paused_seconds = 1, elapsed
-        part.paused_answer_tokens, part.paused_answers = tokens, len(prompts)
+        part.paused_answer_tokens, part.paused_answers = part.answer_tokens, part.answers
     else:
         part.seconds = elapsed
     stats.add(part)
-    for d, prompt, answer in zip(dialogues, prompts, answers):
-        d.add_answer(prompt, answer, cut=not answer or answer[-1] not in eos)
     if on_batch is not None:
         on_batch(part)
 
@@ -445,18 +450,10 @@ def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: i
         finished = [turn for turn in rows if turn.ended(eos)]
         for turn in finished:
             turn.dialogue.add_answer(turn.prompt, turn.answer, cut=turn.answer[-1] not in eos)
-        tokens = sum(map(len, answers))
-        part = GenStats(rows=len(rows), answers=len(finished), answer_tokens=tokens,
-                        prompt_tokens=sum(map(len, new_prompts)),
-                        prefilled_tokens=prefilled, padded_steps=len(rows) * max(map(len, answers)))
-        if _continued != before:
-            part.paused_batches, part.paused_seconds = 1, elapsed
-            part.paused_answer_tokens, part.paused_answers = tokens, len(finished)
-        else:
-            part.seconds = elapsed
-        stats.add(part)
-        if on_batch is not None:
-            on_batch(part)
+        _record(GenStats(rows=len(rows), answers=len(finished), answer_tokens=sum(map(len, answers)),
+                         prompt_tokens=sum(map(len, new_prompts)), prefilled_tokens=prefilled,
+                         padded_steps=len(rows) * max(map(len, answers))),
+                elapsed, _continued != before, stats, on_batch)
 
 
 def regenerate(model, tokenizer, convs: list[Conversation], max_len: int, max_new_tokens: int, batch_size: int,
@@ -726,7 +723,8 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
         shard_stats.add(part)
         rate = f"{part.answer_tokens / part.seconds:.0f} tok/s" if part.seconds else "paused meanwhile"
         progress(f"  {tag}batch: {part.rows} rows, {part.answers} answers ended ({part.prompt_tokens} new prompt "
-                 f"tokens) -> {part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s ({rate})")
+                 f"tokens) -> {part.answer_tokens} answer tokens in {part.seconds + part.paused_seconds:.0f} s "
+                 f"({rate})")
 
     order = {c.id: n for n, c in enumerate(todo)}
 
