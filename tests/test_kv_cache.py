@@ -42,6 +42,26 @@ def test_select_keeps_rows_and_reorders_positions(llama):
         torch.testing.assert_close(layer.values[1], values[0][:, [1, 1, 2]])
 
 
+def test_take_rows_copies_and_stack_rows_pads_at_the_end(llama):
+    cache = KVCache(llama.config)
+    llama.decoder(input_ids=torch.arange(10, 40).reshape(3, 10), use_cache=True,
+                  **cache.forward_kwargs(llama.decoder.forward))
+    short = KVCache(llama.config)
+    llama.decoder(input_ids=torch.arange(50, 54).reshape(1, 4), use_cache=True,
+                  **short.forward_kwargs(llama.decoder.forward))
+    taken = cache.take_rows(torch.tensor([2, 0]))
+    stacked = KVCache.stack_rows([taken, short])
+    assert cache.length == taken.length == stacked.length == 10
+    for whole, mine, theirs, both in zip(cache._hf.layers, taken._hf.layers, short._hf.layers, stacked._hf.layers):
+        assert mine.keys.data_ptr() != whole.keys.data_ptr()  # a copy: the source is left as it is
+        torch.testing.assert_close(mine.keys, whole.keys[[2, 0]])
+        torch.testing.assert_close(both.values[:2], whole.values[[2, 0]])
+        torch.testing.assert_close(both.keys[2, :, :4], theirs.keys[0])
+        assert not both.keys[2, :, 4:].any()  # padded at the end with zeros
+    with pytest.raises(ValueError, match="hold positions"):
+        KVCache.stack_rows([taken, KVCache(llama.config)])
+
+
 def test_dialogue_batch_rounds_answer_as_each_row_alone(llama):
     """Rows of different lengths answered over two rounds (one row dropped, one new row joining, the kept rows
     reordered) give the greedy answers of each prompt decoded alone."""
