@@ -41,13 +41,11 @@ import torch
 from torch import nn
 
 from .kernels import FEW_ROW, STOCK
-from .machine_load import OtherProcessesLoad
 from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-LOAD_INTERVAL = 5.0  # seconds between samples of other processes' CPU use while measuring
 MIN_PRIOR_TRIALS = 12  # calibration trials a (depth, rank) cell needs to set the planner's prior
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
@@ -299,29 +297,26 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
     saved = target.matmul_policy.few_row_sizes
     times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in effort.sizes} for p in paths}
     cache = target.new_cache()  # its own: a calibration never disturbs a generation on the same target
-    with OtherProcessesLoad(interval=LOAD_INTERVAL) as others:
-        try:
-            target.prefill(prefix[:prefix_len], cache=cache)
-            # a warm-up forward per path (the largest: it allocates the most), then rounds interleaving sizes and paths
-            for round_index, sizes in enumerate([effort.sizes[-1:]] + [effort.sizes] * effort.rounds):
-                for n in sizes:
-                    tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
-                    for path in paths:
-                        target.matmul_policy.set(effort.sizes[1:] if path == FEW_ROW else ())
-                        start = time.perf_counter()
-                        target.forward_tree(tree, cache=cache)
-                        if target.device.type == "cuda":
-                            torch.cuda.synchronize(target.device)
-                        elapsed = time.perf_counter() - start
-                        target.compact([], n, cache=cache)
-                        if round_index:
-                            times[path][n].append(elapsed)
-        finally:
-            target.matmul_policy.set(saved)
-    # other processes' CPU use while measuring, for the record; "busy" stays the load average's verdict, the same
-    # test that decides later whether the machine is quiet enough to measure again
+    try:
+        target.prefill(prefix[:prefix_len], cache=cache)
+        # one warm-up forward per path (the largest: it allocates the most), then rounds interleaving sizes and paths
+        for round_index, sizes in enumerate([effort.sizes[-1:]] + [effort.sizes] * effort.rounds):
+            for n in sizes:
+                tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
+                for path in paths:
+                    target.matmul_policy.set(effort.sizes[1:] if path == FEW_ROW else ())
+                    start = time.perf_counter()
+                    target.forward_tree(tree, cache=cache)
+                    if target.device.type == "cuda":
+                        torch.cuda.synchronize(target.device)
+                    elapsed = time.perf_counter() - start
+                    target.compact([], n, cache=cache)
+                    if round_index:
+                        times[path][n].append(elapsed)
+    finally:
+        target.matmul_policy.set(saved)
     return {"effort": effort.name, "prefix": prefix_len, "rounds": effort.rounds, "sizes": list(effort.sizes),
-            "load_average": os.getloadavg()[0], "other_processes": others.summary(), "busy": busy(),
+            "load_average": os.getloadavg()[0], "busy": busy(),
             "seconds": {p: [statistics.median(times[p][n]) for n in effort.sizes] for p in paths}}
 
 

@@ -216,6 +216,11 @@ class Dialogue:
     def pending(self) -> bool:
         return not self.stopped and self.answered < len(self.turns)
 
+    @property
+    def has_later_turn(self) -> bool:
+        """A turn after the one being answered (whether its prompt will fit is not known yet)."""
+        return not self.stopped and self.answered + 1 < len(self.turns)
+
     def _messages(self, through: int) -> list:
         """Leading system messages and turns [0, through) with a placeholder for each answer."""
         msgs = list(self.lead)
@@ -312,6 +317,11 @@ def greedy_batch(model, prompts: list[list[int]], budgets: list[int], eos: list[
     return answers
 
 
+def answer_budget(prompt: list[int], max_len: int, max_new_tokens: int) -> int:
+    """New tokens a turn may answer: ``max_new_tokens``, fewer where the context would overflow ``max_len``."""
+    return min(max_new_tokens, max_len - len(prompt))
+
+
 def _next_prompts(dialogues: list[Dialogue], tokenizer, eos: list[int], max_len: int) -> list[tuple[int, list[int]]]:
     """(index, prompt) of each dialogue with a turn to go whose prompt fits ``max_len``; the others stop."""
     round_ = []
@@ -338,7 +348,7 @@ def _answer_batch(generate, dialogues: list[Dialogue], prompts: list[list[int]],
                   max_new_tokens: int, stats: GenStats, on_batch) -> None:
     """Answer one batch of turns with ``generate(prompts, budgets) -> (answers, prefilled tokens)``, record them in
     the dialogues and the timing in ``stats``."""
-    budgets = [min(max_new_tokens, max_len - len(p)) for p in prompts]
+    budgets = [answer_budget(p, max_len, max_new_tokens) for p in prompts]
     before, start = _continued, time.perf_counter()
     answers, prefilled = generate(prompts, budgets)
     elapsed = time.perf_counter() - start
@@ -417,10 +427,6 @@ def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     source, pool = iter(dialogues), pool or batch_size
     batch, rows, waiting = DialogueBatch(model, eos, pad), [], []  # rows: the turn of each cache row
-
-    def budget(prompt: list[int]) -> int:
-        return min(max_new_tokens, max_len - len(prompt))
-
     while True:
         drawn = list(itertools.islice(source, max(pool - len(waiting), 0)))
         ready = dict(_next_prompts(drawn, tokenizer, eos, max_len))  # index -> first prompt, if it fits
@@ -429,18 +435,18 @@ def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: i
         round_ = [(row, turn) for row, turn in enumerate(rows) if not turn.ended(eos)]  # unfinished answers go on
         ended = [(row, turn.dialogue) for row, turn in enumerate(rows) if turn.ended(eos)]
         for i, prompt in _next_prompts([d for _, d in ended], tokenizer, eos, max_len):  # their next turns
-            round_.append((ended[i][0], _Turn(ended[i][1], prompt, budget(prompt))))
+            round_.append((ended[i][0], _Turn(ended[i][1], prompt, answer_budget(prompt, max_len, max_new_tokens))))
         yield from (d for _, d in ended if not d.pending)
         while len(round_) < batch_size and waiting:  # free rows take the next waiting conversations
             d, prompt = waiting.pop(0)
-            round_.append((None, _Turn(d, prompt, budget(prompt))))
+            round_.append((None, _Turn(d, prompt, answer_budget(prompt, max_len, max_new_tokens))))
         if not round_:
             return
         sources, rows = map(list, zip(*round_))
         new_prompts = [turn.prompt for turn in rows if not turn.answer]
         prompts = [turn.prompt + turn.answer for turn in rows]
         budgets = [turn.budget - len(turn.answer) for turn in rows]
-        refills = waiting or any(t.dialogue.answered + 1 < len(t.dialogue.turns) for t in rows)
+        refills = waiting or any(t.dialogue.has_later_turn for t in rows)
         until = max(1, round(refill_at * len(rows))) if refills else None  # nothing to refill: run all to the end
         before, start = _continued, time.perf_counter()
         answers, prefilled = batch.answer(sources, prompts, budgets, until_ended=until)
