@@ -3,7 +3,9 @@
 Per run NAME (a directory of runs/curve, or falcon / eagle / medusa for the shipped drafters, where a stage ran):
 - ``heldout``: the drafter on the whole held-out split (``data_curve.sh final NAME``), acc@1..4 and rollouts;
 - ``mtbench``: on the target's own MT-bench answers (``data_curve.sh mtb NAME``);
-- ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps);
+- ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps); ``slot_curve``: the
+  teacher-forced accuracy of a k-slot newest-slots drafter's last slot there (a ``--chain-attention`` drafter has
+  no rollouts: the engine does not draft with it, so ``slot_acc`` is its only held-out figure);
 - ``tau``: mean accepted length per target forward, bonus included, at fixed 4- and 16-node trees on MT-bench
   first turns (``data_curve.sh tau NAME``; 10 prompts, 64 tokens), whether every answer equalled greedy, and the
   speed-up (which means little when other jobs shared the cores, as they did).
@@ -31,12 +33,17 @@ def scores(directory: Path) -> dict | None:
     if not history:
         return None
     last = history[-1]
-    return {**{f"acc@{d}": last[f"acc@{d}"] for d in DEPTHS if f"acc@{d}" in last}, "rollouts": last["rollouts"]}
+    found = {f"acc@{d}": last[f"acc@{d}"] for d in DEPTHS if f"acc@{d}" in last}
+    for key in ("rollouts", "slot_acc"):  # teacher-forced accuracy per slot of a newest-slots drafter
+        if key in last:
+            found[key] = last[key]
+    return found or None
 
 
 def collect(name: str) -> dict:
     entry = {"heldout": scores(RUNS / "final" / name), "mtbench": scores(RUNS / "mtbench" / name),
-             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name)],
+             "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name) if "acc@1" in e],
+             "slot_curve": [e["slot_acc"][-1] for e in eval_history(RUNS / name) if "slot_acc" in e],
              "tau": tau_rows(RUNS / name / "tau" / "summary.json")}
     return {key: value for key, value in entry.items() if value}
 
@@ -49,7 +56,8 @@ def row(name: str, entry: dict) -> str:
     taus = entry.get("tau", {})
     tau_cell = " / ".join(f"{taus[n]['tau']:.2f}" for n in ("4", "16") if n in taus) or "–"
     curve = "/".join(f"{a:.3f}" for a in entry.get("curve", [])) or "–"
-    return f"| {name} | {accs('heldout')} | {accs('mtbench')} | {curve} | {tau_cell} |"
+    slots = " / ".join(f"{a:.3f}" for a in entry.get("heldout", {}).get("slot_acc", [])) or "–"
+    return f"| {name} | {accs('heldout')} | {slots} | {accs('mtbench')} | {curve} | {tau_cell} |"
 
 
 def main() -> None:
@@ -65,8 +73,9 @@ def main() -> None:
     data[args.key] = {"note": args.note or old.get("note", ""), "command": args.command or old.get("command", ""),
                       "runs": runs}
     OUT.write_text(json.dumps(data, indent=1) + "\n")
-    print("| run | held-out acc@1..4 | MT-bench answers acc@1..4 | in training acc@1 (every 100 steps) | τ@4 / τ@16 |")
-    print("|---|---|---|---|---|")
+    print("| run | held-out acc@1..4 | held-out slot acc, teacher forced | MT-bench answers acc@1..4 "
+          "| in training acc@1 (every 100 steps) | τ@4 / τ@16 |")
+    print("|---|---|---|---|---|---|")
     for name, entry in runs.items():
         print(row(name, entry))
 

@@ -23,20 +23,22 @@ def prompts(n, vocab, seed):
 
 
 def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, newest_pair=False, chain_slots=False,
-                newest_slots=False, reversed_slots=False, **options):
+                newest_slots=False, reversed_slots=False, chain_attention=False, **options):
     """Trees larger than the CPU default (16 nodes, depth 6) unless the test says otherwise: more paths to check.
-    ``newest_pair``, ``chain_slots``: their zero-initialised weights get random values, so that they matter;
-    ``newest_slots`` brings the chain with it."""
+    ``newest_pair``, ``chain_slots``, ``chain_attention``: their zero-initialised weights get random values, so that
+    they matter; ``newest_slots`` brings the chain with it."""
     torch.manual_seed(seed)
     model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab, newest_pair=newest_pair,
                                        chain_slots=chain_slots or newest_slots, newest_slots=newest_slots,
-                                       reversed_slots=reversed_slots)
+                                       reversed_slots=reversed_slots, chain_attention=chain_attention)
     chain_slots = chain_slots or newest_slots
     with torch.no_grad():
         if newest_pair:
             model.newest.weight.normal_(0, 0.05)
         if chain_slots:
             model.chain.down.weight.normal_(0, 0.5)
+        if chain_attention:
+            model.chain_attention.out.weight.normal_(0, 0.5)
     return SARDrafter(model.to(dtype), target, **{"num_nodes": 16, "depth": 6, **options})
 
 
@@ -67,6 +69,8 @@ def test_greedy_output_equals_plain_greedy(arch, k):
     {"chain_slots": True, "newest_pair": True, "static_tree": "k2-16"},
     {"newest_slots": True},
     {"newest_slots": True, "static_tree": "k2-16"},
+    {"newest_slots": True, "chain_attention": True},
+    {"newest_slots": True, "chain_attention": True, "static_tree": "k2-16"},
     {"reversed_slots": True},
     {"reversed_slots": True, "chain_slots": True, "newest_pair": True},
     {"static_tree": "k2-16"},
@@ -156,11 +160,13 @@ def test_expansion_equals_one_pass_over_the_branch(llama, newest_pair):
         torch.testing.assert_close(fresh[n - 2:], o2[rows2])
 
 
-def test_newest_slots_draft_every_slot_from_the_newest_position(llama):
+@pytest.mark.parametrize("chain_attention", [False, True])
+def test_newest_slots_draft_every_slot_from_the_newest_position(llama, chain_attention):
     """newest_slots: update and expansion passes are causal, and each block's slots all come from its newest
-    position's output (slot 1 through the chain on slot 0's token), equal to one fresh causal forward over the
-    committed pairs, the ancestor blocks and the own block."""
-    drafter = drafter_for(llama, 2, depth=6, branches=3, newest_slots=True)
+    position's output (slot 1 through the chain on slot 0's token; with chain_attention reading what that position
+    sees), equal to one fresh causal forward over the committed pairs, the ancestor blocks and the own block, and
+    to the teacher-forced slots of that forward."""
+    drafter = drafter_for(llama, 2, depth=6, branches=3, newest_slots=True, chain_attention=chain_attention)
     model, calls, forward = drafter.model, [], drafter._forward
     drafter._forward = lambda *args, **kw: calls.append(args[:2] + (forward(*args, **kw),)) or calls[-1][2]
     ids = torch.tensor(prompts(4, llama.vocab_size, seed=2)[3][:11])
@@ -172,16 +178,20 @@ def test_newest_slots_draft_every_slot_from_the_newest_position(llama):
     drafter.propose(ids, max_depth=6)
     (f1, t1, o1), (f2, t2, o2) = calls  # two expansion passes, three branches of two positions each
 
-    def chained(newest, token):
-        return model.chain(newest, model.embed(drafter.embedding, token))
+    def later_slot(features, tokens, token):  # slot 1 of the last position on `token`, teacher-forced
+        features, tokens = torch.cat([features, features[-1:]]), torch.cat([tokens, token.view(1)])
+        n, embeds = len(tokens), model.embed(drafter.embedding, tokens)[None]
+        return model(features[None], embeds, torch.arange(n)[None], relaxed_causal_mask(n, 0, 1),
+                     chain_embeds=embeds)[0, n - 2, 1]
 
     for b in range(3):
         rows2 = slice(2 * b, 2 * b + 2)
         parent = next(i for i in range(3) if torch.equal(f2[2 * b], o1[2 * i + 1]))  # its parent block's newest
         rows1 = slice(2 * parent, 2 * parent + 2)
-        torch.testing.assert_close(f2[2 * b + 1], chained(o1[2 * parent + 1], t2[2 * b]))
+        torch.testing.assert_close(f2[2 * b + 1], later_slot(torch.cat([hidden, f1[rows1]]),
+                                                             torch.cat([ids[1:], t1[rows1]]), t2[2 * b]))
         torch.testing.assert_close(f1[rows1][0], committed[-1])
-        torch.testing.assert_close(f1[rows1][1], chained(committed[-1], t1[2 * parent]))
+        torch.testing.assert_close(f1[rows1][1], later_slot(hidden, ids[1:], t1[2 * parent]))
         features = torch.cat([hidden, f1[rows1], f2[rows2]])
         tokens = torch.cat([ids[1:], t1[rows1], t2[rows2]])
         n = len(tokens)

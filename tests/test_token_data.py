@@ -339,3 +339,49 @@ def test_question_files_give_the_same_tokens_as_conversations(tmp_path, tiny_dir
     shards = [read_token_shard(tmp_path / name / read_manifest(tmp_path / name)["shards"][0]["file"])
               for name in ("conv", "questions")]
     assert shards[0] == shards[1] and [s.id for s in shards[1]] == ["c0", "c1", "c2"]
+
+
+def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny_dir):
+    """``falconspec train --data TOKENS --eval-data TOKENS`` computes, as steps read them, exactly the features
+    ``gen-data --from-tokens`` stores (its train and held-out splits), so a run on either trains the same drafter."""
+    from falconspec.data import is_heldout
+    from falconspec.models import load_target
+    from falconspec.train import train
+    from falconspec.train_common import TrainConfig, draft_vocabulary
+    from falconspec.token_data import TokenFeatures
+
+    held = [i for i in range(400) if is_heldout(f"c{i}")][:2]
+    src = write_convs(tmp_path / "c.json", max(held) + 1)
+    common = dict(model=str(tiny_dir), source=str(src), max_len=96, max_new_tokens=12, gen_dtype="float32",
+                  shard_size=3, batch_size=3, out=str(tmp_path / "tok"))
+    generate_token_dataset(TokenDataConfig(**common, split="train", limit=8), progress=quiet)
+    generate_token_dataset(TokenDataConfig(**common, split="heldout"), progress=quiet)
+    for split in ("train", "heldout"):
+        features_from_tokens(str(tmp_path / "tok"), str(tmp_path / split), model=str(tiny_dir), split=split,
+                             progress=quiet)
+    target = load_target(str(tiny_dir))
+    stored, computed = ShardDataset(tmp_path / "train"), TokenFeatures(tmp_path / "tok", target, str(tiny_dir))
+    assert computed.ids == stored.ids and len(computed) == len(stored) >= 6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a training step's autocast does not reach the target
+        items = [computed[i] for i in range(len(computed))]
+    for a, b in zip(stored, items):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    view = computed[2:]  # a view: nothing computed until read
+    assert view.ids == stored.ids[2:] and torch.equal(view[0]["hidden_states"], items[2]["hidden_states"])
+    cfg = TrainConfig(data="", out="", model=str(tiny_dir), draft_vocab=20)
+    assert torch.equal(draft_vocabulary(computed, target, cfg), draft_vocabulary(stored.samples, target, cfg)), \
+        "fp32 self-distilled answers are the target's greedy tokens"
+
+    runs = {}
+    for name, data, held_data in (("features", "train", "heldout"), ("tokens", "tok", "tok")):
+        cfg = TrainConfig(data=str(tmp_path / data), eval_data=str(tmp_path / held_data), out=str(tmp_path / name),
+                          model=str(tiny_dir), max_steps=4, eval_every=4, save_every=4, log_every=1, draft_vocab=20,
+                          lr=3e-3, warmup=1, batch_size=2, eval_samples=2, max_len=96)
+        train(cfg)
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        runs[name] = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log]
+    assert runs["tokens"] == runs["features"]
+    recipe = json.loads((tmp_path / "tokens" / "drafter" / "recipe.json").read_text())
+    assert recipe["data"]["features"].startswith("on the fly") and recipe["train_samples"] == len(stored)
+    with pytest.raises(ValueError, match="weights hash"):
+        TokenFeatures(tmp_path / "tok", load_target(str(save_tiny_model(tmp_path / "other", seed=3))), "other")

@@ -129,17 +129,21 @@ def test_top_k_distillation_spans_greedy_ce_to_the_full_kl():
 @pytest.mark.parametrize("k, newest_pair, chain_slots, newest_slots", [
     (1, False, False, False), (2, False, False, False), (2, True, False, False), (2, False, True, False),
     (3, True, True, False), (2, False, True, True), (3, False, True, True), (2, False, True, "reversed"),
-    (3, True, True, "reversed")])
+    (3, True, True, "reversed"), (2, False, True, "attend"), (3, False, True, "attend")])
 def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots, newest_slots):
     torch.manual_seed(k)
-    reversed_slots, newest_slots = newest_slots == "reversed", newest_slots is True
+    reversed_slots, attend = newest_slots == "reversed", newest_slots == "attend"
+    newest_slots = newest_slots is True or attend
     model = SARDrafterModel.for_target(llama, k=k, num_layers=2, newest_pair=newest_pair, chain_slots=chain_slots,
-                                       newest_slots=newest_slots, reversed_slots=reversed_slots).eval()
+                                       newest_slots=newest_slots, reversed_slots=reversed_slots,
+                                       chain_attention=attend).eval()
     with torch.no_grad():
         if newest_pair:
             model.newest.weight.normal_(0, 0.05)
         if chain_slots:
             model.chain.down.weight.normal_(0, 0.5)
+        if attend:
+            model.chain_attention.out.weight.normal_(0, 0.5)
     ids = torch.randint(4, 100, (30,))
     with torch.no_grad():
         hidden = llama.decoder(input_ids=ids[None]).last_hidden_state[0]
@@ -165,8 +169,15 @@ def test_rollout_matches_uncached_reference(llama, k, newest_pair, chain_slots, 
                         out = out.flip(0)
                 rows, new = [], []
                 for slot in range(k):  # chained slots read the token drafted at the slot before
-                    rows.append(out[slot] if slot == 0 or not chain_slots else
-                                model.chain(out[slot], model.embed(embed, torch.tensor(new[-1]))))
+                    if slot and newest_slots:  # teacher-forced over the inputs with the tokens drafted so far
+                        ext = torch.cat([toks, torch.tensor(new)])
+                        e = model.embed(embed, ext[None])
+                        rows.append(model(torch.cat([feats, feats[-1:].expand(slot, -1)])[None], e,
+                                          torch.arange(n + slot)[None], relaxed_causal_mask(n + slot, 0, 1),
+                                          chain_embeds=e)[0, n - 1, slot])
+                    else:
+                        rows.append(out[slot] if slot == 0 or not chain_slots else
+                                    model.chain(out[slot], model.embed(embed, torch.tensor(new[-1]))))
                     new.append(int((rows[-1] @ head.T).argmax()))
                 drafted += new
                 feats, toks = torch.cat([feats, torch.stack(rows)]), torch.cat([toks, torch.tensor(new)])
@@ -381,6 +392,51 @@ def test_newest_slots_teacher_forced_slots_are_the_drafted_ones(llama):
         TrainConfig(data="", out="", detach_chain=True)
 
 
+def test_chain_attention_reads_what_the_newest_position_sees(llama):
+    """--chain-attention: slot 1 of position j is o_j plus what a query at position j + 1 made of o_j and the true
+    token x_{j+2} reads from the last layer's keys and values at positions <= j (a cached pass over the prefix, by
+    hand), then the chain; with --detach-chain its loss trains the attention and the chain, never the decoder."""
+    import math
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=2, chain_slots=True, newest_slots=True,
+                                       chain_attention=True).eval()
+    attention = model.chain_attention
+    with torch.no_grad():
+        model.chain.down.weight.normal_(0, 0.5)
+        attention.out.weight.normal_(0, 0.5)
+    features, ids = torch.randn(1, 9, llama.hidden_size), torch.randint(4, 100, (1, 9))
+    embeds = model.embed(llama.model.get_input_embeddings(), ids)
+    args = (features, embeds, torch.arange(9)[None], relaxed_causal_mask(9, 0, 1))
+    with torch.no_grad():
+        out, slots = model(*args), model(*args, chain_embeds=embeds)
+        heads, dim = attention.heads, attention.head_dim
+        for j in range(8):
+            cache = model.new_cache()
+            o = model(features[:, : j + 1], embeds[:, : j + 1], torch.arange(j + 1)[None],
+                      relaxed_causal_mask(j + 1, 0, 1), cache)[0, -1]
+            keys, values = (x[0].repeat_interleave(heads // x.shape[1], 0) for x in cache.layer_states(1))
+            e = embeds[0, j + 1]
+            q = attention.query(torch.cat([attention.output_norm(o), attention.token_norm(e)])).view(1, heads, 1, dim)
+            q = apply_rotary_pos_emb(q, q, *model.rotary(q, torch.tensor([[j + 1]])))[0][0, :, 0]  # [heads, D]
+            weights = ((keys @ q[..., None])[..., 0] / math.sqrt(dim)).softmax(-1)  # [heads, j + 1]
+            read = (weights[..., None] * values).sum(1).reshape(-1)
+            torch.testing.assert_close(slots[0, j, 0], out[0, j])
+            torch.testing.assert_close(slots[0, j, 1], model.chain(o + attention.out(read), e))
+    model(*args, chain_embeds=embeds, detach_chain=True)[:, :, 1:].sum().backward()
+    assert all(not p.grad.any() for p in model.layers.parameters()), "the decoder learns slot 0 alone"
+    assert attention.query.weight.grad.abs().sum() > 0 and model.chain.up.weight.grad.abs().sum() > 0
+    head = SARDrafterModel.for_target(llama, k=1, num_layers=1)
+    grown = head.with_newest_slots(2, chain_attention=True)  # zero-initialised: slot 1 is the plain chain's
+    assert grown.chain_attention.out.weight.abs().sum() == 0
+    with pytest.raises(ValueError, match="needs newest_slots"):
+        SARDrafterModel.for_target(llama, k=2, chain_slots=True, chain_attention=True)
+    with pytest.raises(ValueError, match="add --newest-slots"):
+        TrainConfig(data="", out="", k=2, chain_attention=True)
+
+
 def test_newest_slots_train_from_a_head_whose_first_slot_they_keep(tiny_data, llama):
     """--newest-slots trains every slot at every position; --init-from a k=1 head starts a drafter whose slot 0 is
     that head (same decoder, same outputs) and whose chain is zero; the flag is checked against its neighbours."""
@@ -408,6 +464,15 @@ def test_newest_slots_train_from_a_head_whose_first_slot_they_keep(tiny_data, ll
     assert any("acc@2" in r.get("eval", {}) for r in records)
     drafter = SARDrafterModel.from_pretrained(out / "drafter", target)
     assert drafter.config.newest_slots and drafter.chain.down.weight.abs().sum() > 0, "the chain trained"
+    evals = [r["eval"] for r in records if "eval" in r]
+    assert len(evals[-1]["slot_acc"]) == 2 and "acc@1" in evals[-1]
+    attends = tiny_data / "newest-attention"  # the head grown with an attending chain
+    train(TrainConfig(out=str(attends), max_steps=4, k=2, newest_slots=True, detach_chain=True,
+                      chain_attention=True, init_from=str(head_dir / "drafter"), **common))
+    evals = [json.loads(line)["eval"] for line in (attends / "log.jsonl").read_text().splitlines() if "eval" in line]
+    assert len(evals[-1]["slot_acc"]) == 2 and "acc@2" in evals[-1]
+    assert SARDrafterModel.from_pretrained(attends / "drafter", target).chain_attention.out.weight.abs().sum() > 0
+    shutil.rmtree(attends)
     for bad, match in (({"k": 1}, "--k 2 or more"), ({"kind": "medusa"}, "--kind sar"),
                        ({"newest_pair": True}, "excludes --newest-pair"),
                        ({"every_alignment": True}, "excludes --every-alignment"),

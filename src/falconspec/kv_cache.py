@@ -120,6 +120,11 @@ class KVCache:
         attention module), which appends the new positions to it."""
         return {cache_keyword(forward): self._hf}
 
+    def layer_states(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values [rows, KV heads, positions, head dim] layer ``index`` holds (RoPE applied)."""
+        layer = self._hf.layers[index]
+        return layer.keys, layer.values
+
     def crop_to(self, length: int) -> None:
         """Keep the first ``length`` positions and drop the rest."""
         if not 0 <= length <= self.length:

@@ -62,6 +62,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -812,29 +813,63 @@ def iter_token_samples(data_dir: str | Path, split: str | None = None):
             yield shard, read_token_shard(path)
 
 
+def token_sequences(data_dir: str | Path, shard: dict, max_len: int | None = None) -> list[Sample]:
+    """The training sequences of one token shard (a manifest record): cut to ``max_len`` tokens, and those left
+    without an answer token dropped."""
+    samples = [s.as_sample() for s in read_token_shard(Path(data_dir) / shard["file"])]
+    if max_len:
+        samples = [Sample(s.id, s.input_ids[:max_len], s.loss_mask[:max_len]) for s in samples]
+        samples = [s for s in samples if any(s.loss_mask)]
+    return samples
+
+
+def split_shards(manifest: dict, split: str, data_dir: str | Path) -> list[dict]:
+    """The manifest's shard records of ``split`` ('all' for every shard); refuses a split with none."""
+    shards = [s for s in manifest["shards"] if split in ("all", s["split"])]
+    if not shards:
+        raise ValueError(f"{data_dir} has no shards of split {split!r}")
+    return shards
+
+
+def check_token_target(target, manifest: dict, model: str) -> None:
+    """Refuse a target other than the one the token data was generated with (weights hash from an fp32 load,
+    tokenizer hash)."""
+    from .models import load_target
+
+    fp32 = target if target.dtype == torch.float32 else load_target(model, dtype="float32")
+    if weights_sha256(fp32.model) != manifest["target"]["weights_sha256"]:
+        raise ValueError(f"{model!r} is not the target the token data was generated with (weights hash differs)")
+    if tokenizer_sha256(target.tokenizer) != manifest["target"]["tokenizer_sha256"]:
+        raise ValueError(f"{model!r} has another tokenizer than the token data")
+
+
+def features_meta(manifest: dict, shards: list[dict], data_dir: str | Path, model: str, split: str, dtype: str,
+                  store_dtype: str, max_len: int | None) -> dict:
+    """The meta.json of features made from token shards (what ``falconspec train`` records of its data)."""
+    return {"model": model, "source": manifest["source"]["name"], "mode": "self-distilled, every user turn",
+            "split": split, "limit": None, "max_len": max_len or manifest["generation"]["max_len"],
+            "heldout_percent": manifest["source"]["heldout_percent"], "format": 1, "dtype": dtype,
+            "store_dtype": store_dtype, "from_tokens": str(data_dir),
+            "weights_sha256": manifest["target"]["weights_sha256"], "token_shards": [s["sha256"] for s in shards],
+            "num_conversations": sum(len(s["conversations"]) for s in shards)}
+
+
 def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", split: str = "train",
                          dtype: str = "float32", store_dtype: str = "float16", max_len: int | None = None,
                          check_weights: bool = True, progress=print) -> int:
     """One teacher-forced target pass per token sequence, written as the feature shards ``falconspec train``
     reads (``shard_*.safetensors`` + ``meta.json``, one feature shard per token shard). Resumable: finished shards
     are skipped. Under torchrun/accelerate each process takes every n-th shard. Returns the number of shards this
-    process wrote now."""
+    process wrote now. (``falconspec train --data`` on the token directory itself computes the same features
+    on the fly instead: :class:`TokenFeatures`.)"""
     from .data import process_state, shard_path, teacher_forced, write_shard
     from .models import load_target, parse_dtype
 
     state = process_state()
     manifest = read_manifest(data_dir)
-    shards = [s for s in manifest["shards"] if split in ("all", s["split"])]
-    if not shards:
-        raise ValueError(f"{data_dir} has no shards of split {split!r}")
+    shards = split_shards(manifest, split, data_dir)
     out_dir = Path(out)
-    gen = manifest["generation"]
-    meta = {"model": model, "source": manifest["source"]["name"], "mode": "self-distilled, every user turn",
-            "split": split, "limit": None, "max_len": max_len or gen["max_len"],
-            "heldout_percent": manifest["source"]["heldout_percent"], "format": 1, "dtype": dtype,
-            "store_dtype": store_dtype, "from_tokens": str(data_dir),
-            "weights_sha256": manifest["target"]["weights_sha256"], "token_shards": [s["sha256"] for s in shards],
-            "num_conversations": sum(len(s["conversations"]) for s in shards)}
+    meta = features_meta(manifest, shards, data_dir, model, split, dtype, store_dtype, max_len)
     meta_file = out_dir / "meta.json"
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
@@ -849,24 +884,71 @@ def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", s
         return 0
     target = load_target(model, dtype=dtype, device=state.device)
     if check_weights:
-        fp32 = target if target.dtype == torch.float32 else load_target(model, dtype="float32")
-        if weights_sha256(fp32.model) != manifest["target"]["weights_sha256"]:
-            raise ValueError(f"{model!r} is not the target the token data was generated with (weights hash differs)")
-        if tokenizer_sha256(target.tokenizer) != manifest["target"]["tokenizer_sha256"]:
-            raise ValueError(f"{model!r} has another tokenizer than the token data")
+        check_token_target(target, manifest, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".meta.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_file)
     store = parse_dtype(store_dtype)
     for i in todo:
-        samples = [s.as_sample() for s in read_token_shard(Path(data_dir) / shards[i]["file"])]
-        if max_len:
-            samples = [type(s)(s.id, s.input_ids[:max_len], s.loss_mask[:max_len]) for s in samples]
-            samples = [s for s in samples if any(s.loss_mask)]
+        samples = token_sequences(data_dir, shards[i], max_len)
         start = time.perf_counter()
         write_shard(shard_path(out_dir, i), [teacher_forced(target, s, store) for s in samples],
                     [s.id for s in samples], target.hidden_size)
         progress(f"gen-data features: {shards[i]['file']} -> {shard_path(out_dir, i).name}: {len(samples)} "
                  f"sequences in {time.perf_counter() - start:.0f} s")
     return len(todo)
+
+
+def is_token_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a token dataset (``gen-data --format tokens``: a manifest.json) rather than features."""
+    return manifest_path(Path(path)).is_file()
+
+
+class TokenFeatures(Sequence):
+    """A token dataset's ``split`` read as feature samples (the items of :class:`.data.ShardDataset`), each made
+    by one teacher-forced pass of ``target`` when it is read: the tensors ``gen-data --from-tokens`` would store,
+    with nothing stored. A training run then pays one target pass per sequence it trains on (steps x batch size)
+    instead of one per sequence of the split before it starts, and a fresh machine trains from the committed tokens
+    directly. Reading an item twice runs the target twice; a slice is a view that computes nothing."""
+
+    def __init__(self, data_dir: str | Path, target, model: str, split: str = "train", max_len: int | None = None,
+                 store_dtype: str = "float16", check_weights: bool = True):
+        from .models import parse_dtype
+
+        manifest = read_manifest(data_dir)
+        shards = split_shards(manifest, split, data_dir)
+        if check_weights:
+            check_token_target(target, manifest, model)
+        self.target, self.store_dtype = target, parse_dtype(store_dtype)
+        self.sequences = [s for shard in shards for s in token_sequences(data_dir, shard, max_len)]
+        self.meta = {**features_meta(manifest, shards, data_dir, model, split, str(target.dtype).split(".")[-1],
+                                     store_dtype, max_len), "features": "on the fly (falconspec train)"}
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.id for s in self.sequences]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i):
+        from .data import teacher_forced
+
+        if isinstance(i, slice):
+            view = object.__new__(type(self))
+            view.__dict__.update(self.__dict__, sequences=self.sequences[i])
+            return view
+        # in full precision whatever autocast a training step runs in, and as ordinary (not inference-mode) tensors
+        with torch.autocast(self.target.device.type, enabled=False):
+            sample = teacher_forced(self.target, self.sequences[i], self.store_dtype)
+        return {key: value.clone() for key, value in sample.items()}
+
+    def answer_token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each token id is an answer token (what the target wrote when the data was generated): the
+        counts a draft vocabulary is chosen from, without a target pass."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for s in self.sequences:
+            ids = torch.tensor(s.input_ids, dtype=torch.long)
+            counts += torch.bincount(ids[torch.tensor(s.loss_mask, dtype=torch.bool)], minlength=vocab_size)
+        return counts

@@ -183,10 +183,11 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
                     block_offset=offset)[0]
         whole_blocks = torch.zeros(n, dtype=torch.long, device=dev)  # rows of k outputs, each one whole block
         last_block = slot_outputs(model, out[t[:, None] - k + torch.arange(k)[None]])
-        feats, first = drafted_view(model, embed, head, vocab, last_block, whole_blocks)
+        prefix_ok = torch.arange(S)[None] < t.repeat_interleave(k)[:, None]  # [Q, S]
+        feats, first = drafted_view(model, embed, head, vocab, last_block, whole_blocks,
+                                    chain_reads(model, cache, prefix_ok[k - 1 :: k], t - 1, dev))
         drafted = [first]  # [n, k] target ids; feats [n, k, H]: predicted h_t .. h_{t+k-1}
         owner = torch.arange(n).repeat_interleave(k)  # start of each query in a feedback block
-        prefix_ok = torch.arange(S)[None] < t.repeat_interleave(k)[:, None]  # [Q, S]
         new_keys = torch.zeros(n * k, 0, dtype=torch.bool)
         query = torch.arange(n * k)
         for p in range(1, -(-depth // k)):
@@ -199,8 +200,9 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
             tokens = drafted[-1].reshape(1, -1)
             o = model(feats.reshape(1, n * k, -1), model.embed(embed, tokens), positions.to(dev),
                       additive_mask(allowed.to(dev), torch.float32), cache, block_offset=0)[0]
+            reads = chain_reads(model, cache, allowed[0, 0, k - 1 :: k], positions[0, k - 1 :: k], dev)
             feats, block_tokens = drafted_view(model, embed, head, vocab, slot_outputs(model, o.reshape(n, k, -1)),
-                                               whole_blocks)
+                                               whole_blocks, reads)
             drafted.append(block_tokens)
         tokens = torch.cat(drafted, dim=1)[:, :depth].cpu()  # [n, depth]
         truth = greedy[t[:, None] + torch.arange(depth)[None]]
@@ -213,15 +215,17 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
     """Held-out loss (teacher forced, no glancing) and acc@1..depth: the share of rollouts whose first d drafted
     tokens all equal the target's greedy tokens (so the sum over d is the expected accepted chain length)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses, chains = [], []
+    losses, chains, slot_accs = [], [], []
     with torch.no_grad(), autocast(cfg, head.device.type):
         for i in range(0, len(samples), cfg.batch_size):
             if model.config.newest_slots:
                 batches = [b.to(head.device) for b in slot_batches(samples[i : i + cfg.batch_size], model.k,
                                                                     cfg.max_len)]
                 if batches[0].valid.any():
-                    losses.append(newest_slots_losses(model, embed, head, vocab_index, batches, cfg,
-                                                      batches[0].features)[0])
+                    total, accs = newest_slots_losses(model, embed, head, vocab_index, batches, cfg,
+                                                      batches[0].features)
+                    losses.append(total)
+                    slot_accs.append((accs, [int(b.valid.sum()) for b in batches]))
                 continue
             chunk = samples[i : i + cfg.batch_size]
             if model.config.reversed_slots:  # one alignment: blocks from position 0
@@ -245,6 +249,10 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
         n = sum(x.count for x in losses)
         for name in ("total", "reg", "kl", "ce", "acc"):
             result[f"eval_{name}"] = sum(float(getattr(x, name)) * x.count for x in losses) / n
+    if slot_accs:  # teacher forced: slot i right given the true tokens before it (slot 1: ~P(d2 | d1))
+        counts = [sum(c[slot] for _, c in slot_accs) for slot in range(model.k)]
+        result["slot_acc"] = [round(sum(a[slot] * c[slot] for a, c in slot_accs) / max(counts[slot], 1), 4)
+                              for slot in range(model.k)]
     result.update(chain_accuracy(chains))
     return result
 
@@ -288,14 +296,26 @@ def unroll_blocks(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.T
     return passes
 
 
+def chain_reads(model, cache, sees: torch.Tensor, newest: torch.Tensor, device):
+    """What the later slots of whole blocks read when the drafter's chain attends (``chain_attention``; else None):
+    ``cache``'s last-layer keys and values, where each block's newest position ``newest`` [n] sees ``sees`` [n, T']
+    (the first T' cached positions); its slot i sits at position ``newest`` + i."""
+    from .drafters.sar_model import ChainReads
+
+    if model.chain_attention is None:
+        return None
+    return ChainReads.from_cache(cache, sees, newest, 0, model.k, device)
+
+
 def drafted_view(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, outputs: torch.Tensor,
-                 block_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_offset: torch.Tensor, reads=None) -> tuple[torch.Tensor, torch.Tensor]:
     """What drafting reads of a pass's outputs [B, S, H] (blocks aligned by ``block_offset`` [B]): per position the
     feature and its greedy token (target ids [B, S]). Without ``chain_slots`` the outputs themselves; with it, slot
     i > 0 of a block is first conditioned on the token drafted at slot i - 1, one position earlier, and that
     conditioned output is the feature the next block reads. Rows of one whole block each (:func:`rollout`) pass
     ``block_offset`` 0. A block cut by the sequence start reads a wrapped-around token there: :func:`unroll_blocks`
-    starts no chain from such a block."""
+    starts no chain from such a block. ``reads``: what a chain that attends reads (:class:`.sar_model.ChainReads`,
+    for whole blocks)."""
     tokens = vocab[F.linear(outputs.float(), head).argmax(-1)]
     if model.chain is None:
         return outputs, tokens
@@ -305,7 +325,7 @@ def drafted_view(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Te
     feats = outputs
     for slot in range(1, model.k):  # slot i reads slot i - 1's token, final once slot i - 1 is done
         here = slots == slot
-        chained = model.chain(outputs, model.embed(embed, tokens.roll(1, dims=1)))
+        chained = model.chained(outputs, model.embed(embed, tokens.roll(1, dims=1)), reads)
         feats = torch.where(here[..., None], chained, feats)
         tokens = torch.where(here, vocab[F.linear(feats.float(), head).argmax(-1)], tokens)
     return feats, tokens
@@ -466,7 +486,7 @@ class SARObjective(ShardObjective, Objective):
         until trained); a resumed one must already match."""
         cfg = self.config
         if why == "init_from" and cfg.newest_slots and model.k == 1 < cfg.k:  # a head: its decoder drafts slot 0
-            return model.with_newest_slots(cfg.k)
+            return model.with_newest_slots(cfg.k, cfg.chain_attention)
         if why != "init_from" or model.k < 2:
             return model
         return model.grown(newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots)
@@ -474,7 +494,7 @@ class SARObjective(ShardObjective, Objective):
     def check(self, model, why: str, source) -> None:
         cfg = self.config
         mine = model.config
-        shape = ("k", "num_layers", "newest_pair", "chain_slots", "newest_slots", "reversed_slots")
+        shape = ("k", "num_layers", "newest_pair", "chain_slots", "newest_slots", "reversed_slots", "chain_attention")
         if all(getattr(mine, name) == getattr(cfg, name) for name in shape):
             return
         held = "a drafter with " + ", ".join(f"{name}={getattr(mine, name)}" for name in shape)
@@ -495,7 +515,8 @@ class SARObjective(ShardObjective, Objective):
         torch.manual_seed(cfg.seed)
         model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids,
                                            newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots,
-                                           newest_slots=cfg.newest_slots, reversed_slots=cfg.reversed_slots)
+                                           newest_slots=cfg.newest_slots, reversed_slots=cfg.reversed_slots,
+                                           chain_attention=cfg.chain_attention)
         if cfg.init_from_target:
             for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
                 mine.load_state_dict(theirs.state_dict())

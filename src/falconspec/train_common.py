@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,12 @@ def _opt(default, help_text: str):
 @dataclass
 class TrainConfig:
     """Settings of a training run (``falconspec train`` builds its flags from these fields and their help)."""
-    data: str = field(metadata={"help": "gen-data directory (training split)"})
+    data: str = field(metadata={"help": "gen-data feature directory, or a token dataset (gen-data --format tokens, "
+                                        "e.g. recipes/data/sharegpt-sd: its train split, features computed by the "
+                                        "target as steps read them)"})
     out: str = field(metadata={"help": "run directory: checkpoint/, drafter/, log.jsonl"})
-    eval_data: str = _opt("", "gen-data directory of held-out conversations (default: the last --eval-samples of "
-                              "--data)")
+    eval_data: str = _opt("", "gen-data directory of held-out conversations, or a token dataset (its held-out "
+                              "split) (default: the last --eval-samples of --data)")
     model: str = _opt("smollm2-135m", "target model the data was generated with")
     kind: str = _opt("sar", "training objective: sar, a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: "
                             "EAGLE-style head); medusa, Medusa heads (--medusa-heads)")
@@ -72,6 +75,9 @@ class TrainConfig:
                                      "glancing; --init-from may name a k=1 head (its decoder drafts slot 0)")
     detach_chain: bool = _opt(False, "with --newest-slots: the later slots' losses train the chain alone, not the "
                                      "decoder, which then learns slot 0 exactly as a k=1 head")
+    chain_attention: bool = _opt(False, "with --newest-slots: before the chain, the later slots also attend to the "
+                                        "last decoder layer's keys and values of what the block's newest position "
+                                        "sees (one query per candidate, no second decoder pass)")
     reversed_slots: bool = _opt(False, "SAR k>=2: the paper's relaxed causal mask with each block's slots drafted "
                                        "from its positions in reverse (the first token from the newest position, as "
                                        "a k=1 head drafts it, later ones from older positions that see the whole "
@@ -130,6 +136,9 @@ class TrainConfig:
         if self.detach_chain and not self.newest_slots:
             raise ValueError("--detach-chain stops the later slots' gradients at a --newest-slots drafter's chain: "
                              "add --newest-slots")
+        if self.chain_attention and not self.newest_slots:
+            raise ValueError("--chain-attention attends from a --newest-slots drafter's newest position: add "
+                             "--newest-slots")
         if self.every_alignment and self.k < 2:
             raise ValueError("--every-alignment trains each of a block's k alignments: with --k 1 there is only one "
                              "(drop the flag)")
@@ -153,19 +162,23 @@ def batch_indices(n: int, step: int, cfg: TrainConfig, rank: int, world: int) ->
     return [int(perm[(start + j) % n]) for j in range(cfg.batch_size)]
 
 
-def draft_vocabulary(samples: list[dict], target, cfg: TrainConfig) -> torch.Tensor | None:
+def draft_vocabulary(samples: Sequence[dict], target, cfg: TrainConfig) -> torch.Tensor | None:
     """The ``cfg.draft_vocab`` tokens the target most often produces inside assistant text of the training data,
     plus (if ``cfg.vocab_corpus``) the tokens of the assistant turns of a larger corpus; EOS is always in."""
     from .data import load_conversations, sharegpt_split
     from .drafters.sar_model import most_frequent_tokens
+    from .token_data import TokenFeatures
 
     vocab_size = target.vocab_size
     if cfg.draft_vocab <= 0 or cfg.draft_vocab >= vocab_size:
         return None
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in samples:
-        produced = s["target_tokens"][:-1].long()[s["loss_mask"][1:].bool()]
-        counts += torch.bincount(produced, minlength=vocab_size)
+    if isinstance(samples, TokenFeatures):  # token data: its answers are the target's own greedy tokens
+        counts = samples.answer_token_counts(vocab_size)
+    else:
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for s in samples:
+            produced = s["target_tokens"][:-1].long()[s["loss_mask"][1:].bool()]
+            counts += torch.bincount(produced, minlength=vocab_size)
     if cfg.vocab_corpus:
         convs = sharegpt_split(load_conversations(cfg.vocab_corpus, cfg.vocab_corpus_limit), "train")
         texts = [m["content"] for c in convs for m in c.messages if m["role"] == "assistant"]
@@ -174,28 +187,41 @@ def draft_vocabulary(samples: list[dict], target, cfg: TrainConfig) -> torch.Ten
     return most_frequent_tokens(counts, cfg.draft_vocab, always=sorted(target.eos_token_ids))
 
 
-def load_data(cfg: TrainConfig, hidden_size: int) -> tuple[list[dict], list[dict], dict]:
+def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dict]:
+    """The train samples (a sequence of sample dicts), the held-out samples (in memory) and the train data's meta.
+    ``--data``/``--eval-data`` are feature directories (``gen-data``) or token datasets (``gen-data --format
+    tokens``), whose features ``target`` computes as steps read them (:class:`.token_data.TokenFeatures`; the
+    held-out split of a token dataset for ``--eval-data``)."""
     from .data import ShardDataset
+    from .token_data import TokenFeatures, is_token_dataset
 
-    data = ShardDataset(cfg.data)
-    if data.samples[0]["hidden_states"].shape[-1] != hidden_size:
-        raise ValueError(f"{cfg.data} holds features of size {data.samples[0]['hidden_states'].shape[-1]}, but "
-                         f"target {cfg.model!r} has hidden size {hidden_size}: generate data with this target")
-    train_samples = list(data.samples)
+    def read(path: str, split: str):
+        if is_token_dataset(path):
+            return TokenFeatures(path, target, cfg.model, split=split, max_len=cfg.max_len)
+        data = ShardDataset(path)
+        size = data.samples[0]["hidden_states"].shape[-1]
+        if size != target.hidden_size:
+            raise ValueError(f"{path} holds features of size {size}, but target {cfg.model!r} has hidden size "
+                             f"{target.hidden_size}: generate data with this target")
+        return data
+
+    data = read(cfg.data, "train")
+    train_samples = data if isinstance(data, TokenFeatures) else list(data.samples)
     if cfg.eval_data:
-        held = ShardDataset(cfg.eval_data)
+        held = read(cfg.eval_data, "heldout")
         if held.meta.get("model") != data.meta.get("model"):
             raise ValueError(f"--eval-data was generated with {held.meta.get('model')!r}, --data with "
                              f"{data.meta.get('model')!r}")
         overlap = set(held.ids) & set(data.ids)
         if overlap:
             raise ValueError(f"--eval-data shares {len(overlap)} conversations with --data (e.g. {min(overlap)!r})")
-        eval_samples = list(held.samples[: cfg.eval_samples])
+        eval_samples = [held[i] for i in range(min(cfg.eval_samples, len(held)))]
     else:
         if len(train_samples) <= cfg.eval_samples:
             raise ValueError(f"{cfg.data} has {len(train_samples)} samples: too few to hold out --eval-samples "
                              f"{cfg.eval_samples}; pass --eval-data or lower --eval-samples")
-        train_samples, eval_samples = train_samples[: -cfg.eval_samples], train_samples[-cfg.eval_samples:]
+        held = train_samples[-cfg.eval_samples:]
+        train_samples, eval_samples = train_samples[: -cfg.eval_samples], [held[i] for i in range(len(held))]
     return train_samples, eval_samples, data.meta
 
 
@@ -337,7 +363,7 @@ class ShardObjective:
 
         cfg = self.config
         target = load_target(cfg.model, device=device)
-        self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target.hidden_size)
+        self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target)
         if checkpoint is not None or cfg.init_from:
             source = checkpoint if checkpoint is not None else resolve_init_from(cfg)
             why = "resume" if checkpoint is not None else "init_from"

@@ -17,7 +17,9 @@ One cycle, k = 2, L committed tokens (P = L-1 cached drafter positions):
 3. The expansion KV is cropped after the cycle; only committed positions stay cached.
 
 With ``newest_slots`` the masks are causal and every slot of a block drafts from its newest position's output
-(o_{P-1} predicts h_{L-1}, then the chain on the drafted x_L gives h_L): :func:`.sar_model.slot_outputs`.
+(o_{P-1} predicts h_{L-1}, then the chain on the drafted x_L gives h_L): :func:`.sar_model.slot_outputs`. With
+``chain_attention`` the chain first attends, per candidate, to the cached keys its block's newest position sees
+(``_sees``: every committed position for the root's block, the mask row of the newest position for an expansion).
 
 Which nodes are drafted is :mod:`.trees`' business (dynamic EAGLE-2-style top-k, or a static rank-path tree).
 Whatever is proposed, verification keeps the output exactly the target's.
@@ -36,7 +38,8 @@ from ..tree import Tree
 from ..verify import Acceptance
 from .base import INITIAL_NUM_NODES, Drafter
 from .sar_model import (
-    SARDrafterModel, additive_mask, attention_block, check_fits, end_aligned_offset, relaxed_causal_mask, slot_outputs,
+    ChainReads, SARDrafterModel, additive_mask, attention_block, check_fits, end_aligned_offset, relaxed_causal_mask,
+    slot_outputs,
 )
 from .trees import STATIC_TREES, DraftTreeBuilder, check_rank_paths
 
@@ -164,8 +167,11 @@ class SARDrafter(Drafter):
                                    None if self.static_paths is not None else self.num_nodes - 1)
         ranks = builder.ranks_needed or self.top_k
         outputs = {0: self.block}  # branch node -> its block's outputs, the input features of its sub-branches
-        frontier = self._grow(builder, [0], outputs, ranks, depth)
         prefix_len = self.cache_len
+        # branch node -> (the cache positions its block's newest position sees, that position): what its later
+        # slots' attention reads (chain_attention)
+        self._sees = {0: (torch.ones(prefix_len, dtype=torch.bool), prefix_len - 1)}
+        frontier = self._grow(builder, [0], outputs, ranks, depth)
         owners: list[int] = []  # branch node of each expansion entry in the cache, in cache order
         try:
             for step in range(1, math.ceil(depth / self.k)):
@@ -186,8 +192,9 @@ class SARDrafter(Drafter):
         features = torch.cat([outputs[builder.nodes[b].branch] for b in branches])  # [B*k, H]
         tokens = torch.tensor([t for b in branches for t in builder.block_tokens(b)], device=self.device)
         if self.chain is not None:  # later slots' features as drafted: conditioned on the path's tokens
-            features = self._chained(features.reshape(len(branches), k, -1),
-                                     tokens.reshape(len(branches), k)).reshape(len(branches) * k, -1)
+            parents = [builder.nodes[b].branch for b in branches]
+            features = self._chained(features.reshape(len(branches), k, -1), tokens.reshape(len(branches), k),
+                                     parents).reshape(len(branches) * k, -1)
         positions = first_position + torch.arange(k, device=self.device).repeat(len(branches))
         # mask: every committed position; earlier expansion blocks of ancestor branches; the own block, fully (or
         # causally, when every slot drafts from the newest position)
@@ -204,6 +211,8 @@ class SARDrafter(Drafter):
                                                                               dtype=torch.bool)
             allowed[rows, prefix_len + len(owners) + i * k:prefix_len + len(owners) + (i + 1) * k] = own
         mask = additive_mask(allowed.to(self.device)[None, None], self.model.dtype)
+        self._sees.update((branch, (allowed[(i + 1) * k - 1], first_position + k - 1))
+                          for i, branch in enumerate(branches))
         owners += [b for b in branches for _ in range(k)]
         out = self._forward(features, tokens, positions, mask, block_offset=0)
         return slot_outputs(self.model, out.reshape(len(branches), k, -1)).reshape(num, -1)
@@ -237,12 +246,25 @@ class SARDrafter(Drafter):
             rows = torch.stack([outputs[b][slot] for b in owners])
             if slot:
                 previous = torch.tensor([builder.nodes[p].token for p in parents], device=self.device)
-                rows = self.chain(rows, self.model.embed(self.embedding, previous))
+                rows = self._chain(rows[:, None], previous[:, None], owners, slot)[:, 0]
             return self._top_rows(rows, m)
 
         return builder.grow_with(branches, top_of, min(self.k, depth_left))
 
-    def _chained(self, outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Blocks of outputs [n, k, H] with slots i > 0 conditioned on ``tokens`` [n, k] at slot i - 1."""
-        later = self.chain(outputs[:, 1:], self.model.embed(self.embedding, tokens[:, :-1]))
+    def _chained(self, outputs: torch.Tensor, tokens: torch.Tensor, owners: list[int]) -> torch.Tensor:
+        """Blocks of outputs [n, k, H] (those of the branch nodes ``owners``) with slots i > 0 conditioned on
+        ``tokens`` [n, k] at slot i - 1."""
+        later = self._chain(outputs[:, 1:], tokens[:, :-1], owners, 1)
         return torch.cat([outputs[:, :1], later], dim=1)
+
+    def _chain(self, outputs: torch.Tensor, previous: torch.Tensor, owners: list[int], first_slot: int) -> torch.Tensor:
+        """Slots ``first_slot``.. [n, s, H] of the blocks of branch nodes ``owners`` from their outputs and the
+        tokens [n, s] drafted at the slots before; a chain that attends reads the keys each block's newest position
+        sees, at the slots' own positions."""
+        embeds = self.model.embed(self.embedding, previous)
+        if self.model.chain_attention is None:
+            return self.model.chained(outputs, embeds)
+        newest = torch.tensor([self._sees[owner][1] for owner in owners])
+        reads = ChainReads.from_cache(self.cache, [self._sees[owner][0] for owner in owners], newest, first_slot,
+                                      previous.shape[1], self.device)
+        return self.model.chained(outputs, embeds, reads)

@@ -56,7 +56,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from ..kv_cache import KVCache, forward_kwargs
 
@@ -236,6 +236,11 @@ class SARConfig:
     # ones from older positions, which see the whole block; position j drafting slot s regresses h_{j+2s+1}
     # (:func:`regress_ahead`; an addition of ours)
     reversed_slots: bool = False
+    # with newest_slots, slot i > 0 also attends before the chain (:class:`ChainAttention`): a query from the newest
+    # output and slot i - 1's token reads the keys and values the last decoder layer holds for the positions the
+    # newest position sees, as the head's second pass does, without a second pass through the decoder (an addition of
+    # ours)
+    chain_attention: bool = False
     draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
     target_model_type: str = ""  # identity of the target: config.model_type, model class, name
     target_architecture: str = ""
@@ -253,6 +258,8 @@ class SARConfig:
         if self.reversed_slots and (self.k < 2 or self.newest_slots):
             raise ValueError("reversed_slots needs k >= 2 and excludes newest_slots (two ways to choose a block's "
                              "drafting positions)")
+        if self.chain_attention and not self.newest_slots:
+            raise ValueError("chain_attention needs newest_slots: it attends from the block's newest position")
         if self.newest_slots and self.newest_pair:
             raise ValueError("newest_slots and newest_pair exclude each other: with newest_slots every slot already "
                              "drafts from the block's newest position")
@@ -318,6 +325,59 @@ class SlotChain(nn.Module):
         return outputs + self.down(nn.functional.silu(self.up(joint)))
 
 
+@dataclass
+class ChainReads:
+    """What the later slots' attention reads (``chain_attention``): the last decoder layer's keys and values
+    [1|B, KV heads, T, D] (RoPE applied), the keys each query may read [B, 1, S, T] (bool: those its block's newest
+    position sees) and the queries' positions [B, S] (the newest position's plus the slot)."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    allowed: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, sees, newest: torch.Tensor, first_slot: int, num_slots: int,
+                   device) -> ChainReads:
+        """The reads of slots ``first_slot`` .. ``first_slot + num_slots - 1`` of n blocks from ``cache``'s last
+        layer: block r's newest position ``newest[r]`` sees the cached positions ``sees[r]`` marks (a bool row over
+        the first positions; later ones are not seen), and slot i sits at position ``newest[r] + i``."""
+        keys, values = cache.layer_states(-1)
+        allowed = torch.zeros(len(newest), keys.shape[-2], dtype=torch.bool)
+        for row, seen in enumerate(sees):
+            allowed[row, : len(seen)] = seen
+        positions = newest.cpu()[:, None] + first_slot + torch.arange(num_slots)[None]
+        return cls(keys, values, allowed[:, None, None, :].expand(-1, 1, num_slots, -1).to(device),
+                   positions.to(device))
+
+
+class ChainAttention(nn.Module):
+    """o + W_out Attn(q): the output o of a later block slot, before :class:`SlotChain`, with what a query made of
+    [norm(o); norm(e)] (e: the embedding of the token drafted at the slot before; RoPE at the slot's own position)
+    reads from the keys and values of the drafter's last decoder layer at the positions the block's newest position
+    sees. ``W_out`` starts at zero, so an untrained one changes nothing."""
+
+    def __init__(self, config: SARConfig):
+        super().__init__()
+        hidden, self.heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.output_norm = nn.RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.token_norm = nn.RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.query = nn.Linear(2 * hidden, self.heads * self.head_dim, bias=False)
+        self.out = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, outputs: torch.Tensor, previous_embeds: torch.Tensor, reads: ChainReads,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """outputs, previous_embeds [B, S, H]; ``reads`` (:class:`ChainReads`); position_embeddings: (cos, sin) of
+        the queries' positions."""
+        B, S, _ = outputs.shape
+        joint = torch.cat([self.output_norm(outputs), self.token_norm(previous_embeds.to(outputs.dtype))], dim=-1)
+        q = self.query(joint).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, S, D]
+        q = apply_rotary_pos_emb(q, q, *position_embeddings)[0]
+        keys, values = (x.to(q.dtype).expand(B, -1, -1, -1) for x in (reads.keys, reads.values))
+        read = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=reads.allowed, enable_gqa=True)
+        return outputs + self.out(read.transpose(1, 2).reshape(B, S, -1))
+
+
 class SARDrafterModel(nn.Module):
     """Fusion Linear(2H -> H) of [embedding(x_{j+1}), feature f_j] (plus, with ``newest_pair``, a Linear of the block's
     newest pair), then N Llama decoder layers, no final norm; with ``chain_slots``, a :class:`SlotChain` that callers
@@ -336,6 +396,7 @@ class SARDrafterModel(nn.Module):
             self.newest = nn.Linear(2 * hidden, hidden, bias=False)
             nn.init.zeros_(self.newest.weight)
         self.chain = SlotChain(hidden, config.rms_norm_eps) if config.chain_slots else None
+        self.chain_attention = ChainAttention(config) if config.chain_attention else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(self.llama_config, i) for i in range(config.num_layers))
         # not a submodule: model.to(bfloat16) must not round the RoPE frequencies (it moves devices by itself)
         object.__setattr__(self, "rotary", LlamaRotaryEmbedding(self.llama_config))
@@ -382,13 +443,16 @@ class SARDrafterModel(nn.Module):
         new = tuple(prefix for name, prefix in (("newest_pair", "newest."), ("chain_slots", "chain.")) if name in added)
         return self._rebuilt(dataclasses.replace(self.config, **added), new)
 
-    def with_newest_slots(self, k: int = 2) -> SARDrafterModel:
+    def with_newest_slots(self, k: int = 2, chain_attention: bool = False) -> SARDrafterModel:
         """This k=1 head as a k-token drafter whose slots all draft from the newest position (``newest_slots``): the
         same decoder drafts slot 0 exactly as the head drafts its token, and the chain that drafts the later slots
-        starts at zero (untrained), so that a trained head can be fine-tuned into one."""
+        (with ``chain_attention``, its attention too) starts at zero (untrained), so that a trained head can be
+        fine-tuned into one."""
         if self.k != 1 or self.newest is not None or self.chain is not None:
             raise ValueError(f"only a plain k=1 head becomes a newest-slots drafter, not one with k={self.k}")
-        return self._rebuilt(dataclasses.replace(self.config, k=k, chain_slots=True, newest_slots=True), ("chain.",))
+        config = dataclasses.replace(self.config, k=k, chain_slots=True, newest_slots=True,
+                                     chain_attention=chain_attention)
+        return self._rebuilt(config, ("chain.", "chain_attention."))
 
     def _rebuilt(self, config: SARConfig, new: tuple[str, ...]) -> SARDrafterModel:
         """A drafter with ``config`` holding this one's weights; only the (zero-initialised) parameters under the
@@ -438,30 +502,54 @@ class SARDrafterModel(nn.Module):
             newest = fused.gather(1, last.expand(fused.shape[0], -1)[..., None].expand(-1, -1, fused.shape[-1]))
             hidden = hidden + self.newest(newest)
         position_embeddings = self.rotary(hidden, position_ids)
+        if self.chain_attention is not None and chain_embeds is not None and past_key_values is None:
+            past_key_values = self.new_cache()  # the later slots read the last layer's keys and values from it
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=past_key_values is not None, position_embeddings=position_embeddings,
                            **forward_kwargs(layer.forward, past_key_values))
         if chain_embeds is not None and self.config.newest_slots:
-            return self.slots_teacher_forced(hidden, chain_embeds, detach_chain)
+            reads = None
+            if self.chain_attention is not None:
+                if past_key_values.length != hidden.shape[1]:
+                    raise ValueError("a teacher-forced pass of a chain_attention drafter starts with no cache")
+                reads = ChainReads(*past_key_values.layer_states(len(self.layers) - 1), attention_mask == 0,
+                                   position_ids)
+            return self.slots_teacher_forced(hidden, chain_embeds, detach_chain, reads)
         if chain_embeds is not None:
             hidden = self.chain_teacher_forced(hidden, chain_embeds, block_offset)
         return hidden
 
-    def slots_teacher_forced(self, outputs: torch.Tensor, token_embeds: torch.Tensor,
-                             detach: bool = False) -> torch.Tensor:
+    def slots_teacher_forced(self, outputs: torch.Tensor, token_embeds: torch.Tensor, detach: bool = False,
+                             reads: ChainReads | None = None) -> torch.Tensor:
         """``newest_slots``: the k slot outputs [B, S, k, H] of every position j of a teacher-forced causal pass
         (``outputs`` [B, S, H], slot 0): slot i > 0 is slot 0 through the chain on slot i - 1's true token x_{j+i+1},
         the input token of position j + i (``token_embeds`` [B, S, H]: the true inputs; past the end: unused), as
         drafting chains a block's slots. ``detach``: the chain reads slot 0 without its gradient, so the later
-        slots' losses train the chain alone and the decoder learns slot 0 as a k=1 head would."""
+        slots' losses train the chain alone and the decoder learns slot 0 as a k=1 head would. ``reads``
+        (``chain_attention``): the pass's own keys, values, mask and positions; slot i of position j attends at
+        position j + i to the keys position j sees."""
         num = outputs.shape[1]
         slots = [outputs]
         source = outputs.detach() if detach else outputs
+        if reads is not None and detach:
+            reads = dataclasses.replace(reads, keys=reads.keys.detach(), values=reads.values.detach())
         for slot in range(1, self.k):
             ahead = (torch.arange(num, device=outputs.device) + slot).clamp(max=num - 1)
-            slots.append(self.chain(source, token_embeds[:, ahead]))
+            at = None if reads is None else dataclasses.replace(reads, positions=reads.positions + slot)
+            slots.append(self.chained(source, token_embeds[:, ahead], at))
         return torch.stack(slots, dim=2)
+
+    def chained(self, outputs: torch.Tensor, previous_embeds: torch.Tensor,
+                reads: ChainReads | None = None) -> torch.Tensor:
+        """Later slots [B, S, H] from the outputs that draft them and the embeddings of the tokens drafted at the
+        slots before (``chain_slots``): through the chain's attention first when the drafter has one
+        (``chain_attention``; ``reads``: what it reads, the positions being the later slots' own), then the chain."""
+        if self.chain_attention is not None:
+            if reads is None:
+                raise ValueError("this drafter's later slots attend (chain_attention): pass what they read")
+            outputs = self.chain_attention(outputs, previous_embeds, reads, self.rotary(outputs, reads.positions))
+        return self.chain(outputs, previous_embeds)
 
     def chain_teacher_forced(self, outputs: torch.Tensor, token_embeds: torch.Tensor,
                              block_offset: int | torch.Tensor | None) -> torch.Tensor:
