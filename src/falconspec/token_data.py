@@ -60,9 +60,9 @@ import os
 import platform
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Iterable, Iterator
 
 import numpy as np
