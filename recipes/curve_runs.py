@@ -3,9 +3,8 @@
 Per run NAME (a directory of runs/curve, or falcon / eagle / medusa for the shipped drafters, where a stage ran):
 - ``heldout``: the drafter on the whole held-out split (``data_curve.sh final NAME``), acc@1..4 and rollouts;
 - ``mtbench``: on the target's own MT-bench answers (``data_curve.sh mtb NAME``);
-- ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps); ``slot_curve``: the
-  teacher-forced accuracy of a k-slot newest-slots drafter's last slot there (a ``--chain-attention`` drafter has
-  no rollouts: the engine does not draft with it, so ``slot_acc`` is its only held-out figure);
+- ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps; evaluations without
+  rollouts are skipped); ``slot_curve``: the teacher-forced accuracy of a newest-slots drafter's last slot there;
 - ``tau``: mean accepted length per target forward, bonus included, at fixed 4- and 16-node trees on MT-bench
   first turns (``data_curve.sh tau NAME``; 10 prompts, 64 tokens), whether every answer equalled greedy, and the
   speed-up (which means little when other jobs shared the cores, as they did).

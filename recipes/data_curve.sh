@@ -97,7 +97,7 @@ declare -A RUNS_OF=(
   # does the second token need attention? The shipped round-6 head (eagle-62-more) grown into a newest-slots k=2
   # drafter with the chain's gradients stopped (the decoder fine-tunes slot 0 as the head; the chain starts at zero),
   # with the MLP chain alone, and with --chain-attention (the later slot also attends to the last layer's keys and
-  # values of what the newest position sees); shards 0-14, same steps, schedule and seed (STEPS=300)
+  # values of what the newest position sees); shards 0-14, same steps, schedule and seed (STEPS=600)
   [falcon-15-grown-chain]="--k 2 --newest-slots --detach-chain --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
   [falcon-15-grown-attend]="--k 2 --newest-slots --detach-chain --chain-attention --dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
   # the reversed-slots layout (--reversed-slots): the paper's relaxed mask, the block's first token drafted from its

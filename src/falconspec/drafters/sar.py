@@ -75,6 +75,7 @@ class SARDrafter(Drafter):
         self.k = model.k
         self.attention_block = attention_block(model)  # k, or 1 when every slot drafts from the newest position
         self.chain = getattr(model, "chain", None)  # chain_slots: later slots conditioned on the candidate before
+        self._attends = getattr(model, "chain_attention", None) is not None  # the chain attends first
         self.name = "falcon" if self.k > 1 else "eagle3" if model.feature_layers else "eagle"
         self.feature_layers = model.feature_layers  # None: the target's last layer
         self.num_nodes, self.depth, self.top_k, self.branches = num_nodes, depth, top_k, branches
@@ -168,9 +169,9 @@ class SARDrafter(Drafter):
         ranks = builder.ranks_needed or self.top_k
         outputs = {0: self.block}  # branch node -> its block's outputs, the input features of its sub-branches
         prefix_len = self.cache_len
-        # branch node -> (the cache positions its block's newest position sees, that position): what its later
-        # slots' attention reads (chain_attention)
-        self._sees = {0: (torch.ones(prefix_len, dtype=torch.bool), prefix_len - 1)}
+        # chain_attention: branch node -> (the cache positions its block's newest position sees, that position),
+        # what its later slots' attention reads
+        self._sees = {0: (torch.ones(prefix_len, dtype=torch.bool), prefix_len - 1)} if self._attends else None
         frontier = self._grow(builder, [0], outputs, ranks, depth)
         owners: list[int] = []  # branch node of each expansion entry in the cache, in cache order
         try:
@@ -211,8 +212,9 @@ class SARDrafter(Drafter):
                                                                               dtype=torch.bool)
             allowed[rows, prefix_len + len(owners) + i * k:prefix_len + len(owners) + (i + 1) * k] = own
         mask = additive_mask(allowed.to(self.device)[None, None], self.model.dtype)
-        self._sees.update((branch, (allowed[(i + 1) * k - 1], first_position + k - 1))
-                          for i, branch in enumerate(branches))
+        if self._attends:
+            self._sees.update((branch, (allowed[(i + 1) * k - 1], first_position + k - 1))
+                              for i, branch in enumerate(branches))
         owners += [b for b in branches for _ in range(k)]
         out = self._forward(features, tokens, positions, mask, block_offset=0)
         return slot_outputs(self.model, out.reshape(len(branches), k, -1)).reshape(num, -1)
@@ -262,7 +264,7 @@ class SARDrafter(Drafter):
         tokens [n, s] drafted at the slots before; a chain that attends reads the keys each block's newest position
         sees, at the slots' own positions."""
         embeds = self.model.embed(self.embedding, previous)
-        if self.model.chain_attention is None:
+        if not self._attends:
             return self.model.chained(outputs, embeds)
         newest = torch.tensor([self._sees[owner][1] for owner in owners])
         reads = ChainReads.from_cache(self.cache, [self._sees[owner][0] for owner in owners], newest, first_slot,
