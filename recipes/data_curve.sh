@@ -5,6 +5,7 @@
 # answers). `python recipes/learning_curve.py --curve` fits acc@d against answer tokens and says what would reach
 # the issue's goals. Resumable: re-run a stage to continue it.
 #   bash recipes/data_curve.sh subsets      # runs/data/sd4-train-N: the first N feature shards (symlinks)
+#   bash recipes/data_curve.sh bf16features # runs/data/sd4-train-bf16: shards 0-14's features from a bf16 target pass
 #   bash recipes/data_curve.sh round3       # runs/round3/KIND: the round-3 drafters (from git) the -ft runs start from
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out set (NAME: a run, or falcon, eagle or
@@ -20,6 +21,7 @@ cd "$(dirname "$0")/.."
 FS=${FALCONSPEC:-.venv/bin/falconspec}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 FEATURES=runs/data/sd4-train   # `bash recipes/round4.sh data`
+FEATURES_BF16=runs/data/sd4-train-bf16  # `bf16features`: shards 0-14, the target run in bfloat16
 HELDOUT=runs/data/sd4-heldout
 EVAL=runs/data/sd4-heldout-50  # in-training evaluations: the first held-out shard (50 sequences)
 STEPS=${STEPS:-600}
@@ -103,11 +105,17 @@ declare -A RUNS_OF=(
   # the reversed-slots layout (--reversed-slots): the paper's relaxed mask, the block's first token drafted from its
   # newest position and the second from the older one, which sees the whole block; falcon-15-noglance otherwise
   [falcon-15-reversed]="$FALCON --dtype bfloat16 --reversed-slots"
+  # can features come from a bf16 target pass (~1.7x faster to build or to compute on the fly)? The k=1 head from
+  # scratch on shards 0-14's features from the fp32 pass and from the bf16 pass (DATA_OF), same steps, schedule and
+  # seed (STEPS=600); both scored on the fp32 held-out features
+  [eagle-15-fp32feat]="--k 1 --dtype bfloat16"
+  [eagle-15-bf16feat]="--k 1 --dtype bfloat16"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
   [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
 )
+declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16)  # else $FEATURES-N, N from the run's name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
@@ -119,7 +127,7 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
     drafter=$name; flags=${SHIPPED[$name]}; data=$FEATURES-4
   else
     [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
-    drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=$FEATURES-$(cut -d- -f2 <<< "$name")
+    drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=${DATA_OF[$name]:-$FEATURES-$(cut -d- -f2 <<< "$name")}
   fi
 fi
 case "${1:-}" in
@@ -140,6 +148,9 @@ case "${1:-}" in
         ln -sfn ../sd4-train/$f $FEATURES-$n/$f
       done
     done ;;
+  bf16features)
+    $FS gen-data --from-tokens recipes/data/sharegpt-sd --split train --max-shards 15 --dtype bfloat16 \
+      --out $FEATURES_BF16 ;;
   train)
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" ${RUNS_OF[$name]} --out $RUNS/$name ;;
@@ -158,5 +169,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | round3 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | bf16features | round3 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac

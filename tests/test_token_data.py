@@ -271,7 +271,13 @@ def test_features_from_tokens_equal_the_direct_path(tmp_path, tiny_dir, monkeypa
     generate_token_dataset(TokenDataConfig(**common, out=str(tmp_path / "tok"), max_turns=1, shard_size=4,
                                            batch_size=2), progress=quiet)
     assert features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="all",
-                                progress=quiet) == 2
+                                max_shards=1, progress=quiet) == 1  # the first shard, then the rest
+    assert ShardDataset(tmp_path / "feat").ids == [f"c{i}" for i in range(4)]
+    assert features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="all",
+                                progress=quiet) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="all",
+                             max_shards=0, progress=quiet)
     direct, rebuilt = ShardDataset(tmp_path / "direct"), ShardDataset(tmp_path / "feat")
     assert direct.ids == rebuilt.ids == [f"c{i}" for i in range(5)]
     for a, b in zip(direct, rebuilt):
@@ -341,9 +347,10 @@ def test_question_files_give_the_same_tokens_as_conversations(tmp_path, tiny_dir
     assert shards[0] == shards[1] and [s.id for s in shards[1]] == ["c0", "c1", "c2"]
 
 
-def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny_dir):
+def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny_dir, monkeypatch):
     """``falconspec train --data TOKENS --eval-data TOKENS`` computes, as steps read them, exactly the features
-    ``gen-data --from-tokens`` stores (its train and held-out splits), so a run on either trains the same drafter."""
+    ``gen-data --from-tokens`` stores (its train and held-out splits), so a run on either trains the same drafter;
+    with ``--feature-dtype bfloat16`` the train split's features are those of ``--from-tokens --dtype bfloat16``."""
     from falconspec.data import is_heldout
     from falconspec.models import load_target
     from falconspec.train import train
@@ -359,6 +366,8 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
     for split in ("train", "heldout"):
         features_from_tokens(str(tmp_path / "tok"), str(tmp_path / split), model=str(tiny_dir), split=split,
                              progress=quiet)
+    features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "train-bf16"), model=str(tiny_dir), split="train",
+                         dtype="bfloat16", progress=quiet)
     target = load_target(str(tiny_dir))
     stored, computed = ShardDataset(tmp_path / "train"), TokenFeatures(tmp_path / "tok", target, str(tiny_dir))
     assert computed.ids == stored.ids and len(computed) == len(stored) >= 6
@@ -372,15 +381,31 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
     assert torch.equal(draft_vocabulary(computed, target, cfg), draft_vocabulary(stored.samples, target, cfg)), \
         "fp32 self-distilled answers are the target's greedy tokens"
 
-    runs = {}
-    for name, data, held_data in (("features", "train", "heldout"), ("tokens", "tok", "tok")):
+    import falconspec.token_data as token_data
+
+    hashed = []  # one token dataset as --data and --eval-data: its target is checked once
+    monkeypatch.setattr(token_data, "weights_sha256", lambda model, real=token_data.weights_sha256:
+                        hashed.append(1) or real(model))
+    runs, hashes = {}, {}
+    # (bf16 greedy labels are not the answers: the runs in bf16 draft over the full vocabulary, not one chosen by
+    # label counts from stored features and by answer counts from tokens)
+    for name, data, held_data, dtype in (("features", "train", "heldout", "float32"),
+                                         ("tokens", "tok", "tok", "float32"),
+                                         ("features-bf16", "train-bf16", "heldout", "float32"),
+                                         ("tokens-bf16", "tok", "tok", "bfloat16")):
         cfg = TrainConfig(data=str(tmp_path / data), eval_data=str(tmp_path / held_data), out=str(tmp_path / name),
-                          model=str(tiny_dir), max_steps=4, eval_every=4, save_every=4, log_every=1, draft_vocab=20,
-                          lr=3e-3, warmup=1, batch_size=2, eval_samples=2, max_len=96)
+                          model=str(tiny_dir), max_steps=4, eval_every=4, save_every=4, log_every=1,
+                          draft_vocab=0 if name.endswith("bf16") else 20,
+                          lr=3e-3, warmup=1, batch_size=2, eval_samples=2, max_len=96, feature_dtype=dtype)
+        hashed.clear()
         train(cfg)
         log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-        runs[name] = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log]
-    assert runs["tokens"] == runs["features"]
+        runs[name], hashes[name] = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log], len(hashed)
+    assert runs["tokens"] == runs["features"] and hashes["tokens"] == 1
+    assert runs["tokens-bf16"] == runs["features-bf16"] != runs["tokens"] and hashes["tokens-bf16"] == 1
+    with pytest.raises(ValueError, match="stored features"):
+        train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "no"), model=str(tiny_dir),
+                          feature_dtype="bfloat16"))
     recipe = json.loads((tmp_path / "tokens" / "drafter" / "recipe.json").read_text())
     assert recipe["data"]["features"].startswith("on the fly") and recipe["train_samples"] == len(stored)
     with pytest.raises(ValueError, match="weights hash"):

@@ -856,18 +856,20 @@ def features_meta(manifest: dict, shards: list[dict], data_dir: str | Path, mode
 
 def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", split: str = "train",
                          dtype: str = "float32", store_dtype: str = "float16", max_len: int | None = None,
-                         check_weights: bool = True, progress=print) -> int:
-    """One teacher-forced target pass per token sequence, written as the feature shards ``falconspec train``
-    reads (``shard_*.safetensors`` + ``meta.json``, one feature shard per token shard). Resumable: finished shards
-    are skipped. Under torchrun/accelerate each process takes every n-th shard. Returns the number of shards this
-    process wrote now. (``falconspec train --data`` on the token directory itself computes the same features
-    on the fly instead: :class:`TokenFeatures`.)"""
+                         check_weights: bool = True, max_shards: int | None = None, progress=print) -> int:
+    """One teacher-forced target pass per token sequence (of the split's first ``max_shards`` shards, or all),
+    written as the feature shards ``falconspec train`` reads (``shard_*.safetensors`` + ``meta.json``, one feature
+    shard per token shard). Resumable: finished shards are skipped. Under torchrun/accelerate each process takes
+    every n-th shard. Returns the number of shards this process wrote now. (``falconspec train --data`` on the token
+    directory itself computes the same features on the fly instead: :class:`TokenFeatures`.)"""
     from .data import process_state, shard_path, teacher_forced, write_shard
     from .models import load_target, parse_dtype
 
     state = process_state()
     manifest = read_manifest(data_dir)
-    shards = split_shards(manifest, split, data_dir)
+    if max_shards is not None and max_shards < 1:
+        raise ValueError(f"--max-shards must be at least 1, got {max_shards}")
+    shards = split_shards(manifest, split, data_dir)[:max_shards]
     out_dir = Path(out)
     meta = features_meta(manifest, shards, data_dir, model, split, dtype, store_dtype, max_len)
     meta_file = out_dir / "meta.json"

@@ -45,6 +45,9 @@ class Batch:
     next_features: torch.Tensor  # [B, S, H] the clean ground-truth input of position j+k (= target_features)
     next_tokens: torch.Tensor  # [B, S] x_{j+k+1}, the ground-truth input token of position j+k
 
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
     def to(self, device) -> Batch:
         return Batch(**{name: value.to(device) for name, value in self.__dict__.items()})
 
@@ -53,36 +56,63 @@ class Batch:
         return Batch(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
 
 
-def make_batch(samples: list[dict], k: int, max_len: int) -> Batch:
-    """Collate gen-data samples (see :class:`falconspec.data.ShardDataset`) for a drafter with block size k."""
+@dataclass
+class Padded:
+    """Gen-data samples (see :class:`falconspec.data.ShardDataset`) right-padded to one width L: what every batch
+    layout is cut from (:func:`regressing`)."""
+    hidden: torch.Tensor  # [B, L, H] the target's features h_0 .. h_{L-1}
+    ids: torch.Tensor  # [B, L] token ids (0 past the end)
+    loss_mask: torch.Tensor  # [B, L] bool: an answer token
+    greedy: torch.Tensor  # [B, L] the target's greedy token after each position (-1 past the end)
+    lengths: torch.Tensor  # [B]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def repeat_each(self, times: int) -> Padded:
+        """Every sequence ``times`` times in a row (as :meth:`Batch.repeat_each`)."""
+        return Padded(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
+
+
+def pad_samples(samples: list[dict], max_len: int) -> Padded:
+    """Cut gen-data samples to ``max_len`` tokens and right-pad them to the longest."""
     samples = [{key: v[:max_len] for key, v in s.items()} for s in samples]
     width = max(len(s["input_ids"]) for s in samples)
     hidden = samples[0]["hidden_states"].shape[-1]
-    n, S = len(samples), width - 1
 
     def pad(key: str, shape: tuple, fill, dtype) -> torch.Tensor:
-        out = torch.full((n, *shape), fill, dtype=dtype)
+        out = torch.full((len(samples), *shape), fill, dtype=dtype)
         for i, s in enumerate(samples):
             out[i, : len(s[key])] = s[key].to(dtype)
         return out
 
-    h = pad("hidden_states", (width, hidden), 0.0, torch.float32)  # [B, L, H]
-    ids = pad("input_ids", (width,), 0, torch.long)
-    mask = pad("loss_mask", (width,), 0, torch.bool)
-    greedy = pad("target_tokens", (width,), -1, torch.long)
-    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+    return Padded(hidden=pad("hidden_states", (width, hidden), 0.0, torch.float32),
+                  ids=pad("input_ids", (width,), 0, torch.long), loss_mask=pad("loss_mask", (width,), 0, torch.bool),
+                  greedy=pad("target_tokens", (width,), -1, torch.long),
+                  lengths=torch.tensor([len(s["input_ids"]) for s in samples]))
+
+
+def regressing(padded: Padded, ahead: int | torch.Tensor) -> Batch:
+    """The batch whose position j regresses h_{j+a}, a = ``ahead``: one distance (a drafter with block size a), or
+    one per position [B, S]."""
+    (B, width), S = padded.ids.shape, padded.ids.shape[1] - 1
     j = torch.arange(S)
-    ahead = j + k  # position whose feature position j regresses
-    in_range = (ahead[None] + 1) < lengths[:, None]  # x_{j+k+1} exists
-    take = ahead.clamp(max=width - 1)
-    target_features = torch.where(in_range[..., None], h[:, take], 0.0)
-    next_tokens = torch.where(in_range, ids[:, (take + 1).clamp(max=width - 1)], 0)
+    regressed = (j + torch.as_tensor(ahead)).expand(B, S)  # position whose feature position j regresses
+    in_range = (regressed + 1) < padded.lengths[:, None]  # x_{j+a+1} exists
+    take, rows = regressed.clamp(max=width - 1), torch.arange(B)[:, None]
+    after = (take + 1).clamp(max=width - 1)
+    target_features = torch.where(in_range[..., None], padded.hidden[rows, take], 0.0)
     return Batch(
-        features=h[:, :S], tokens=ids[:, 1:], target_features=target_features,
-        labels=torch.where(in_range, greedy[:, take], -1),
-        valid=in_range & mask[:, (take + 1).clamp(max=width - 1)], key_padding=j[None] < (lengths[:, None] - 1),
-        next_features=target_features, next_tokens=next_tokens,
+        features=padded.hidden[:, :S], tokens=padded.ids[:, 1:], target_features=target_features,
+        labels=torch.where(in_range, padded.greedy[rows, take], -1),
+        valid=in_range & padded.loss_mask[rows, after], key_padding=j[None] < (padded.lengths[:, None] - 1),
+        next_features=target_features, next_tokens=torch.where(in_range, padded.ids[rows, after], 0),
     )
+
+
+def make_batch(samples: list[dict], k: int, max_len: int) -> Batch:
+    """Collate gen-data samples (see :class:`falconspec.data.ShardDataset`) for a drafter with block size k."""
+    return regressing(pad_samples(samples, max_len), k)
 
 
 # ----------------------------------------------------------------------------- glancing
@@ -215,28 +245,13 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
     """Held-out loss (teacher forced, no glancing) and acc@1..depth: the share of rollouts whose first d drafted
     tokens all equal the target's greedy tokens (so the sum over d is the expected accepted chain length)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses, chains, slot_accs = [], [], []
+    losses, chains, slot_losses = [], [], []
     with torch.no_grad(), autocast(cfg, head.device.type):
         for i in range(0, len(samples), cfg.batch_size):
-            if model.config.newest_slots:
-                batches = [b.to(head.device) for b in slot_batches(samples[i : i + cfg.batch_size], model.k,
-                                                                    cfg.max_len)]
-                if batches[0].valid.any():
-                    total, accs = newest_slots_losses(model, embed, head, vocab_index, batches, cfg,
-                                                      batches[0].features)
-                    losses.append(total)
-                    slot_accs.append((accs, [int(b.valid.sum()) for b in batches]))
-                continue
-            chunk = samples[i : i + cfg.batch_size]
-            if model.config.reversed_slots:  # one alignment: blocks from position 0
-                batch = reversed_slots_batch(chunk, cfg)[0]
-            else:
-                batch = make_batch(chunk, model.k, cfg.max_len)
-            batch = batch.to(head.device)
-            if batch.valid.any():
-                out = forward(model, model.k, embed, batch, batch.features, batch.tokens,
-                              torch.zeros(len(batch.tokens), dtype=torch.long))
-                losses.append(compute_losses(out, batch, batch.valid, head, vocab_index, cfg))
+            total, slots, _ = layout_losses(model, embed, head, vocab_index, samples[i : i + cfg.batch_size], cfg)
+            if total.count:
+                losses.append(total)
+                slot_losses.append(slots)
         for s in samples:
             s = {key: v[: cfg.max_len] for key, v in s.items()}
             starts = rollout_starts(s, model.k, depth, cfg.eval_answer_opening)
@@ -249,10 +264,10 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
         n = sum(x.count for x in losses)
         for name in ("total", "reg", "kl", "ce", "acc"):
             result[f"eval_{name}"] = sum(float(getattr(x, name)) * x.count for x in losses) / n
-    if slot_accs:  # teacher forced: slot i right given the true tokens before it (slot 1: ~P(d2 | d1))
-        counts = [sum(c[slot] for _, c in slot_accs) for slot in range(model.k)]
-        result["slot_acc"] = [round(sum(a[slot] * c[slot] for a, c in slot_accs) / max(counts[slot], 1), 4)
-                              for slot in range(model.k)]
+    if any(slot_losses):  # teacher forced: slot i right given the true tokens before it
+        counts = [sum(slots[i].count for slots in slot_losses) for i in range(model.k)]  # (slot 1: ~P(d2 | d1))
+        result["slot_acc"] = [round(sum(float(slots[i].acc) * slots[i].count for slots in slot_losses)
+                                    / max(counts[i], 1), 4) for i in range(model.k)]
     result.update(chain_accuracy(chains))
     return result
 
@@ -381,17 +396,18 @@ def csgd_step(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch
 def slot_batches(samples: list[dict], k: int, max_len: int) -> list[Batch]:
     """The batches of a drafter whose slots all draft from the newest position (``newest_slots``), one per slot:
     slot i of position j regresses h_{j+i+1} (:func:`make_batch` with block size i + 1; same inputs in all)."""
-    return [make_batch(samples, slot + 1, max_len) for slot in range(k)]
+    padded = pad_samples(samples, max_len)
+    return [regressing(padded, slot + 1) for slot in range(k)]
 
 
 def newest_slots_losses(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch.Tensor,
-                        batches: list[Batch], cfg: TrainConfig, features: torch.Tensor) -> tuple[Losses, list[float]]:
+                        batches: list[Batch], cfg: TrainConfig, features: torch.Tensor) -> tuple[Losses, list[Losses]]:
     """Teacher-forced losses of a drafter whose slots all draft from the newest position (``newest_slots``; plain
     token-shift training, as the head's): one causal pass over ``features`` [B, S, H] (the inputs, noised or not)
     gives o_j, slot 0, regressing h_{j+1}; slot i is o_j through the chain on the true token x_{j+i+1} (slot
     i - 1's) and regresses h_{j+i+1} (``batches`` from :func:`slot_batches`). Every position trains every slot; slot
     i weighs ``cfg.later_slot_weight ** i``; with ``cfg.detach_chain`` only slot 0's loss reaches the decoder.
-    Returns the weighted total (reg, kl, ce, acc and count: slot 0's) and each slot's acc."""
+    Returns the weighted total (reg, kl, ce, acc and count: slot 0's) and each slot's losses."""
     from .drafters.sar_model import relaxed_causal_mask
 
     first = batches[0]
@@ -405,32 +421,47 @@ def newest_slots_losses(model, embed: torch.Tensor, head: torch.Tensor, vocab_in
              for slot, batch in enumerate(batches)]
     total = sum(cfg.later_slot_weight ** slot * losses.total for slot, losses in enumerate(slots))
     head_slot = slots[0]
-    return (Losses(total, head_slot.reg, head_slot.kl, head_slot.ce, head_slot.acc, head_slot.count),
-            [round(float(losses.acc), 4) for losses in slots])
+    return Losses(total, head_slot.reg, head_slot.kl, head_slot.ce, head_slot.acc, head_slot.count), slots
 
 
 def reversed_slots_batch(samples: list[dict], cfg: TrainConfig,
                          gen: torch.Generator | None = None) -> tuple[Batch, torch.Tensor]:
     """The batch and block alignments [B] of a step of a drafter that drafts its blocks' slots in reverse
     (``reversed_slots``): alignments as :func:`block_alignments` chooses them (without ``gen``: blocks from position
-    0), then position j drafting slot s regresses h_{j+2s+1} (:func:`.sar_model.regress_ahead`; the targets of
-    :func:`make_batch` with block size 2s + 1, picked per position)."""
+    0), then position j drafting slot s regresses h_{j+2s+1} (:func:`.sar_model.regress_ahead`: one distance per
+    position, :func:`regressing`)."""
     from .drafters.sar_model import regress_ahead
 
-    batch = make_batch(samples, 1, cfg.max_len)
+    padded = pad_samples(samples, cfg.max_len)
     if gen is None:
         offsets = torch.zeros(len(samples), dtype=torch.long)
     else:
-        batch, offsets = block_alignments(batch, cfg, gen)
-    times = batch.tokens.shape[0] // len(samples)
-    ahead = regress_ahead(cfg, batch.tokens.shape[1], offsets)  # [B, S]
-    targets = {name: getattr(batch, name) for name in ("target_features", "labels", "valid", "next_features",
-                                                       "next_tokens")}
-    for a in range(3, 2 * cfg.k, 2):
-        other, pick = make_batch(samples, a, cfg.max_len).repeat_each(times), ahead == a
-        for name, value in targets.items():
-            targets[name] = torch.where(pick[..., None] if value.dim() == 3 else pick, getattr(other, name), value)
-    return Batch(**{**batch.__dict__, **targets}), offsets
+        padded, offsets = block_alignments(padded, cfg, gen)
+    return regressing(padded, regress_ahead(cfg, padded.ids.shape[1] - 1, offsets)), offsets
+
+
+def layout_losses(model, embed: torch.Tensor, head: torch.Tensor, vocab_index: torch.Tensor, samples: list[dict],
+                  cfg: TrainConfig, gen: torch.Generator | None = None) -> tuple[Losses, list[Losses], int]:
+    """Token-shift losses (no glancing) of one batch of ``samples`` in the drafter's own block layout, and the
+    number of positions in the batch. Layouts: blocks whose slots all draft from the newest position
+    (:func:`newest_slots_losses`; then also each slot's losses, else none), from their positions in reverse
+    (:func:`reversed_slots_batch`), or the paper's block (evaluation only: its training step is :func:`csgd_step`).
+    With ``gen``, a training step's: noised inputs and random block alignments; without, evaluation's: clean
+    inputs, blocks from position 0."""
+    config = model.config
+    if config.newest_slots:
+        batches = [b.to(head.device) for b in slot_batches(samples, model.k, cfg.max_len)]
+        features = batches[0].features if gen is None else noised(batches[0].features, cfg, gen)
+        return (*newest_slots_losses(model, embed, head, vocab_index, batches, cfg, features),
+                int(batches[0].key_padding.sum()))
+    if config.reversed_slots:
+        batch, offsets = reversed_slots_batch(samples, cfg, gen)
+    else:
+        batch, offsets = make_batch(samples, model.k, cfg.max_len), torch.zeros(len(samples), dtype=torch.long)
+    batch = batch.to(head.device)
+    features = batch.features if gen is None else noised(batch.features, cfg, gen)
+    out = forward(model, model.k, embed, batch, features, batch.tokens, offsets)
+    return compute_losses(out, batch, batch.valid, head, vocab_index, cfg), [], int(batch.key_padding.sum())
 
 
 def noised(features: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -440,15 +471,16 @@ def noised(features: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
     return features + noise.to(features.device)
 
 
-def block_alignments(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Batch, torch.Tensor]:
+def block_alignments(batch: Batch | Padded, cfg: TrainConfig,
+                     gen: torch.Generator) -> tuple[Batch | Padded, torch.Tensor]:
     """The batch a CSGD step trains on and its block alignments [B] (block starts at position offset mod k): one
     random alignment per sequence, or with ``cfg.every_alignment`` every sequence k times, once per alignment, so
     that each position is trained once in every slot of a block (the first slot, the drafter's depth-1 token,
     included) at k times the cost."""
     if cfg.every_alignment:  # TrainConfig refuses it with k = 1
         batch = batch.repeat_each(cfg.k)
-        return batch, torch.arange(batch.tokens.shape[0]) % cfg.k
-    return batch, torch.randint(0, cfg.k, (batch.tokens.shape[0],), generator=gen)
+        return batch, torch.arange(len(batch)) % cfg.k
+    return batch, torch.randint(0, cfg.k, (len(batch),), generator=gen)
 
 
 def forward(model, k: int, embed: torch.Tensor, batch: Batch, features: torch.Tensor, tokens: torch.Tensor,
@@ -529,17 +561,11 @@ class SARObjective(ShardObjective, Objective):
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * world + rank)
         samples = self.batch_samples(step, rank, world)
-        if cfg.newest_slots:  # teacher forcing, every slot at every position
-            batches = [b.to(self.head.device) for b in slot_batches(samples, cfg.k, cfg.max_len)]
-            losses, accs = newest_slots_losses(model, self.embed, self.head, self.vocab_index, batches, cfg,
-                                               noised(batches[0].features, cfg, gen))
-            return StepResult(losses.total, int(batches[0].key_padding.sum()), (losses, {"slot_acc": accs}))
-        if cfg.reversed_slots:  # token-shift training: glancing replaces inputs by the paper's layout's targets
-            batch, offsets = reversed_slots_batch(samples, cfg, gen)
-            batch = batch.to(self.head.device)
-            out = forward(model, cfg.k, self.embed, batch, noised(batch.features, cfg, gen), batch.tokens, offsets)
-            losses = compute_losses(out, batch, batch.valid, self.head, self.vocab_index, cfg)
-            return StepResult(losses.total, int(batch.key_padding.sum()), (losses, {}))
+        if cfg.newest_slots or cfg.reversed_slots:  # token shift: glancing is the paper's layout's
+            losses, slots, positions = layout_losses(model, self.embed, self.head, self.vocab_index, samples, cfg,
+                                                     gen)
+            record = {"slot_acc": [round(float(s.acc), 4) for s in slots]} if slots else {}
+            return StepResult(losses.total, positions, (losses, record))
         batch = make_batch(samples, cfg.k, cfg.max_len).to(self.head.device)
         losses, record = csgd_step(model, self.embed, self.head, self.vocab_index, batch, cfg, glance_ratio(step, cfg),
                                    gen, self.vocab.to(self.head.device))

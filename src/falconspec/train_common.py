@@ -60,6 +60,8 @@ class TrainConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)")
     dtype: str = _opt("float32", "float32, or bfloat16 autocast (fast only on CPUs/GPUs with native bf16)")
+    feature_dtype: str = _opt("float32", "--data a token dataset: the dtype the target computes its train features in "
+                                         "(bfloat16: faster on CPUs with native bf16; held-out features stay float32)")
     reg_weight: float = _opt(1.0, "weight of the SmoothL1 feature regression")
     dist_weight: float = _opt(0.1, "weight of the distillation loss")
     later_slot_weight: float = _opt(1.0, "loss weight of the later slots of a SAR block relative to its first (slot s "
@@ -111,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"--eval-answer-opening must be >= 0, got {self.eval_answer_opening}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
+        if self.feature_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--feature-dtype must be float32, bfloat16 or float16, got {self.feature_dtype!r}")
         sar_only = {"--every-alignment": "trains a SAR drafter's block alignments",
                     "--ttt-blocks": "unrolls a SAR drafter's blocks"}
         for flag, what in sar_only.items():
@@ -193,11 +197,18 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     tokens``), whose features ``target`` computes as steps read them (:class:`.token_data.TokenFeatures`; the
     held-out split of a token dataset for ``--eval-data``)."""
     from .data import ShardDataset
+    from .models import load_target
     from .token_data import TokenFeatures, is_token_dataset
 
-    def read(path: str, split: str):
+    def read(path: str, split: str, check_weights: bool = True):
         if is_token_dataset(path):
-            return TokenFeatures(path, target, cfg.model, split=split, max_len=cfg.max_len)
+            computes = target if split == "heldout" or cfg.feature_dtype == "float32" else \
+                load_target(cfg.model, dtype=cfg.feature_dtype, device=target.device)
+            return TokenFeatures(path, computes, cfg.model, split=split, max_len=cfg.max_len,
+                                 check_weights=check_weights)
+        if split == "train" and cfg.feature_dtype != "float32":
+            raise ValueError(f"--feature-dtype {cfg.feature_dtype} sets the dtype of features computed from a token "
+                             f"dataset, but {path} holds stored features (gen-data --from-tokens --dtype makes them)")
         data = ShardDataset(path)
         size = data.samples[0]["hidden_states"].shape[-1]
         if size != target.hidden_size:
@@ -208,7 +219,8 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     data = read(cfg.data, "train")
     train_samples = data if isinstance(data, TokenFeatures) else list(data.samples)
     if cfg.eval_data:
-        held = read(cfg.eval_data, "heldout")
+        checked = is_token_dataset(cfg.data) and Path(cfg.eval_data).resolve() == Path(cfg.data).resolve()
+        held = read(cfg.eval_data, "heldout", check_weights=not checked)  # one weights hash per token dataset
         if held.meta.get("model") != data.meta.get("model"):
             raise ValueError(f"--eval-data was generated with {held.meta.get('model')!r}, --data with "
                              f"{data.meta.get('model')!r}")

@@ -59,7 +59,8 @@ def register(subparsers) -> None:
                         help="--format tokens: 'reuse' (default) keeps each conversation's KV cache across its turns "
                              "and prefills only new tokens; 'dynamic' / 'static' answer every turn with generate and "
                              "that cache, prefilling the whole history (the same tokens, slower)")
-    parser.add_argument("--max-shards", type=int, default=None, help="--format tokens: stop after N new shards")
+    parser.add_argument("--max-shards", type=int, default=None,
+                        help="--format tokens: stop after N new shards; --from-tokens: the split's first N shards")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="--format tokens: start no new conversation after this many seconds (the started "
                              "ones finish and are written)")
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         from ..token_data import features_from_tokens
 
         written = features_from_tokens(args.from_tokens, args.out, model=args.model, split=args.split,
-                                       dtype=args.dtype, store_dtype=args.store_dtype, max_len=args.max_len)
+                                       dtype=args.dtype, store_dtype=args.store_dtype, max_len=args.max_len,
+                                       max_shards=args.max_shards)
         print(f"gen-data: wrote {written} feature shard(s) to {args.out} from {args.from_tokens}")
         return 0
     if args.format == "tokens":
