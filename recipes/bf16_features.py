@@ -68,8 +68,9 @@ def speed(data: str, model: str, count: int, max_len: int) -> dict:
                 teacher_forced(targets[dtype], sequence)
                 seconds[dtype].append(time.perf_counter() - start)
     tokens = [len(s.input_ids) for s in sequences]
+    processor, flags = cpu_info()
     result = {"sequences": len(sequences), "tokens": sum(tokens), "threads": torch.get_num_threads(),
-              "processor": cpu_info()[0], "cpu_flags": cpu_info()[1], "torch": torch.__version__}
+              "processor": processor, "cpu_flags": flags, "torch": torch.__version__}
     for dtype in DTYPES:
         rates = sorted(n / t for n, t in zip(tokens, seconds[dtype]))
         quartiles = statistics.quantiles(rates, n=4)

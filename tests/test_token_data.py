@@ -383,9 +383,14 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
 
     import falconspec.token_data as token_data
 
+    import falconspec.models as models
+
     hashed = []  # one token dataset as --data and --eval-data: its target is checked once
     monkeypatch.setattr(token_data, "weights_sha256", lambda model, real=token_data.weights_sha256:
                         hashed.append(1) or real(model))
+    loaded = []  # and with the fp32 target the run loads anyway (bf16 features: one more copy, in bf16)
+    monkeypatch.setattr(models, "load_target", lambda *a, real=models.load_target, **kw:
+                        loaded.append(kw.get("dtype", "float32")) or real(*a, **kw))
     runs, hashes = {}, {}
     # (bf16 greedy labels are not the answers: the runs in bf16 draft over the full vocabulary, not one chosen by
     # label counts from stored features and by answer counts from tokens)
@@ -397,12 +402,13 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
                           model=str(tiny_dir), max_steps=4, eval_every=4, save_every=4, log_every=1,
                           draft_vocab=0 if name.endswith("bf16") else 20,
                           lr=3e-3, warmup=1, batch_size=2, eval_samples=2, max_len=96, feature_dtype=dtype)
-        hashed.clear()
+        hashed.clear(), loaded.clear()
         train(cfg)
         log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
         runs[name], hashes[name] = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in log], len(hashed)
     assert runs["tokens"] == runs["features"] and hashes["tokens"] == 1
     assert runs["tokens-bf16"] == runs["features-bf16"] != runs["tokens"] and hashes["tokens-bf16"] == 1
+    assert loaded == ["float32", "bfloat16"]  # the tokens-bf16 run's
     with pytest.raises(ValueError, match="stored features"):
         train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "no"), model=str(tiny_dir),
                           feature_dtype="bfloat16"))

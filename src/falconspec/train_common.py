@@ -198,14 +198,15 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     held-out split of a token dataset for ``--eval-data``), the train split's in ``--feature-dtype``."""
     from .data import ShardDataset
     from .models import load_target
-    from .token_data import TokenFeatures, is_token_dataset
+    from .token_data import TokenFeatures, check_token_target, is_token_dataset, read_manifest
 
     def read(path: str, split: str, check_weights: bool = True):
         if is_token_dataset(path):
+            if check_weights:  # with the fp32 target in hand, whatever dtype then computes the features
+                check_token_target(target, read_manifest(path), cfg.model)
             computes = target if split == "heldout" or cfg.feature_dtype == "float32" else \
                 load_target(cfg.model, dtype=cfg.feature_dtype, device=target.device)
-            return TokenFeatures(path, computes, cfg.model, split=split, max_len=cfg.max_len,
-                                 check_weights=check_weights)
+            return TokenFeatures(path, computes, cfg.model, split=split, max_len=cfg.max_len, check_weights=False)
         if split == "train" and cfg.feature_dtype != "float32":
             raise ValueError(f"--feature-dtype {cfg.feature_dtype} sets the dtype of features computed from a token "
                              f"dataset, but {path} holds stored features (gen-data --from-tokens --dtype makes them)")
