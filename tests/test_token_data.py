@@ -354,7 +354,7 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
     from falconspec.data import is_heldout
     from falconspec.models import load_target
     from falconspec.train import train
-    from falconspec.train_common import TrainConfig, draft_vocabulary
+    from falconspec.train_common import TrainConfig, draft_vocabulary, load_data
     from falconspec.token_data import TokenFeatures
 
     held = [i for i in range(400) if is_heldout(f"c{i}")][:2]
@@ -409,6 +409,13 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
     assert runs["tokens"] == runs["features"] and hashes["tokens"] == 1
     assert runs["tokens-bf16"] == runs["features-bf16"] != runs["tokens"] and hashes["tokens-bf16"] == 1
     assert loaded == ["float32", "bfloat16"]  # the tokens-bf16 run's
+    # without --eval-data, the samples carved from the train split are scored on fp32 features too
+    carved = TrainConfig(data=str(tmp_path / "tok"), out="", model=str(tiny_dir), eval_samples=2, max_len=96,
+                         feature_dtype="bfloat16")
+    trains, evals, _ = load_data(carved, target)
+    assert trains.target.dtype == torch.bfloat16 and len(trains) == len(stored) - 2
+    for a, b in zip(stored.samples[-2:], evals):
+        assert all(torch.equal(a[key], b[key]) for key in a)
     with pytest.raises(ValueError, match="stored features"):
         train(TrainConfig(data=str(tmp_path / "train"), out=str(tmp_path / "no"), model=str(tiny_dir),
                           feature_dtype="bfloat16"))

@@ -934,13 +934,21 @@ class TokenFeatures(Sequence):
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def _view(self, **changes) -> "TokenFeatures":
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__, **changes)
+        return view
+
+    def computed_by(self, target) -> "TokenFeatures":
+        """The same sequences with their features computed by ``target`` (e.g. held-out samples carved from a
+        train split read in bf16, scored on fp32 features as ``--eval-data``'s are)."""
+        return self._view(target=target)
+
     def __getitem__(self, i):
         from .data import teacher_forced
 
         if isinstance(i, slice):
-            view = object.__new__(type(self))
-            view.__dict__.update(self.__dict__, sequences=self.sequences[i])
-            return view
+            return self._view(sequences=self.sequences[i])
         # in full precision whatever autocast a training step runs in, and as ordinary (not inference-mode) tensors
         with torch.autocast(self.target.device.type, enabled=False):
             sample = teacher_forced(self.target, self.sequences[i], self.store_dtype)

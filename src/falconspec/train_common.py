@@ -61,7 +61,7 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)")
     dtype: str = _opt("float32", "float32, or bfloat16 autocast (fast only on CPUs/GPUs with native bf16)")
     feature_dtype: str = _opt("float32", "--data a token dataset: the dtype the target computes its train features in "
-                                         "(bfloat16: faster on CPUs with native bf16; --eval-data's stay float32)")
+                                         "(bfloat16: faster on CPUs with native bf16; held-out features stay float32)")
     reg_weight: float = _opt(1.0, "weight of the SmoothL1 feature regression")
     dist_weight: float = _opt(0.1, "weight of the distillation loss")
     later_slot_weight: float = _opt(1.0, "loss weight of the later slots of a SAR block relative to its first (slot s "
@@ -195,7 +195,8 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     """The train samples (a sequence of sample dicts), the held-out samples (in memory) and the train data's meta.
     ``--data``/``--eval-data`` are feature directories (``gen-data``) or token datasets (``gen-data --format
     tokens``), whose features ``target`` computes as steps read them (:class:`.token_data.TokenFeatures`; the
-    held-out split of a token dataset for ``--eval-data``), the train split's in ``--feature-dtype``."""
+    held-out split of a token dataset for ``--eval-data``), the train split's in ``--feature-dtype``; held-out
+    features are computed by ``target`` (fp32) either way, also those carved from ``--data`` without ``--eval-data``."""
     from .data import ShardDataset
     from .models import load_target
     from .token_data import TokenFeatures, check_token_target, is_token_dataset, read_manifest
@@ -234,6 +235,8 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
             raise ValueError(f"{cfg.data} has {len(train_samples)} samples: too few to hold out --eval-samples "
                              f"{cfg.eval_samples}; pass --eval-data or lower --eval-samples")
         held = train_samples[-cfg.eval_samples:]
+        if isinstance(held, TokenFeatures):  # held-out features in fp32 whatever --feature-dtype trains on
+            held = held.computed_by(target)
         train_samples, eval_samples = train_samples[: -cfg.eval_samples], [held[i] for i in range(len(held))]
     return train_samples, eval_samples, data.meta
 
