@@ -110,12 +110,19 @@ declare -A RUNS_OF=(
   # seed (STEPS=600); both scored on the fp32 held-out features
   [eagle-15-fp32feat]="--k 1 --dtype bfloat16"
   [eagle-15-bf16feat]="--k 1 --dtype bfloat16"
+  # round 7: the shipped drafters fine-tuned straight from every committed token shard (TOKENS, no feature build),
+  # the train features from a bf16 target pass, eagle from round 6's head, falcon from round 5's block with both
+  # alignments per step as round 5 trained it. --init-from names the shipped drafters: run before shipping round 7
+  [eagle-r7]="--k 1 --dtype bfloat16 --feature-dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
+  [falcon-r7]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5 --every-alignment"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
   [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
 )
-declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16)  # else $FEATURES-N, N from the run's name
+TOKENS=recipes/data/sharegpt-sd  # the committed token shards, read by `falconspec train` directly
+declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS)  # else $FEATURES-N,
+                                                                                                   # N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
