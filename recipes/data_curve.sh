@@ -32,6 +32,7 @@ SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,
                                # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
 MEDUSA="--kind medusa --medusa-heads 4"
+TOKENS=recipes/data/sharegpt-sd  # the committed token shards, read by `falconspec train` directly
 declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
   [eagle-15]="--k 1"
@@ -112,7 +113,8 @@ declare -A RUNS_OF=(
   [eagle-15-bf16feat]="--k 1 --dtype bfloat16"
   # round 7: the shipped drafters fine-tuned straight from every committed token shard (TOKENS, no feature build),
   # the train features from a bf16 target pass, eagle from round 6's head, falcon from round 5's block with both
-  # alignments per step as round 5 trained it. --init-from names the shipped drafters: run before shipping round 7
+  # alignments per step as round 5 trained it (EVAL_OF: evaluated on held-out tokens). --init-from names the
+  # shipped drafters: run before shipping round 7
   [eagle-r7]="--k 1 --dtype bfloat16 --feature-dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
   [falcon-r7]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5 --every-alignment"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
@@ -120,7 +122,8 @@ declare -A RUNS_OF=(
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
   [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
 )
-TOKENS=recipes/data/sharegpt-sd  # the committed token shards, read by `falconspec train` directly
+# the train stage's in-training evaluations: the first 50 held-out token sequences, so any clone runs them
+declare -A EVAL_OF=([eagle-r7]="--eval-data $TOKENS --eval-samples 50" [falcon-r7]="--eval-data $TOKENS --eval-samples 50")
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS)  # else $FEATURES-N,
                                                                                                    # N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
@@ -160,7 +163,7 @@ case "${1:-}" in
       --out $FEATURES_BF16 ;;
   train)
     # shellcheck disable=SC2086
-    $FS train --data $data "${COMMON[@]}" ${RUNS_OF[$name]} --out $RUNS/$name ;;
+    $FS train --data $data "${COMMON[@]}" ${EVAL_OF[$name]:-} ${RUNS_OF[$name]} --out $RUNS/$name ;;
   final|mtb)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final) or on the
               # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype win)
     eval=$([[ $1 == final ]] && echo $HELDOUT || echo $MTBENCH)
