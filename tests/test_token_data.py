@@ -421,5 +421,7 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
                           feature_dtype="bfloat16"))
     recipe = json.loads((tmp_path / "tokens" / "drafter" / "recipe.json").read_text())
     assert recipe["data"]["features"].startswith("on the fly") and recipe["train_samples"] == len(stored)
+    assert json.loads((tmp_path / "tokens-bf16" / "drafter" / "recipe.json").read_text())["data"]["dtype"] == \
+        "bfloat16", "the recipe records the dtype the train features were computed in"
     with pytest.raises(ValueError, match="weights hash"):
         TokenFeatures(tmp_path / "tok", load_target(str(save_tiny_model(tmp_path / "other", seed=3))), "other")

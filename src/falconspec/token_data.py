@@ -940,9 +940,9 @@ class TokenFeatures(Sequence):
         return view
 
     def computed_by(self, target) -> "TokenFeatures":
-        """The same sequences with their features computed by ``target`` (e.g. held-out samples carved from a
-        train split read in bf16, scored on fp32 features as ``--eval-data``'s are)."""
-        return self._view(target=target)
+        """The same sequences with their features computed by ``target`` (a token dataset's train split in
+        ``falconspec train --feature-dtype``)."""
+        return self._view(target=target, meta={**self.meta, "dtype": str(target.dtype).split(".")[-1]})
 
     def __getitem__(self, i):
         from .data import teacher_forced

@@ -199,15 +199,12 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     features are computed by ``target`` (fp32) either way, also those carved from ``--data`` without ``--eval-data``."""
     from .data import ShardDataset
     from .models import load_target
-    from .token_data import TokenFeatures, check_token_target, is_token_dataset, read_manifest
+    from .token_data import TokenFeatures, is_token_dataset
 
     def read(path: str, split: str, check_weights: bool = True):
         if is_token_dataset(path):
-            if check_weights:  # with the fp32 target in hand, whatever dtype then computes the features
-                check_token_target(target, read_manifest(path), cfg.model)
-            computes = target if split == "heldout" or cfg.feature_dtype == "float32" else \
-                load_target(cfg.model, dtype=cfg.feature_dtype, device=target.device)
-            return TokenFeatures(path, computes, cfg.model, split=split, max_len=cfg.max_len, check_weights=False)
+            return TokenFeatures(path, target, cfg.model, split=split, max_len=cfg.max_len,
+                                 check_weights=check_weights)
         if split == "train" and cfg.feature_dtype != "float32":
             raise ValueError(f"--feature-dtype {cfg.feature_dtype} sets the dtype of features computed from a token "
                              f"dataset, but {path} holds stored features (gen-data --from-tokens --dtype makes them)")
@@ -235,9 +232,11 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
             raise ValueError(f"{cfg.data} has {len(train_samples)} samples: too few to hold out --eval-samples "
                              f"{cfg.eval_samples}; pass --eval-data or lower --eval-samples")
         held = train_samples[-cfg.eval_samples:]
-        if isinstance(held, TokenFeatures):  # held-out features in fp32 whatever --feature-dtype trains on
-            held = held.computed_by(target)
         train_samples, eval_samples = train_samples[: -cfg.eval_samples], [held[i] for i in range(len(held))]
+    if cfg.feature_dtype != "float32":  # a token dataset (read refuses stored features); held-out stays fp32
+        train_samples = train_samples.computed_by(load_target(cfg.model, dtype=cfg.feature_dtype,
+                                                              device=target.device))
+        return train_samples, eval_samples, train_samples.meta
     return train_samples, eval_samples, data.meta
 
 
