@@ -7,9 +7,11 @@
 #   bash recipes/data_curve.sh subsets      # runs/data/sd4-train-N: the first N feature shards (symlinks)
 #   bash recipes/data_curve.sh bf16features # runs/data/sd4-train-bf16: shards 0-14's features from a bf16 target pass
 #   bash recipes/data_curve.sh round3       # runs/round3/KIND: the round-3 drafters (from git) the -ft runs start from
+#   bash recipes/data_curve.sh round6       # runs/round6/KIND: the drafters shipped before round 7 (from git; falcon
+#                                           # from round 5, eagle from round 6), which the -r7 runs start from
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
-#   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out set (NAME: a run, or falcon, eagle or
-#                                           # medusa for the shipped drafters)
+#   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
+#                                           # or falcon, eagle or medusa for the shipped drafters); any clone runs it
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
 #   bash recipes/data_curve.sh mtbench      # runs/data/mtbench-feat: the target's own fp32 greedy answers to the 80
 #                                           # MT-bench questions, both turns, 64 tokens each (as the bench asks), with
@@ -28,6 +30,8 @@ STEPS=${STEPS:-600}
 RUNS=runs/curve
 ROUND3=runs/round3             # `round3`: the round-3 drafters the fine-tunes start from, as shipped before round 4
 ROUND3_COMMIT=40b336f
+ROUND6=runs/round6             # `round6`: the drafters shipped before round 7, which the -r7 runs start from
+ROUND6_COMMIT=7a61ebb
 SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 /
                                # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
@@ -113,10 +117,10 @@ declare -A RUNS_OF=(
   [eagle-15-bf16feat]="--k 1 --dtype bfloat16"
   # round 7: the shipped drafters fine-tuned straight from every committed token shard (TOKENS, no feature build),
   # the train features from a bf16 target pass, eagle from round 6's head, falcon from round 5's block with both
-  # alignments per step as round 5 trained it (EVAL_OF: evaluated on held-out tokens). --init-from names the
-  # shipped drafters: run before shipping round 7
-  [eagle-r7]="--k 1 --dtype bfloat16 --feature-dtype bfloat16 --init-from eagle --lr 5e-4 --min-lr 5e-5"
-  [falcon-r7]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from falcon --lr 5e-4 --min-lr 5e-5 --every-alignment"
+  # alignments per step as round 5 trained it (EVAL_OF: evaluated on held-out tokens); STEPS=600. They ran with
+  # --init-from eagle|falcon before round 7 shipped, which named the same files as $ROUND6 (`round6` restores them)
+  [eagle-r7]="--k 1 --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND6/eagle --lr 5e-4 --min-lr 5e-5"
+  [falcon-r7]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND6/falcon --lr 5e-4 --min-lr 5e-5 --every-alignment"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -134,18 +138,20 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   name=${2:-}
   if [[ $name =~ ^(falcon|eagle|medusa)$ && $1 =~ ^(final|mtb)$ ]]; then  # a shipped drafter
     declare -A SHIPPED=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
-    drafter=$name; flags=${SHIPPED[$name]}; data=$FEATURES-4
+    drafter=$name; flags=${SHIPPED[$name]}; data=$TOKENS
   else
     [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
     drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=${DATA_OF[$name]:-$FEATURES-$(cut -d- -f2 <<< "$name")}
   fi
 fi
 case "${1:-}" in
-  round3)  # from git history: since round 4 shipped, --init-from falcon|eagle|medusa means the round-4 drafters
-    for kind in falcon eagle medusa; do
-      mkdir -p $ROUND3/$kind
+  round3|round6)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
+    dir=$([[ $1 == round3 ]] && echo $ROUND3 || echo $ROUND6)
+    commit=$([[ $1 == round3 ]] && echo $ROUND3_COMMIT || echo $ROUND6_COMMIT)
+    for kind in falcon eagle $([[ $1 == round3 ]] && echo medusa); do
+      mkdir -p $dir/$kind
       for f in config.json model.safetensors recipe.json; do
-        git show $ROUND3_COMMIT:src/falconspec/assets/drafters/smollm2-135m-$kind/$f > $ROUND3/$kind/$f
+        git show $commit:src/falconspec/assets/drafters/smollm2-135m-$kind/$f > $dir/$kind/$f
       done
     done ;;
   subsets)
@@ -166,7 +172,8 @@ case "${1:-}" in
     $FS train --data $data "${COMMON[@]}" ${EVAL_OF[$name]:-} ${RUNS_OF[$name]} --out $RUNS/$name ;;
   final|mtb)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final) or on the
               # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype win)
-    eval=$([[ $1 == final ]] && echo $HELDOUT || echo $MTBENCH)
+    eval=$([[ $1 == final ]] && echo $TOKENS || echo $MTBENCH)  # final: the token set's held-out split, all 110
+                                                                # sequences, features as runs/data/sd4-heldout's
     out=$RUNS/$([[ $1 == final ]] && echo final || echo mtbench)/$name
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
@@ -179,5 +186,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | bf16features | round3 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | bf16features | round3 | round6 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac
