@@ -32,6 +32,7 @@ ROUND3=runs/round3             # `round3`: the round-3 drafters the fine-tunes s
 ROUND3_COMMIT=40b336f
 ROUND6=runs/round6             # `round6`: the drafters shipped before round 7, which the -r7 runs start from
 ROUND6_COMMIT=7a61ebb
+declare -A PAST=([round3]="$ROUND3 $ROUND3_COMMIT falcon eagle medusa" [round6]="$ROUND6 $ROUND6_COMMIT falcon eagle")
 SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 /
                                # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
@@ -127,7 +128,8 @@ declare -A RUNS_OF=(
   [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
 )
 # the train stage's in-training evaluations: the first 50 held-out token sequences, so any clone runs them
-declare -A EVAL_OF=([eagle-r7]="--eval-data $TOKENS --eval-samples 50" [falcon-r7]="--eval-data $TOKENS --eval-samples 50")
+HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
+declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS)  # else $FEATURES-N,
                                                                                                    # N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
@@ -146,9 +148,8 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
 fi
 case "${1:-}" in
   round3|round6)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
-    dir=$([[ $1 == round3 ]] && echo $ROUND3 || echo $ROUND6)
-    commit=$([[ $1 == round3 ]] && echo $ROUND3_COMMIT || echo $ROUND6_COMMIT)
-    for kind in falcon eagle $([[ $1 == round3 ]] && echo medusa); do
+    read -r dir commit kinds <<< "${PAST[$1]}"
+    for kind in $kinds; do
       mkdir -p $dir/$kind
       for f in config.json model.safetensors recipe.json; do
         git show $commit:src/falconspec/assets/drafters/smollm2-135m-$kind/$f > $dir/$kind/$f
@@ -171,13 +172,14 @@ case "${1:-}" in
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" ${EVAL_OF[$name]:-} ${RUNS_OF[$name]} --out $RUNS/$name ;;
   final|mtb)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final) or on the
-              # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype win)
+              # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype
+              # win; --feature-dtype float32: no bf16 target copy for a train split that is never read)
     eval=$([[ $1 == final ]] && echo $TOKENS || echo $MTBENCH)  # final: the token set's held-out split, all 110
                                                                 # sequences, features as runs/data/sd4-heldout's
     out=$RUNS/$([[ $1 == final ]] && echo final || echo mtbench)/$name
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
-      --max-steps 0 --out $out ;;
+      --feature-dtype float32 --max-steps 0 --out $out ;;
   mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
     $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out runs/data/mtbench-sd \
       --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
