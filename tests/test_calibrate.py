@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from falconspec import SpeculativeGenerator, calibrate
+from falconspec.batch import BatchGenerator
 from falconspec.calibrate import FORMAT, Calibration, Effort, fingerprint, model_hash
 from falconspec.cli import main
 from falconspec.drafters import make_drafter
@@ -113,6 +114,34 @@ def test_generator_calibrates_a_planned_drafter_once(llama, calibration_dir, mon
     assert out.token_ids == SpeculativeGenerator(llama).generate(prompt="abc abc abc", max_new_tokens=12,
                                                                  ignore_eos=True).token_ids
     assert out.stats.plans  # the planner ran
+    llama.matmul_policy.set(())
+
+
+def test_a_fixed_budget_verifies_on_the_measured_paths(llama, calibration_dir, monkeypatch, tmp_path):
+    # a drafter with an explicit budget is not planned, but its few-row forwards still take the paths measured here,
+    # whatever an earlier generator left on the shared target (a fixed-tree bench once ran on stock paths only)
+    calibration = injected([0.010, 0.020, 0.012], [0.010, 0.015, 0.030])
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(calibration.data))
+    monkeypatch.setenv("FALCONSPEC_CALIBRATION", str(path))
+    monkeypatch.setattr(calibrate, "measure_drafter", lambda *args: pytest.fail("a fixed budget needs no drafter"))
+
+    def fixed():
+        return make_drafter("pld", llama, num_nodes=4, depth=3)
+
+    alone = SpeculativeGenerator(llama, fixed())
+    for make in (lambda: SpeculativeGenerator(llama, fixed()), lambda: BatchGenerator(llama, fixed(), max_batch=2),
+                 lambda: BatchGenerator.from_generator(alone)):
+        llama.matmul_policy.set((4,))  # as another generator's choice (or none) left it on the shared target
+        generator = make()
+        assert llama.matmul_policy.few_row_sizes == {2}
+        assert generator.calibration.path == path and not generator.calibration.data["drafters"]
+    assert alone.planner is None
+    llama.matmul_policy.set((4,))
+    SpeculativeGenerator(llama, fixed(), planner=None)  # no calibration asked for: nothing measured or applied
+    assert llama.matmul_policy.few_row_sizes == {4}
+    SpeculativeGenerator(llama, fixed(), matmul_path="stock")
+    assert llama.matmul_policy.few_row_sizes == set()
     llama.matmul_policy.set(())
 
 

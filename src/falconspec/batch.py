@@ -40,6 +40,7 @@ import time
 import typing
 from typing import Callable
 
+from .calibrate import for_generation
 from .drafters.base import Drafter, NoDrafter
 from .generate import GenerationResult, SequenceDecoder, StreamChunk, check_stream_request, collect, elapsed_since
 from .planner import BudgetPlanner, Plan, batch_plan
@@ -63,13 +64,10 @@ class BatchGenerator:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.target, self.drafter = target, drafter or NoDrafter()
         self.matmul_path, self.max_batch = matmul_path, max_batch
-        self.calibration = None
+        self.calibration = for_generation(target, self.drafter, planner, matmul_path)  # and the product paths
         self._template: BudgetPlanner | None = None  # a planner given by the caller, copied per sequence
         if self.drafter.planned and not isinstance(self.drafter, NoDrafter) and planner is not None:
-            if planner == "auto":
-                from .calibrate import Calibration
-
-                self.calibration = Calibration.for_target(target)
+            if self.calibration is not None:
                 self.calibration.planner(target, self.drafter, matmul_path)  # calibrates the drafter once if needed
             elif isinstance(planner, BudgetPlanner):
                 self._template = planner
@@ -192,8 +190,12 @@ class BatchGenerator:
             return [collect(c) for c in chunks]
 
     # ---------------------------------------------------------------- budgets
+    @property
+    def _plans_from_calibration(self) -> bool:
+        return self.calibration is not None and self.drafter.planned
+
     def _new_planner(self, batch_size: int) -> BudgetPlanner | None:
-        if self.calibration is not None:
+        if self._plans_from_calibration:
             return self.calibration.planner(self.target, self.drafter, self.matmul_path, batch_size)
         return copy.deepcopy(self._template) if self._template is not None else None
 
@@ -214,7 +216,7 @@ class BatchGenerator:
 
     def _replan(self, batch_size: int) -> None:
         """Give every sequence's planner its share of a forward over ``batch_size`` sequences."""
-        if self.calibration is None:
+        if not self._plans_from_calibration:
             return
         for seq_id, decoder in {**self._joining, **self._decoding}.items():
             # a sequence whose drafter stopped following the text decodes plainly to its end (see SequenceDecoder)

@@ -228,10 +228,15 @@ class Calibration:
         curve = interpolate(self.sizes, self.verify_curve(force_path))
         return curve if batch_size == 1 else lambda n: curve(batch_size * n) / batch_size
 
+    def apply_paths(self, target, force_path: str | None = None) -> None:
+        """Make ``target``'s few-row forwards (verification and drafting) take the measured faster product paths,
+        or ``force_path``."""
+        target.matmul_policy.set(self.few_row_sizes(force_path))
+
     def planner(self, target, drafter, force_path: str | None = None, batch_size: int = 1) -> BudgetPlanner:
         """A planner for ``drafter`` on this machine; also applies the product paths to the target. ``batch_size``:
         the planner of one sequence in a batch of that many (see :meth:`verify_cost`)."""
-        target.matmul_policy.set(self.few_row_sizes(force_path))
+        self.apply_paths(target, force_path)
         entry = self.drafter_entry(target, drafter)
         hits, trials = np.asarray(entry["hits"]), np.asarray(entry["trials"])
         # a cell calibration saw too little of is left open (NaN): the planner borrows it from the cells above
@@ -260,6 +265,21 @@ class Calibration:
             lines.append(f"  {path:<7}{cells}")
             lines.append("  ratio  " + "".join(f"{s / one:7.2f} " for s in seconds))
         return "\n".join(lines)
+
+
+def for_generation(target, drafter, planner, matmul_path: str | None) -> Calibration | None:
+    """What a generator over ``target`` and ``drafter`` takes from this machine's calibration when its ``planner``
+    is ``"auto"``: the product paths of its few-row forwards, applied to ``target`` for every drafter (a fixed
+    budget's tree verifies on the measured paths too, whatever ran on the target before), and the calibration itself,
+    which a planned drafter plans from. None (nothing measured, nothing applied) for plain decoding or another
+    ``planner``."""
+    from .drafters.base import NoDrafter
+
+    if isinstance(drafter, NoDrafter) or not (isinstance(planner, str) and planner == "auto"):
+        return None
+    calibration = Calibration.for_target(target)
+    calibration.apply_paths(target, matmul_path)
+    return calibration
 
 
 def drafter_key(drafter) -> str:

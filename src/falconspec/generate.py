@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .calibrate import for_generation
 from .detokenize import IncrementalDetokenizer
 from .drafters.base import Drafter, NoDrafter
 from .metrics import SpecStats
@@ -61,18 +62,17 @@ class SpeculativeGenerator:
         """``planner``: for a planned drafter (one built without an explicit budget), ``"auto"`` plans from this
         machine's calibration (:mod:`.calibrate`: measured once, quick form, then cached); a
         :class:`~.planner.BudgetPlanner` is used as given; None leaves the drafter's budget as it is.
-        ``matmul_path``: force the product path of few-row forwards (``stock`` or ``few-row``; default: the
+        With ``"auto"`` and any drafter, planned or with a fixed budget, the target's few-row forwards take the
+        product paths that calibration measured faster here (None measures nothing and leaves the paths as they
+        are). ``matmul_path``: force the product path of few-row forwards (``stock`` or ``few-row``; default: the
         measured faster one per row count)."""
         self.target = target
         self.drafter = drafter or NoDrafter()
-        self.calibration = None
         self.planner: BudgetPlanner | None = None
         self.matmul_path = matmul_path
+        self.calibration = for_generation(target, self.drafter, planner, matmul_path)  # and the product paths
         if self.drafter.planned and not isinstance(self.drafter, NoDrafter) and planner is not None:
-            if planner == "auto":
-                from .calibrate import Calibration
-
-                self.calibration = Calibration.for_target(target)
+            if self.calibration is not None:
                 planner = self.calibration.planner(target, self.drafter, matmul_path)
             if not isinstance(planner, BudgetPlanner):
                 raise ValueError(f"planner must be 'auto', a BudgetPlanner or None, got {planner!r}")

@@ -95,7 +95,7 @@ def markdown(summary: dict, legend: bool = True) -> str:
         skipped = entry.get("skipped_too_long") or []
         note = f"; {len(skipped)} skipped as too long for the context: {skipped}" if skipped else ""
         lines.append(f"- **{entry['name']}**: {entry['prompts']} prompts from `{entry['source']}`{note}")
-    lines += [""] + _drafters(summary["rows"])
+    lines += [""] + _drafters(summary["rows"]) + _product_paths(summary["environment"].get("product_paths", {}))
     for (dtype, temperature), rows in _by_setting(summary["rows"]).items():
         mode = "greedy" if temperature == 0 else f"sampling, temperature {temperature:g}"
         lines += [f"## {dtype}, {mode}", "", _table(rows), ""]
@@ -142,6 +142,24 @@ def _drafters(rows: list[dict]) -> list[str]:
             seen.setdefault(r["method"], r["drafter"])
     lines = [f"- drafter **{method}**: `{d['path']}` ({d.get('file', 'model.safetensors')} sha256 "
              f"{(d['weights_sha256'] or '?')[:12]})" for method, d in seen.items()]
+    return lines + [""] if lines else []
+
+
+def _product_paths(by_dtype: dict) -> list[str]:
+    """Which product path the few-row forwards took per dtype, with the measured cost of each as a multiple of a
+    one-row forward (``kernels.py``, ``calibrate.py``)."""
+    lines = []
+    for dtype, paths in by_dtype.items():
+        calibration = paths.get("calibration")
+        if calibration is None:
+            continue
+        few_row = paths["few_row_sizes"]
+        curves = calibration["verify_ms"]
+        one = curves["stock"][0]
+        costs = "; ".join(f"{path} " + " / ".join(f"{ms / one:.2f}" for ms in curve) for path, curve in curves.items())
+        lines.append(f"- product paths, {dtype}: few-row at n = {few_row or 'none'}, stock otherwise; measured "
+                     f"forward cost over n = {calibration['sizes']} nodes, x a one-row step: {costs}"
+                     + (" (calibrated on a busy machine)" if calibration.get("busy") else ""))
     return lines + [""] if lines else []
 
 

@@ -105,6 +105,7 @@ def run_bench(config: BenchConfig) -> dict:
         for dtype in config.dtypes:
             target = load_target(config.model, dtype=dtype, device=config.device)
             methods, skipped = build_methods(list(config.methods), target, config.model, config.options)
+            summary["environment"].setdefault("product_paths", {})[dtype] = product_paths(target, methods)
             _write_config(out, config)  # only now: a run that failed to start leaves no directory to --resume
             if parse_dtype(dtype) != torch.float32 and 0.0 in config.temperatures and reference is None:
                 reference = load_target(config.model, dtype="float32", device=config.device)
@@ -270,6 +271,21 @@ def fits_context(target: TargetModel, prompt: BenchPrompt, max_new_tokens: int) 
 
 def seed_for(seed: int, prompt_index: int, turn: int) -> int:
     return seed + 100 * prompt_index + turn
+
+
+def product_paths(target: TargetModel, methods: list[Method]) -> dict:
+    """The row counts whose products the engine's methods ran on the few-row path (:mod:`..kernels`), and the
+    verification cost curve of the calibration that chose them (none when no engine method drafts): a speed-up
+    depends on both."""
+    calibration = next((m.generator.calibration for m in methods
+                        if isinstance(m, EngineMethod) and m.generator.calibration is not None), None)
+    out = {"few_row_sizes": sorted(target.matmul_policy.few_row_sizes), "calibration": None}
+    if calibration is not None:
+        out["calibration"] = {"file": calibration.path.name if calibration.path else None, "sizes": calibration.sizes,
+                              "verify_ms": {path: [round(s * 1e3, 2) for s in seconds]
+                                            for path, seconds in calibration.data["verify"]["seconds"].items()},
+                              "busy": calibration.measured_on_busy_machine()}
+    return out
 
 
 def environment() -> dict:
