@@ -32,8 +32,16 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- batches
+class Rows:
+    """A dataclass of tensors whose first dimension is the sequence."""
+
+    def repeat_each(self, times: int):
+        """Every sequence ``times`` times in a row (sequence i becomes rows i * times ... i * times + times - 1)."""
+        return type(self)(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
+
+
 @dataclass
-class Batch:
+class Batch(Rows):
     """A right-padded batch of S = L_max - 1 drafter positions. Position j pairs feature h_j with token x_{j+1} and
     regresses h_{j+k}, whose greedy token (the target's prediction of x_{j+k+1}) is the label."""
     features: torch.Tensor  # [B, S, H] input features h_j
@@ -51,13 +59,10 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(**{name: value.to(device) for name, value in self.__dict__.items()})
 
-    def repeat_each(self, times: int) -> Batch:
-        """Every sequence ``times`` times in a row (sequence i becomes rows i * times ... i * times + times - 1)."""
-        return Batch(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
 
 
 @dataclass
-class Padded:
+class Padded(Rows):
     """Gen-data samples (see :class:`falconspec.data.ShardDataset`) right-padded to one width L: what every batch
     layout is cut from (:func:`regressing`)."""
     hidden: torch.Tensor  # [B, L, H] the target's features h_0 .. h_{L-1}
@@ -69,9 +74,6 @@ class Padded:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def repeat_each(self, times: int) -> Padded:
-        """Every sequence ``times`` times in a row (as :meth:`Batch.repeat_each`)."""
-        return Padded(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
 
 
 def pad_samples(samples: list[dict], max_len: int) -> Padded:
