@@ -9,6 +9,7 @@
 #   bash recipes/data_curve.sh round3       # runs/round3/KIND: the round-3 drafters (from git) the -ft runs start from
 #   bash recipes/data_curve.sh round6       # runs/round6/KIND: the drafters shipped before round 7 (from git; falcon
 #                                           # from round 5, eagle from round 6), which the -r7 runs start from
+#   bash recipes/data_curve.sh round7       # runs/round7/KIND: the round-7 drafters, which the -r8 runs start from
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
 #                                           # or falcon, eagle or medusa for the shipped drafters); any clone runs it
@@ -32,7 +33,10 @@ ROUND3=runs/round3             # `round3`: the round-3 drafters the fine-tunes s
 ROUND3_COMMIT=40b336f
 ROUND6=runs/round6             # `round6`: the drafters shipped before round 7, which the -r7 runs start from
 ROUND6_COMMIT=7a61ebb
-declare -A PAST=([round3]="$ROUND3 $ROUND3_COMMIT falcon eagle medusa" [round6]="$ROUND6 $ROUND6_COMMIT falcon eagle")
+ROUND7=runs/round7             # `round7`: the round-7 drafters, which the -r8 runs start from
+ROUND7_COMMIT=f22b7d2
+declare -A PAST=([round3]="$ROUND3 $ROUND3_COMMIT falcon eagle medusa" [round6]="$ROUND6 $ROUND6_COMMIT falcon eagle"
+                 [round7]="$ROUND7 $ROUND7_COMMIT falcon eagle")
 SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 /
                                # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
@@ -122,6 +126,10 @@ declare -A RUNS_OF=(
   # --init-from eagle|falcon before round 7 shipped, which named the same files as $ROUND6 (`round6` restores them)
   [eagle-r7]="--k 1 --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND6/eagle --lr 5e-4 --min-lr 5e-5"
   [falcon-r7]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND6/falcon --lr 5e-4 --min-lr 5e-5 --every-alignment"
+  # round 8: is round 7 short of steps (it read 2,400 of 8,943 sequences)? falcon-r7 continued with the same flags
+  # on another data order (--seed 1, so ~73% of what it reads is new to it); run with STEPS=450 under
+  # FALCONSPEC="torchrun --standalone --nproc_per_node 2 falconspec" (two processes: 8 sequences a step, 3,600 read)
+  [falcon-r8]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND7/falcon --lr 5e-4 --min-lr 5e-5 --every-alignment --seed 1"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -129,8 +137,8 @@ declare -A RUNS_OF=(
 )
 # the train stage's in-training evaluations: the first 50 held-out token sequences, so any clone runs them
 HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
-declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS)
-declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS)  # else $FEATURES-N,
+declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS)
+declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS)  # else $FEATURES-N,
                                                                                                    # N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
@@ -147,7 +155,7 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   fi
 fi
 case "${1:-}" in
-  round3|round6)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
+  round3|round6|round7)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
     read -r dir commit kinds <<< "${PAST[$1]}"
     for kind in $kinds; do
       mkdir -p $dir/$kind
@@ -188,5 +196,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | bf16features | round3 | round6 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 #!/bin/bash
+cd "$(dirname "$0")/../.."  # the repository root: every path below is relative to it
 # grow the self-distilled training set further (two processes)
 export FALCONSPEC_CACHE=/tmp/fscache HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-/work/main/.venv/bin/torchrun --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint localhost:0 /work/main/.venv/bin/falconspec -v gen-data \
+.venv/bin/torchrun --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint localhost:0 .venv/bin/falconspec -v gen-data \
   --mode self-distilled --split train --limit ${1:-672} --max-len 256 --max-new-tokens 160 --shard-size 16 \
-  --dtype float32 --gen-dtype float32 --out /work/main/runs/data/sd-train-big
+  --dtype float32 --gen-dtype float32 --out runs/data/sd-train-big
