@@ -99,8 +99,8 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
     paths = summary["environment"]["product_paths"]["float32"]  # ... but the product paths measured here
     assert set(paths["calibration"]["verify_ms"]) == {"stock", "few-row"}
     assert set(paths["few_row_sizes"]) <= set(paths["calibration"]["sizes"])
-    assert "- product paths, float32: few-row at n = " in (out / "summary.md").read_text()
     markdown = (out / "summary.md").read_text()
+    assert "- product paths, float32: few-row at n = " in markdown
     assert "**eagle** skipped (questions): no trained eagle drafter" in markdown
     assert f"drafter **falcon**: `{falcon}` (model.safetensors sha256 {weights[:12]})" in markdown
     for plot in ("speedup-float32-t0.png", "accept-lengths-float32-t0.png"):

@@ -60,7 +60,6 @@ class Batch(Rows):
         return Batch(**{name: value.to(device) for name, value in self.__dict__.items()})
 
 
-
 @dataclass
 class Padded(Rows):
     """Gen-data samples (see :class:`falconspec.data.ShardDataset`) right-padded to one width L: what every batch
@@ -73,7 +72,6 @@ class Padded(Rows):
 
     def __len__(self) -> int:
         return self.ids.shape[0]
-
 
 
 def pad_samples(samples: list[dict], max_len: int) -> Padded:
