@@ -32,7 +32,8 @@ import json
 import math
 from pathlib import Path
 
-from falconspec.calibrate import Calibration
+from falconspec.calibrate import FORMAT, Calibration
+from falconspec.kernels import STOCK
 from falconspec.planner import interpolate
 from falconspec.train_common import eval_history
 
@@ -51,6 +52,10 @@ def accuracies(source: str) -> list[float]:
 
 def verify_curve(calibration: dict) -> dict[int, float]:
     """n -> seconds of one verification forward over n nodes, with the product path the engine would use per n."""
+    if calibration.get("format") == 1:  # format 1 timed one node on the stock path alone, under both names
+        seconds = {path: [math.inf, *times[1:]] if path != STOCK else times
+                   for path, times in calibration["verify"]["seconds"].items()}
+        calibration = {**calibration, "format": FORMAT, "verify": {**calibration["verify"], "seconds": seconds}}
     measured = Calibration(calibration)
     return dict(zip(measured.sizes, measured.verify_curve()))
 

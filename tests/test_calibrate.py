@@ -60,8 +60,11 @@ def test_the_faster_path_is_kept_per_size():
     assert calibration.chosen_paths()[2] == "few-row" and calibration.chosen_paths()[4] == "stock"
     assert calibration.few_row_sizes() == [2]
     assert calibration.verify_curve() == [0.010, 0.015, 0.012]
-    assert calibration.few_row_sizes("stock") == [] and calibration.few_row_sizes("few-row") == [2, 4]
+    assert calibration.few_row_sizes("stock") == [] and calibration.few_row_sizes("few-row") == [1, 2, 4]
     assert calibration.verify_curve("few-row") == [0.010, 0.015, 0.030]
+    # a plain step too: where one row padded to two beats the matrix-vector product (MKL on an AMD EPYC)
+    one_row = injected([0.054, 0.090, 0.092], [0.034, 0.051, 0.057])
+    assert one_row.few_row_sizes() == [1, 2, 4] and one_row.verify_curve() == [0.034, 0.051, 0.057]
     with pytest.raises(ValueError, match="not measured"):
         calibration.chosen_paths("gpu-magic")
 
@@ -137,6 +140,9 @@ def test_a_fixed_budget_verifies_on_the_measured_paths(llama, calibration_dir, m
         assert llama.matmul_policy.few_row_sizes == {2}
         assert generator.calibration.path == path and not generator.calibration.data["drafters"]
     assert alone.planner is None
+    llama.matmul_policy.set((4,))
+    SpeculativeGenerator(llama)  # plain decoding: its one-row steps take the measured path too
+    assert llama.matmul_policy.few_row_sizes == {2}
     llama.matmul_policy.set((4,))
     SpeculativeGenerator(llama, fixed(), planner=None)  # no calibration asked for: nothing measured or applied
     assert llama.matmul_policy.few_row_sizes == {4}

@@ -16,7 +16,7 @@ def test_few_row_path_equals_linear(shape, bias):
     layer = nn.Linear(16, 24, bias=bias)
     x = torch.randn(shape)
     expected = layer(x)
-    got = policy_linear(x, layer.weight, layer.bias, MatmulPolicy(range(2, 41)))
+    got = policy_linear(x, layer.weight, layer.bias, MatmulPolicy(range(1, 41)))  # one row: padded to two
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -31,8 +31,11 @@ def test_policy_picks_the_path_per_row_count(monkeypatch):
         policy_linear(torch.randn(rows, 4), weight, None, policy)
     assert calls == [3]  # only the measured row count took weight @ x.T
     assert policy.path_for(3) == "few-row" and policy.path_for(2) == "stock"
-    with pytest.raises(ValueError, match="2 or more rows"):
-        MatmulPolicy([1])
+    calls.clear()
+    policy_linear(torch.randn(1, 1, 4), weight, None, MatmulPolicy([1]))
+    assert calls == [2]  # one row is joined by a zero row: a GEMM, not a matrix-vector product
+    with pytest.raises(ValueError, match="1 or more rows"):
+        MatmulPolicy([0])
 
 
 def test_attach_keeps_parameters_and_is_idempotent():
@@ -62,7 +65,7 @@ def test_greedy_output_is_the_same_with_and_without_the_few_row_path():
 
     tokenizer = char_tokenizer()
     outputs = []
-    for sizes in ((), range(2, 33)):
+    for sizes in ((), range(1, 33)):
         torch.manual_seed(5)
         model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)))
         target = TargetModel(model, tokenizer)

@@ -265,16 +265,40 @@ def test_exploring_finds_a_deeper_plan_the_prior_ruled_out(llama):
     assert depths[0] == 1 and max(depths) >= 2, out.stats.plans
 
 
-def test_evidence_is_carried_to_the_next_generation_capped():
+def test_evidence_is_carried_to_the_next_generation_capped_and_replaces_the_prior():
     profile = AcceptanceProfile(np.array([[0.8, 0.2]]), strength=16.0)
     chain = Tree.chain(0, [1, 2])
     for _ in range(100):  # never right
         profile.observe(chain, [0])
     during = profile.probabilities()[0, 0]
-    profile.reset()  # a new generation starts from the prior and at most CARRY_TRIALS of the old evidence
+    assert during == pytest.approx(0.8 * 16 / (16 + 100))  # within a generation the prior still counts
+    profile.reset()  # a new generation starts from at most CARRY_TRIALS of the old evidence
     assert profile.trials.sum() == 0 and profile.carried_trials[0, 0] == pytest.approx(32.0)
-    after = profile.probabilities()[0, 0]
-    assert during < after < 0.8 * 16 / (16 + 32) + 1e-9
+    assert profile.probabilities()[0, 0] == 0.0  # a full cell of the workload's evidence: the prior is gone
+    profile.observe(chain, [0, 1])
+    assert profile.probabilities()[0, 0] == pytest.approx(1 / 33)
+
+    partly = AcceptanceProfile(np.array([[0.8, 0.2]]), strength=16.0)
+    for _ in range(8):
+        partly.observe(chain, [0])
+    partly.reset()  # 8 of 32 carried trials: the prior keeps three quarters of its weight
+    assert partly.probabilities()[0, 0] == pytest.approx(0.8 * 12 / (12 + 8))
+
+
+def test_a_calibration_that_overrates_later_candidates_is_corrected_by_the_workload():
+    """The MT-bench case: a short calibration ranked a k=2 drafter's second candidate with its first, so wide trees
+    looked as good as deep ones; the workload's evidence must end that, not stay diluted by the prior for good."""
+    costs = {1: 10.0, 2: 10.5, 3: 11.0, 4: 11.5, 6: 12.5, 8: 13.5}
+    planner = planner_for(costs, 0.5, AcceptanceProfile(np.array([[0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]), strength=16.0),
+                          max_depth=2)
+    wide = Tree((0, 1, 2, 3), (-1, 0, 0, 0))  # three candidates at depth 1
+    assert planner.start().num_nodes > 2
+    for _ in range(3):  # generations in which only the first candidate is ever right, a third of the time
+        planner.start()
+        for cycle in range(60):
+            planner.observe(wide, [0, 1] if cycle % 3 == 0 else [0])
+    p = planner.profile.probabilities()
+    assert p[0, 1] < 0.02 and p[0, 0] == pytest.approx(1 / 3, abs=0.02)
 
 
 def test_a_fallback_that_would_be_final_waits_for_evidence():

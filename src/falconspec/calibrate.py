@@ -45,7 +45,7 @@ from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the few-row path is timed at one node too (a plain step); a format-1 file is measured again
 MIN_PRIOR_TRIALS = 12  # calibration trials a (depth, rank) cell needs to set the planner's prior
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
@@ -65,8 +65,10 @@ class Effort:
     tree: int  # nodes of the fixed tree in drafter calibration runs
 
 
-QUICK = Effort("quick", (1, 2, 4, 8, 16), 2, 128, (1, 2, 4), 1, 32, 12)
-FULL = Effort("full", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32), 4, 256, (1, 2, 3, 4, 6), 2, 24, 12)
+# the acceptance prior needs a few dozen trials per cell: one 32-token prompt gave a k=2 drafter 15 at its first
+# level, and a prior whose second candidate looked better than its first (MT-bench said 0.12 against 0.30)
+QUICK = Effort("quick", (1, 2, 4, 8, 16), 2, 128, (1, 2, 4), 3, 32, 12)
+FULL = Effort("full", (1, 2, 3, 4, 6, 8, 12, 16, 24, 32), 4, 256, (1, 2, 3, 4, 6), 3, 64, 12)
 
 PROMPTS = ("Explain how a hash map works, with a short example in Python.",
            "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -200,19 +202,20 @@ class Calibration:
         return {n: min(paths, key=lambda p: paths[p][i]) for i, n in enumerate(self.sizes)}
 
     def few_row_sizes(self, force: str | None = None) -> list[int]:
-        return [n for n, path in self.chosen_paths(force).items() if path == FEW_ROW and n >= 2]
+        return [n for n, path in self.chosen_paths(force).items() if path == FEW_ROW]
 
     def verify_curve(self, force: str | None = None) -> list[float]:
-        """Seconds per forward over each of :attr:`sizes` nodes with the chosen paths (n = 1 always stock)."""
+        """Seconds per forward over each of :attr:`sizes` nodes with the chosen paths (n = 1: a plain step)."""
         chosen, paths = self.chosen_paths(force), self.data["verify"]["seconds"]
-        return [paths[STOCK][i] if n == 1 else paths[chosen[n]][i] for i, n in enumerate(self.sizes)]
+        return [paths[chosen[n]][i] for i, n in enumerate(self.sizes)]
 
     # ---------------------------------------------------------------- drafters
     def drafter_entry(self, target, drafter, effort: Effort = QUICK) -> dict:
         """The calibration of ``drafter`` with this target; measured and saved when missing."""
         key = drafter_key(drafter)
         entry = self.data["drafters"].get(key)
-        if entry is None or (effort is FULL and entry.get("effort") != FULL.name):
+        seen = entry.get("prompts", 1) * entry.get("tokens", 32) if entry is not None else 0  # tokens generated
+        if seen < effort.prompts * effort.tokens or (effort is FULL and entry.get("effort") != FULL.name):
             log.info("calibrating the %s drafter (%s form, once)", drafter.name, effort.name)
             entry = measure_drafter(target, drafter, effort)
             self.data["drafters"][key] = entry
@@ -255,12 +258,12 @@ class Calibration:
                  f"torch {info['torch']}, {info['dtype']}; flags {' '.join(info.get('cpu_flags', [])) or '-'})",
                  f"calibration: {self.path} ({self.data['verify']['effort']} form"
                  + (", measured on a busy machine" if self.measured_on_busy_machine() else "") + ")",
-                 "verification cost, ms per forward over n nodes (ratio to one plain step; * = path used):"]
+                 "verification cost, ms per forward over n nodes (ratio to a stock one-node step; * = path used):"]
         chosen, paths = self.chosen_paths(force_path), self.data["verify"]["seconds"]
         one = paths[STOCK][0]
         lines.append("  n      " + "".join(f"{n:>8}" for n in self.sizes))
         for path, seconds in paths.items():
-            cells = "".join(f"{s * 1e3:7.1f}{'*' if chosen[n] == path or n == 1 and path == STOCK else ' '}"
+            cells = "".join(f"{s * 1e3:7.1f}{'*' if chosen[n] == path else ' '}"
                             for n, s in zip(self.sizes, seconds))
             lines.append(f"  {path:<7}{cells}")
             lines.append("  ratio  " + "".join(f"{s / one:7.2f} " for s in seconds))
@@ -269,13 +272,11 @@ class Calibration:
 
 def for_generation(target, drafter, planner, matmul_path: str | None) -> Calibration | None:
     """What a generator over ``target`` and ``drafter`` takes from this machine's calibration when its ``planner``
-    is ``"auto"``: the product paths of its few-row forwards, applied to ``target`` for every drafter (a fixed
-    budget's tree verifies on the measured paths too, whatever ran on the target before), and the calibration itself,
-    which a planned drafter plans from. None (nothing measured, nothing applied) for plain decoding or another
-    ``planner``."""
-    from .drafters.base import NoDrafter
-
-    if isinstance(drafter, NoDrafter) or not (isinstance(planner, str) and planner == "auto"):
+    is ``"auto"``: the product paths of its few-row forwards, applied to ``target`` for every drafter and for plain
+    decoding (a fixed budget's tree verifies on the measured paths too, and a plain step takes the faster one-row
+    path, whatever ran on the target before), and the calibration itself, which a planned drafter plans from. None
+    (nothing measured, nothing applied) for another ``planner``."""
+    if not (isinstance(planner, str) and planner == "auto"):
         return None
     calibration = Calibration.for_target(target)
     calibration.apply_paths(target, matmul_path)
@@ -324,7 +325,7 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
             for n in sizes:
                 tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
                 for path in paths:
-                    target.matmul_policy.set(effort.sizes[1:] if path == FEW_ROW else ())
+                    target.matmul_policy.set(effort.sizes if path == FEW_ROW else ())
                     start = time.perf_counter()
                     target.forward_tree(tree, cache=cache)
                     if target.device.type == "cuda":
@@ -391,4 +392,5 @@ def measure_drafter(target, drafter, effort: Effort = QUICK) -> dict:
         seconds = [s if not math.isnan(s) else min(measured, key=lambda m: abs(m[0] - d))[1]
                    for d, s in zip(depths, seconds)] if measured else [0.0] * len(depths)
     return {"effort": effort.name, "name": drafter.name, "depths": depths, "draft_seconds": seconds,
-            "tree": effort.tree, "hits": counts.hits.tolist(), "trials": counts.trials.tolist()}
+            "tree": effort.tree, "prompts": effort.prompts, "tokens": effort.tokens,
+            "hits": counts.hits.tolist(), "trials": counts.trials.tolist()}

@@ -3,7 +3,8 @@
 ``SpeculativeGenerator.stream`` is the loop for one sequence; ``generate`` collects it. What happens to one sequence
 in a cycle (propose a tree, accept the verified path, turn tokens into text) is a :class:`SequenceDecoder`, which the
 batched loop (:mod:`.batch`) drives too, several sequences per target forward. With no drafter (or ``NoDrafter``)
-every cycle is one plain autoregressive step through the same engine: the baseline speed-ups are measured against.
+every cycle is one plain autoregressive step through the same engine, on the product path measured fastest here:
+the baseline speed-ups are measured against.
 A planned drafter (the default) gets its tree budget from a :class:`~.planner.BudgetPlanner` built from this
 machine's calibration; when the planner expects no tree to beat plain decoding, the loop decodes plainly.
 
@@ -62,9 +63,9 @@ class SpeculativeGenerator:
         """``planner``: for a planned drafter (one built without an explicit budget), ``"auto"`` plans from this
         machine's calibration (:mod:`.calibrate`: measured once, quick form, then cached); a
         :class:`~.planner.BudgetPlanner` is used as given; None leaves the drafter's budget as it is.
-        With ``"auto"`` and any drafter, planned or with a fixed budget, the target's few-row forwards take the
-        product paths that calibration measured faster here (None measures nothing and leaves the paths as they
-        are). ``matmul_path``: force the product path of few-row forwards (``stock`` or ``few-row``; default: the
+        With ``"auto"``, for any drafter (planned or with a fixed budget) and for plain decoding, the target's
+        few-row forwards, one-row steps included, take the product paths that calibration measured faster here
+        (None measures nothing and leaves the paths as they are). ``matmul_path``: force the product path of few-row forwards (``stock`` or ``few-row``; default: the
         measured faster one per row count)."""
         self.target = target
         self.drafter = drafter or NoDrafter()

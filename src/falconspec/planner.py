@@ -15,12 +15,14 @@ candidates when it is taken).
 
 ``p`` starts from a prior (the drafter's calibration run), plus what earlier generations of the same planner saw
 (capped at ``CARRY_TRIALS`` per cell: the workload's acceptance), and is updated after every verification with the
-acceptances of the current generation (a Beta posterior per cell), so the plan follows the text: it grows while
-the drafter is right and shrinks, down to plain decoding, when it is not. Once plain, a drafter that needs a model
-pass to follow the text is left alone for the rest of the generation (following it would cost that pass every
-step), so that fallback waits for ``MIN_FALLBACK_TRIALS`` of this generation's own evidence; one that is free to
-follow (n-gram lookup, lookahead, Medusa) is probed with the best tree every ``PROBE_EVERY`` cycles, and switched
-back on when the probes say it pays.
+acceptances of the current generation (a Beta posterior per cell). The prior only stands in for the workload: a
+cell's prior weight shrinks as carried evidence fills it and is gone at ``CARRY_TRIALS`` trials (a calibration of
+a few dozen tokens on built-in prompts can be far off the workload, and a prior that never fades keeps its error
+for good). So the plan follows the text: it grows while the drafter is right and shrinks, down to plain decoding,
+when it is not. Once plain, a drafter that needs a model pass to follow the text is left alone for the rest of the
+generation (following it would cost that pass every step), so that fallback waits for ``MIN_FALLBACK_TRIALS`` of
+this generation's own evidence; one that is free to follow (n-gram lookup, lookahead, Medusa) is probed with the
+best tree every ``PROBE_EVERY`` cycles, and switched back on when the probes say it pays.
 
 A generation that starts plain drafts nothing, so it learns nothing: left alone, carried evidence that once said
 "plain" (one unlucky generation can) would say it for good. So the planner **retries** with exponential backoff:
@@ -49,7 +51,7 @@ from .tree import Tree
 
 MAX_DEPTH = 12  # depths the acceptance model tracks (deeper nodes share the last row)
 MAX_RANK = 8  # sibling ranks it tracks (the planner never counts on later siblings)
-PRIOR_STRENGTH = 16.0  # the prior weighs as much as this many observed trials per cell
+PRIOR_STRENGTH = 16.0  # the prior weighs as much as this many observed trials per cell (until carried evidence)
 DECAY_WITHOUT_DATA = 0.5  # a rank calibration saw too little of: this share of the probability its elders leave
 UNINFORMED = 0.5  # depth 1, rank 0 with no calibration at all
 CARRY_TRIALS = 32.0  # evidence carried from earlier generations weighs at most this many trials per cell
@@ -126,6 +128,7 @@ class AcceptanceProfile:
         depth (at most one sibling can match the target's token)."""
         hits = (self.hits + self.carried_hits).tolist()
         trials = (self.trials + self.carried_trials).tolist()
+        weight = (self.strength * np.clip(1.0 - self.carried_trials / CARRY_TRIALS, 0.0, 1.0)).tolist()  # the prior's
         known = self.prior.tolist()
         p = [[0.0] * MAX_RANK for _ in range(MAX_DEPTH)]
         for d in range(MAX_DEPTH):
@@ -136,7 +139,8 @@ class AcceptanceProfile:
                              else DECAY_WITHOUT_DATA * min(p[d][r - 1], max(0.0, 1.0 - sum(p[d][:r]))))
                 elif r and known[d][0] > 0:  # later ranks are rarely verified: they move with the top candidate
                     prior *= p[d][0] / known[d][0]
-                p[d][r] = min(max((hits[d][r] + self.strength * prior) / (trials[d][r] + self.strength), 0.0),
+                w = weight[d][r]
+                p[d][r] = min(max((hits[d][r] + w * prior) / max(trials[d][r] + w, 1e-9), 0.0),
                               p[d][r - 1] if r else 1.0)
         out = np.asarray(p)
         return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)

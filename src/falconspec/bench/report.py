@@ -147,7 +147,7 @@ def _drafters(rows: list[dict]) -> list[str]:
 
 def _product_paths(by_dtype: dict) -> list[str]:
     """Which product path the few-row forwards took per dtype, with the measured cost of each as a multiple of a
-    one-row forward (``kernels.py``, ``calibrate.py``)."""
+    stock one-row forward (``kernels.py``, ``calibrate.py``; a plain step may take the few-row path too)."""
     lines = []
     for dtype, paths in by_dtype.items():
         calibration = paths.get("calibration")
@@ -158,7 +158,7 @@ def _product_paths(by_dtype: dict) -> list[str]:
         one = curves["stock"][0]
         costs = "; ".join(f"{path} " + " / ".join(f"{ms / one:.2f}" for ms in curve) for path, curve in curves.items())
         lines.append(f"- product paths, {dtype}: few-row at n = {few_row or 'none'}, stock otherwise; measured "
-                     f"forward cost over n = {calibration['sizes']} nodes, x a one-row step: {costs}"
+                     f"forward cost over n = {calibration['sizes']} nodes, x a stock one-row step: {costs}"
                      + (" (calibrated on a busy machine)" if calibration.get("busy") else ""))
     return lines + [""] if lines else []
 
