@@ -65,8 +65,8 @@ class SpeculativeGenerator:
         :class:`~.planner.BudgetPlanner` is used as given; None leaves the drafter's budget as it is.
         With ``"auto"``, for any drafter (planned or with a fixed budget) and for plain decoding, the target's
         few-row forwards, one-row steps included, take the product paths that calibration measured faster here
-        (None measures nothing and leaves the paths as they are). ``matmul_path``: force the product path of few-row forwards (``stock`` or ``few-row``; default: the
-        measured faster one per row count)."""
+        (None measures nothing and leaves the paths as they are). ``matmul_path``: force the product path of
+        few-row forwards (``stock`` or ``few-row``; default: the measured faster one per row count)."""
         self.target = target
         self.drafter = drafter or NoDrafter()
         self.planner: BudgetPlanner | None = None

@@ -128,7 +128,8 @@ class AcceptanceProfile:
         depth (at most one sibling can match the target's token)."""
         hits = (self.hits + self.carried_hits).tolist()
         trials = (self.trials + self.carried_trials).tolist()
-        weight = (self.strength * np.clip(1.0 - self.carried_trials / CARRY_TRIALS, 0.0, 1.0)).tolist()  # the prior's
+        # the prior's weight per cell: it gives way to the carried evidence, gone once that holds CARRY_TRIALS trials
+        weight = (self.strength * np.clip(1.0 - self.carried_trials / CARRY_TRIALS, 0.0, 1.0)).tolist()
         known = self.prior.tolist()
         p = [[0.0] * MAX_RANK for _ in range(MAX_DEPTH)]
         for d in range(MAX_DEPTH):
