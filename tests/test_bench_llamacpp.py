@@ -180,6 +180,28 @@ def response(tokens, stop_type="limit", **timings):
             "__verbose": {"tokens": tokens, "stop_type": stop_type}}
 
 
+def test_a_server_lives_only_for_its_turn():
+    """An idle llama.cpp server in the process slowed our engine's plain step 1.7x: none may outlive its turn."""
+    import weakref
+
+    alive = []
+
+    class Server:
+        def __init__(self):
+            alive.append(weakref.ref(self))
+
+        def handle_completions(self, request):
+            assert sum(ref() is not None for ref in alive) == 1
+            return response([40, 41, 2], "eos", predicted_n=3)
+
+    method = reader()
+    method._server = Server
+    for _ in range(2):
+        assert method.generate([5, 6, 7], 8, 0.0, None).token_ids == [40, 41]
+        assert all(ref() is None for ref in alive)
+    assert len(alive) == 2  # one per turn, each warmed up by an untimed request first
+
+
 def test_responses_become_turn_results():
     plain = reader().turn_result(response([40, 41, 2], "eos", predicted_n=3), 0.2, 8, None)
     assert plain.token_ids == [40, 41] and plain.finish_reason == "stop", "EOS is cut and not counted"

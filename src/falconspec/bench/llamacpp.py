@@ -10,8 +10,11 @@
   tokens.
 
 xllamacpp (the optional extra ``falconspec[llamacpp]``) runs llama.cpp's own server inside this process. Each method
-builds one ``xllamacpp.Server`` from ``CommonParams`` (model path, context, threads = torch's, speculative types and
-their parameters); each turn is one ``Server.handle_completions`` request whose ``prompt`` is the list of token ids
+builds an ``xllamacpp.Server`` from ``CommonParams`` (model path, context, threads = torch's, speculative types and
+their parameters) for each of its turns, untimed, and drops it after: an idle server slows torch in the same
+process (on the 2-core AMD EPYC a plain step of our engine took 58 ms beside one server, 34 ms without; dropping it
+restores the speed; loading the built-in GGUF takes 0.3 s), after an untimed one-token warm-up request. Each turn
+is one timed ``Server.handle_completions`` request whose ``prompt`` is the list of token ids
 the other methods get (llama.cpp adds no BOS and applies no template to ids), greedy (temperature 0, top-k 1, every
 penalty off), ``max_tokens`` = max_new_tokens, and ``cache_prompt`` off so that every turn prefills its whole prompt as
 our engine does. ``verbose`` and ``return_tokens`` make the response carry the generated ids
@@ -26,6 +29,7 @@ with ``greedy`` and the speculative llama.cpp methods with ``llamacpp`` (``metho
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -127,10 +131,11 @@ class LlamaCppMethod(Method):
             raise _Unavailable(f"xllamacpp {_version()} lacks a parameter falconspec sets ({type(err).__name__}: "
                                f"{err}): {INSTALL}") from err
         try:
-            self.server = xllamacpp.Server(params)
+            xllamacpp.Server(params)  # loads now, so that a file llama.cpp cannot read skips the method up front
         except RuntimeError as err:
             what = display_path(gguf) + (f" with the draft {display_path(draft)}" if draft else "")
             raise _Unavailable(f"llama.cpp cannot load {what}: {err} (its log above says why)") from err
+        self._server = functools.partial(xllamacpp.Server, params)  # one per turn (module docstring)
         self._parameters = _gguf_parameters(draft) if draft else 0
         self._source = None if draft is None else {"path": display_path(draft), "file": draft.name,
                                                    "weights_sha256": hashlib.sha256(draft.read_bytes()).hexdigest()}
@@ -142,9 +147,12 @@ class LlamaCppMethod(Method):
             request.update(temperature=temperature, top_k=0, seed=seed)
         else:
             request.update(temperature=0.0, top_k=1, seed=0)
+        server = self._server()
+        server.handle_completions({**request, "max_tokens": 1})  # warm-up, untimed: a new server's first request pays
         start = time.perf_counter()
-        response = self.server.handle_completions(request)
+        response = server.handle_completions(request)
         wall = time.perf_counter() - start
+        del server  # its threads stop: the methods timed next get the cores back
         return self.turn_result(response, wall, max_new_tokens, seed)
 
     def turn_result(self, response: dict, wall: float, max_new_tokens: int, seed: int | None) -> TurnResult:
