@@ -45,7 +45,9 @@ from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the few-row path is timed at one node too (a plain step); a format-1 file is measured again
+# 2: the few-row path is timed at one node too (a plain step), drafters on three prompts; a format-1 file (and so
+# every drafter prior it holds from a single prompt) is measured again
+FORMAT = 2
 MIN_PRIOR_TRIALS = 12  # calibration trials a (depth, rank) cell needs to set the planner's prior
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
@@ -214,8 +216,7 @@ class Calibration:
         """The calibration of ``drafter`` with this target; measured and saved when missing."""
         key = drafter_key(drafter)
         entry = self.data["drafters"].get(key)
-        seen = entry.get("prompts", 1) * entry.get("tokens", 32) if entry is not None else 0  # tokens generated
-        if seen < effort.prompts * effort.tokens or (effort is FULL and entry.get("effort") != FULL.name):
+        if entry is None or (effort is FULL and entry.get("effort") != FULL.name):
             log.info("calibrating the %s drafter (%s form, once)", drafter.name, effort.name)
             entry = measure_drafter(target, drafter, effort)
             self.data["drafters"][key] = entry

@@ -11,10 +11,10 @@
 
 xllamacpp (the optional extra ``falconspec[llamacpp]``) runs llama.cpp's own server inside this process. Each method
 builds an ``xllamacpp.Server`` from ``CommonParams`` (model path, context, threads = torch's, speculative types and
-their parameters) for each of its turns, untimed, and drops it after: an idle server slows torch in the same
-process (on the 2-core AMD EPYC a plain step of our engine took 58 ms beside one server, 34 ms without; dropping it
-restores the speed; loading the built-in GGUF takes 0.3 s), after an untimed one-token warm-up request. Each turn
-is one timed ``Server.handle_completions`` request whose ``prompt`` is the list of token ids
+their parameters) for each of its turns and drops it after, because an idle server slows torch in the same process
+(on the 2-core AMD EPYC a plain step of our engine took 58 ms beside one server, 34 ms without it). Building the
+server (0.3 s for the built-in GGUF) and a one-token warm-up request are not timed. Each turn is one timed
+``Server.handle_completions`` request whose ``prompt`` is the list of token ids
 the other methods get (llama.cpp adds no BOS and applies no template to ids), greedy (temperature 0, top-k 1, every
 penalty off), ``max_tokens`` = max_new_tokens, and ``cache_prompt`` off so that every turn prefills its whole prompt as
 our engine does. ``verbose`` and ``return_tokens`` make the response carry the generated ids
