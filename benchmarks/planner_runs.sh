@@ -17,7 +17,7 @@ for run in "${runs[@]}"; do
       $FS bench --methods $METHODS --datasets mt-bench --max-new-tokens 64 \
         --num-prompts "$PROMPTS" --out "$OUT/$NAME" --no-progress --resume ;;
     paths)  # each product path forced in turn, MT-bench first turns
-      for path in auto stock few-row; do
+      for path in auto stock few-row onednn; do
         $FS bench --methods greedy falcon eagle --datasets mt-bench --max-turns 1 --num-prompts 8 \
           --max-new-tokens 64 --matmul-path $path --out $OUT/mt-bench-8-path-$path --no-progress --resume
       done ;;

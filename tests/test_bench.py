@@ -18,6 +18,7 @@ from falconspec.bench.methods import HFMethod
 from falconspec.bench.stats import bootstrap_ci, speedup, summarize
 from falconspec import SpeculativeGenerator
 from falconspec.cli import bench as bench_cli
+from falconspec.kernels import available_paths
 from falconspec.testing import save_tiny_model, tiny_target
 
 SPEC_BENCH_FIELDS = {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"}
@@ -97,10 +98,11 @@ def test_cli_end_to_end_writes_every_output(model_dir, questions, tmp_path, caps
                 assert sum(lengths) >= n
     assert list(rows["falcon"]["plan_cycles"]) == ["fixed"]  # --num-nodes: a fixed budget, no planner
     paths = summary["environment"]["product_paths"]["float32"]  # ... but the product paths measured here
-    assert set(paths["calibration"]["verify_ms"]) == {"stock", "few-row"}
-    assert set(paths["few_row_sizes"]) <= set(paths["calibration"]["sizes"])
+    assert set(paths["calibration"]["verify_ms"]) == set(available_paths("cpu", torch.float32))
+    assert set(paths["sizes_by_path"]) <= set(paths["calibration"]["verify_ms"]) - {"stock"}
+    assert all(set(sizes) <= set(paths["calibration"]["sizes"]) for sizes in paths["sizes_by_path"].values())
     markdown = (out / "summary.md").read_text()
-    assert "- product paths, float32: few-row at n = " in markdown
+    assert "- product paths, float32: " in markdown and " x a stock one-row step: stock 1.00" in markdown
     assert "**eagle** skipped (questions): no trained eagle drafter" in markdown
     assert f"drafter **falcon**: `{falcon}` (model.safetensors sha256 {weights[:12]})" in markdown
     for plot in ("speedup-float32-t0.png", "accept-lengths-float32-t0.png"):

@@ -10,6 +10,7 @@ from falconspec.batch import BatchGenerator
 from falconspec.calibrate import FORMAT, Calibration, Effort, fingerprint, model_hash
 from falconspec.cli import main
 from falconspec.drafters import make_drafter
+from falconspec.kernels import available_paths
 from falconspec.testing import save_tiny_model, tiny_target
 
 TINY = Effort("quick", (1, 2, 4), 2, 16, (1, 2), 1, 8, 6)
@@ -28,7 +29,9 @@ def test_calibration_is_measured_once_then_reused(llama, calibration_dir, monkey
     assert first.path.parent == calibration_dir and first.path.is_file()
     data = json.loads(first.path.read_text())
     assert data["format"] == FORMAT and data["fingerprint"] == fingerprint(llama)
-    assert set(data["verify"]["seconds"]) == {"stock", "few-row"}  # float32 on CPU: both paths timed
+    # float32 on CPU: every path timed (oneDNN where torch has it), and timing's oneDNN weight copies freed
+    assert set(data["verify"]["seconds"]) == set(available_paths(llama.device, torch.float32)) >= {"stock", "few-row"}
+    assert not any(hasattr(p, "_falconspec_onednn") for p in llama.model.parameters())
     assert all(len(v) == len(TINY.sizes) and min(v) > 0 for v in data["verify"]["seconds"].values())
 
     def refuse(*args):
@@ -46,25 +49,34 @@ def test_bf16_times_only_the_stock_path(calibration_dir):
     target = tiny_target("llama", seed=3, dtype=torch.bfloat16)
     calibration = Calibration.for_target(target, TINY)
     assert set(calibration.data["verify"]["seconds"]) == {"stock"}
-    assert calibration.few_row_sizes() == []
+    assert set(calibration.chosen_paths().values()) == {"stock"}
 
 
-def injected(stock, few_row, sizes=(1, 2, 4)) -> Calibration:
+def injected(stock, few_row, sizes=(1, 2, 4), **more) -> Calibration:
+    seconds = {"stock": list(stock), "few-row": list(few_row), **{k: list(v) for k, v in more.items()}}
     return Calibration({"format": FORMAT, "fingerprint": {}, "drafters": {},
-                        "verify": {"effort": "quick", "sizes": list(sizes),
-                                   "seconds": {"stock": list(stock), "few-row": list(few_row)}}})
+                        "verify": {"effort": "quick", "sizes": list(sizes), "seconds": seconds}})
+
+
+def sizes_taking(calibration, path, force=None) -> list[int]:
+    return [n for n, p in calibration.chosen_paths(force).items() if p == path]
 
 
 def test_the_faster_path_is_kept_per_size():
     calibration = injected([0.010, 0.020, 0.012], [0.010, 0.015, 0.030])
     assert calibration.chosen_paths()[2] == "few-row" and calibration.chosen_paths()[4] == "stock"
-    assert calibration.few_row_sizes() == [2]
+    assert sizes_taking(calibration, "few-row") == [2]
     assert calibration.verify_curve() == [0.010, 0.015, 0.012]
-    assert calibration.few_row_sizes("stock") == [] and calibration.few_row_sizes("few-row") == [1, 2, 4]
+    assert sizes_taking(calibration, "few-row", "stock") == []
+    assert sizes_taking(calibration, "few-row", "few-row") == [1, 2, 4]
     assert calibration.verify_curve("few-row") == [0.010, 0.015, 0.030]
     # a plain step too: where one row padded to two beats the matrix-vector product (MKL on an AMD EPYC)
     one_row = injected([0.054, 0.090, 0.092], [0.034, 0.051, 0.057])
-    assert one_row.few_row_sizes() == [1, 2, 4] and one_row.verify_curve() == [0.034, 0.051, 0.057]
+    assert sizes_taking(one_row, "few-row") == [1, 2, 4] and one_row.verify_curve() == [0.034, 0.051, 0.057]
+    # three paths: the fastest per size (oneDNN's reordered weights won at 3+ rows on that AMD EPYC)
+    three = injected([0.054, 0.090, 0.092], [0.034, 0.051, 0.057], onednn=[0.040, 0.050, 0.041])
+    assert three.chosen_paths() == {1: "few-row", 2: "onednn", 4: "onednn"}
+    assert three.verify_curve() == [0.034, 0.050, 0.041] and three.verify_curve("onednn") == [0.040, 0.050, 0.041]
     with pytest.raises(ValueError, match="not measured"):
         calibration.chosen_paths("gpu-magic")
 
@@ -74,9 +86,9 @@ def test_planner_applies_the_chosen_paths_to_target_and_drafter(llama, calibrati
     calibration.path = calibration_dir / "injected.json"
     drafter = make_drafter("pld", llama)
     planner = calibration.planner(llama, drafter)
-    assert llama.matmul_policy.few_row_sizes == {2}
+    assert llama.matmul_policy.paths == {2: "few-row"}
     assert planner.sizes == [1, 2, 4] and calibration.data["drafters"]  # the drafter was calibrated and cached
-    llama.matmul_policy.set(())
+    llama.matmul_policy.set({})
 
 
 def test_explicit_calibration_file(llama, calibration_dir, monkeypatch, tmp_path):
@@ -117,7 +129,7 @@ def test_generator_calibrates_a_planned_drafter_once(llama, calibration_dir, mon
     assert out.token_ids == SpeculativeGenerator(llama).generate(prompt="abc abc abc", max_new_tokens=12,
                                                                  ignore_eos=True).token_ids
     assert out.stats.plans  # the planner ran
-    llama.matmul_policy.set(())
+    llama.matmul_policy.set({})
 
 
 def test_a_fixed_budget_verifies_on_the_measured_paths(llama, calibration_dir, monkeypatch, tmp_path):
@@ -135,20 +147,20 @@ def test_a_fixed_budget_verifies_on_the_measured_paths(llama, calibration_dir, m
     alone = SpeculativeGenerator(llama, fixed())
     for make in (lambda: SpeculativeGenerator(llama, fixed()), lambda: BatchGenerator(llama, fixed(), max_batch=2),
                  lambda: BatchGenerator.from_generator(alone)):
-        llama.matmul_policy.set((4,))  # as another generator's choice (or none) left it on the shared target
+        llama.matmul_policy.set({4: "few-row"})  # as another generator's choice (or none) left it on the shared target
         generator = make()
-        assert llama.matmul_policy.few_row_sizes == {2}
+        assert llama.matmul_policy.paths == {2: "few-row"}
         assert generator.calibration.path == path and not generator.calibration.data["drafters"]
     assert alone.planner is None
-    llama.matmul_policy.set((4,))
+    llama.matmul_policy.set({4: "few-row"})
     SpeculativeGenerator(llama)  # plain decoding: its one-row steps take the measured path too
-    assert llama.matmul_policy.few_row_sizes == {2}
-    llama.matmul_policy.set((4,))
+    assert llama.matmul_policy.paths == {2: "few-row"}
+    llama.matmul_policy.set({4: "few-row"})
     SpeculativeGenerator(llama, fixed(), planner=None)  # no calibration asked for: nothing measured or applied
-    assert llama.matmul_policy.few_row_sizes == {4}
+    assert llama.matmul_policy.paths == {4: "few-row"}
     SpeculativeGenerator(llama, fixed(), matmul_path="stock")
-    assert llama.matmul_policy.few_row_sizes == set()
-    llama.matmul_policy.set(())
+    assert llama.matmul_policy.paths == {}
+    llama.matmul_policy.set({})
 
 
 def test_a_drafter_is_measured_again_when_the_drafting_code_changes(llama, calibration_dir, monkeypatch):
@@ -161,7 +173,7 @@ def test_a_drafter_is_measured_again_when_the_drafting_code_changes(llama, calib
     monkeypatch.setattr(calibrate, "measure_drafter", lambda *args: measured.append(args) or dict(entry))
     calibration.drafter_entry(llama, drafter, TINY)
     assert len(measured) == 1 and len(calibration.data["drafters"]) == 2
-    llama.matmul_policy.set(())
+    llama.matmul_policy.set({})
 
 
 def test_cli_calibrate_and_explain(tmp_path, calibration_dir, capsys):

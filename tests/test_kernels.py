@@ -4,7 +4,9 @@ from torch import nn
 
 from falconspec import SpeculativeGenerator
 from falconspec.drafters import PromptLookupDrafter
-from falconspec.kernels import MatmulPolicy, PolicyLinear, attach_policy, policy_linear
+from falconspec.kernels import (
+    FEW_ROW, ONEDNN, MatmulPolicy, PolicyLinear, attach_policy, onednn_available, policy_linear, reordered_weight,
+)
 from falconspec.target import TargetModel
 from falconspec.testing import char_tokenizer, tiny_config
 
@@ -16,9 +18,46 @@ def test_few_row_path_equals_linear(shape, bias):
     layer = nn.Linear(16, 24, bias=bias)
     x = torch.randn(shape)
     expected = layer(x)
-    got = policy_linear(x, layer.weight, layer.bias, MatmulPolicy(range(1, 41)))  # one row: padded to two
+    got = policy_linear(x, layer.weight, layer.bias, taking(FEW_ROW, range(1, 41)))  # one row: padded to two
     assert got.shape == expected.shape and got.is_contiguous()  # a transposed view would slow every later op
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def taking(path, sizes) -> MatmulPolicy:
+    return MatmulPolicy({n: path for n in sizes})
+
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 16), (2, 16), (1, 5, 16), (3, 2, 16), (40, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_path_equals_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 24, bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = layer(x)
+        got = policy_linear(x, layer.weight, layer.bias, taking(ONEDNN, range(1, 41)))
+    assert got.shape == expected.shape and got.is_contiguous() and not got.is_mkldnn
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_onednn_copy_follows_the_weight_and_autograd_takes_stock():
+    layer = nn.Linear(8, 4)
+    policy = taking(ONEDNN, [3])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        first = reordered_weight(layer.weight)
+        assert reordered_weight(layer.weight) is first  # made once
+        layer.weight.mul_(2.0)  # an optimizer step, in place
+        torch.testing.assert_close(policy_linear(x, layer.weight, layer.bias, policy), layer(x))
+        assert reordered_weight(layer.weight) is not first
+    x.requires_grad_(True)
+    policy_linear(x, layer.weight, layer.bias, policy).sum().backward()  # training: the stock, differentiable path
+    assert x.grad is not None and layer.weight.grad is not None
 
 
 def test_policy_picks_the_path_per_row_count(monkeypatch):
@@ -26,22 +65,25 @@ def test_policy_picks_the_path_per_row_count(monkeypatch):
     original = torch.matmul
     monkeypatch.setattr(torch, "matmul", lambda *a: calls.append(a[1].shape[1]) or original(*a))
     weight = torch.randn(6, 4)
-    policy = MatmulPolicy([3])
+    policy = taking(FEW_ROW, [3])
     for rows in (1, 2, 3, 4):
         policy_linear(torch.randn(rows, 4), weight, None, policy)
     assert calls == [3]  # only the measured row count took weight @ x.T
     assert policy.path_for(3) == "few-row" and policy.path_for(2) == "stock"
     calls.clear()
-    policy_linear(torch.randn(1, 1, 4), weight, None, MatmulPolicy([1]))
+    policy_linear(torch.randn(1, 1, 4), weight, None, taking(FEW_ROW, [1]))
     assert calls == [2]  # one row is joined by a zero row: a GEMM, not a matrix-vector product
     with pytest.raises(ValueError, match="1 or more rows"):
-        MatmulPolicy([0])
+        taking(FEW_ROW, [0])
+    with pytest.raises(ValueError, match="unknown product paths"):
+        taking("gpu-magic", [2])
+    assert MatmulPolicy({2: "stock", 3: ONEDNN}).paths == {3: ONEDNN}  # stock is every other count's default
 
 
 def test_attach_keeps_parameters_and_is_idempotent():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    policy = MatmulPolicy([3])
+    policy = taking(FEW_ROW, [3])
     assert attach_policy(model, policy) == 2
     assert attach_policy(model, policy) == 2
     assert all(isinstance(m, (PolicyLinear, nn.ReLU)) for m in model)
@@ -57,20 +99,20 @@ def test_a_new_target_takes_the_stock_path_until_calibrated():
     tokenizer = char_tokenizer()
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)))
     target = TargetModel(model, tokenizer)
-    assert target.matmul_policy.few_row_sizes == frozenset()
+    assert target.matmul_policy.paths == {}
 
 
-def test_greedy_output_is_the_same_with_and_without_the_few_row_path():
+def test_greedy_output_is_the_same_on_every_product_path():
     from transformers import AutoModelForCausalLM
 
     tokenizer = char_tokenizer()
     outputs = []
-    for sizes in ((), range(1, 33)):
+    for path in ("stock", FEW_ROW) + ((ONEDNN,) if onednn_available() else ()):
         torch.manual_seed(5)
         model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)))
         target = TargetModel(model, tokenizer)
-        target.matmul_policy.set(sizes)
+        target.matmul_policy.set({n: path for n in range(1, 33)})
         drafter = PromptLookupDrafter(min_ngram=1, num_nodes=6)
         outputs.append(SpeculativeGenerator(target, drafter).generate("abcabcabcab", max_new_tokens=40,
                                                                       ignore_eos=True).token_ids)
-    assert outputs[0] == outputs[1]
+    assert all(out == outputs[0] for out in outputs[1:])

@@ -5,7 +5,7 @@ CPUs, BLAS builds, thread counts, dtypes and GPUs (``kernels.py`` has two machin
 for the same forward is opposite). So nothing here is assumed; everything is timed on the real model:
 
 * **verification cost**: c(n) for every product path of :mod:`.kernels` (stock ``F.linear`` and, for float32 on
-  CPU, the few-row path), interleaved round by round so drift hits both alike; per n the faster path is kept;
+  CPU, the few-row and oneDNN paths), interleaved round by round so drift hits all alike; per n the fastest is kept;
 * **per drafter**: the seconds one cycle spends drafting D levels deep (its update included), and how often its
   candidates are accepted per (depth, rank): the planner's prior (:mod:`.planner`), from short generations on
   built-in prompts with a generous fixed tree whose depth rotates through the timed depths cycle by cycle (one
@@ -40,14 +40,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kernels import FEW_ROW, STOCK
+from .kernels import STOCK, available_paths, forget_reordered
 from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
 
 # 2: the few-row path is timed at one node too (a plain step), drafters on three prompts; a format-1 file (and so
 # every drafter prior it holds from a single prompt) is measured again
-FORMAT = 2
+# 3: the oneDNN path is timed too; an older file, which never tried it, is measured again
+FORMAT = 3
 MIN_PRIOR_TRIALS = 12  # calibration trials a (depth, rank) cell needs to set the planner's prior
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
@@ -195,16 +196,13 @@ class Calibration:
         return list(self.data["verify"]["sizes"])
 
     def chosen_paths(self, force: str | None = None) -> dict[int, str]:
-        """Per tree size, the product path to use: the measured faster one, or ``force`` (stock / few-row)."""
+        """Per tree size, the product path to use: the measured fastest, or ``force`` (a measured path's name)."""
         paths = self.data["verify"]["seconds"]
         if force not in (None, "auto"):
             if force not in paths:
                 raise ValueError(f"matmul path {force!r} was not measured here (measured: {sorted(paths)})")
             return {n: force for n in self.sizes}
         return {n: min(paths, key=lambda p: paths[p][i]) for i, n in enumerate(self.sizes)}
-
-    def few_row_sizes(self, force: str | None = None) -> list[int]:
-        return [n for n, path in self.chosen_paths(force).items() if path == FEW_ROW]
 
     def verify_curve(self, force: str | None = None) -> list[float]:
         """Seconds per forward over each of :attr:`sizes` nodes with the chosen paths (n = 1: a plain step)."""
@@ -233,9 +231,9 @@ class Calibration:
         return curve if batch_size == 1 else lambda n: curve(batch_size * n) / batch_size
 
     def apply_paths(self, target, force_path: str | None = None) -> None:
-        """Make ``target``'s few-row forwards (verification and drafting) take the measured faster product paths,
+        """Make ``target``'s few-row forwards (verification and drafting) take the measured fastest product paths,
         or ``force_path``."""
-        target.matmul_policy.set(self.few_row_sizes(force_path))
+        target.matmul_policy.set(self.chosen_paths(force_path))
 
     def planner(self, target, drafter, force_path: str | None = None, batch_size: int = 1) -> BudgetPlanner:
         """A planner for ``drafter`` on this machine; also applies the product paths to the target. ``batch_size``:
@@ -311,12 +309,12 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
     """Median seconds of one target forward over n chain nodes on a cached prefix, per product path."""
     from .tree import Tree
 
-    paths = [STOCK] + ([FEW_ROW] if target.device.type == "cpu" and target.dtype == torch.float32 else [])
+    paths = available_paths(target.device, target.dtype)
     generator = torch.Generator().manual_seed(0)
     low, high = min(100, target.vocab_size // 4), max(target.vocab_size - 100, target.vocab_size * 3 // 4)
     prefix_len = min(effort.prefix, target.max_context - max(effort.sizes) - 2)
     prefix = torch.randint(low, high, (prefix_len + max(effort.sizes),), generator=generator)
-    saved = target.matmul_policy.few_row_sizes
+    saved = dict(target.matmul_policy.paths)
     times: dict[str, dict[int, list[float]]] = {p: {n: [] for n in effort.sizes} for p in paths}
     cache = target.new_cache()  # its own: a calibration never disturbs a generation on the same target
     try:
@@ -326,7 +324,7 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
             for n in sizes:
                 tree = Tree.chain(int(prefix[prefix_len]), prefix[prefix_len + 1:prefix_len + n].tolist())
                 for path in paths:
-                    target.matmul_policy.set(effort.sizes if path == FEW_ROW else ())
+                    target.matmul_policy.set({size: path for size in effort.sizes})
                     start = time.perf_counter()
                     target.forward_tree(tree, cache=cache)
                     if target.device.type == "cuda":
@@ -337,6 +335,7 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
                         times[path][n].append(elapsed)
     finally:
         target.matmul_policy.set(saved)
+        forget_reordered(target.model)  # timing made oneDNN copies of every weight; the paths chosen remake theirs
     return {"effort": effort.name, "prefix": prefix_len, "rounds": effort.rounds, "sizes": list(effort.sizes),
             "load_average": os.getloadavg()[0], "busy": busy(),
             "seconds": {p: [statistics.median(times[p][n]) for n in effort.sizes] for p in paths}}

@@ -147,17 +147,20 @@ def _drafters(rows: list[dict]) -> list[str]:
 
 def _product_paths(by_dtype: dict) -> list[str]:
     """Which product path the few-row forwards took per dtype, with the measured cost of each as a multiple of a
-    stock one-row forward (``kernels.py``, ``calibrate.py``; a plain step may take the few-row path too)."""
+    stock one-row forward (``kernels.py``, ``calibrate.py``; a plain step may take another path too)."""
     lines = []
     for dtype, paths in by_dtype.items():
         calibration = paths.get("calibration")
         if calibration is None:
             continue
-        few_row = paths["few_row_sizes"]
+        # results before the oneDNN path name the few-row sizes alone
+        by_path = paths.get("sizes_by_path", {"few-row": paths.get("few_row_sizes", [])})
+        taken = (", ".join(f"{path} at n = {sizes}" for path, sizes in by_path.items() if sizes) + ", stock otherwise"
+                 if any(by_path.values()) else "stock at every n")
         curves = calibration["verify_ms"]
         one = curves["stock"][0]
         costs = "; ".join(f"{path} " + " / ".join(f"{ms / one:.2f}" for ms in curve) for path, curve in curves.items())
-        lines.append(f"- product paths, {dtype}: few-row at n = {few_row or 'none'}, stock otherwise; measured "
+        lines.append(f"- product paths, {dtype}: {taken}; measured "
                      f"forward cost over n = {calibration['sizes']} nodes, x a stock one-row step: {costs}"
                      + (" (calibrated on a busy machine)" if calibration.get("busy") else ""))
     return lines + [""] if lines else []

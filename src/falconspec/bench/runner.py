@@ -274,12 +274,14 @@ def seed_for(seed: int, prompt_index: int, turn: int) -> int:
 
 
 def product_paths(target: TargetModel, methods: list[Method]) -> dict:
-    """The row counts whose products the engine's methods ran on the few-row path (:mod:`..kernels`), and the
-    verification cost curve of the calibration that chose them (none when no engine method drafts): a speed-up
+    """The row counts whose products the engine's methods ran on each path other than stock (:mod:`..kernels`), and
+    the verification cost curve of the calibration that chose them (none when no engine method drafts): a speed-up
     depends on both."""
     calibration = next((m.generator.calibration for m in methods
                         if isinstance(m, EngineMethod) and m.generator.calibration is not None), None)
-    out = {"few_row_sizes": sorted(target.matmul_policy.few_row_sizes), "calibration": None}
+    policy = target.matmul_policy
+    out = {"sizes_by_path": {path: sorted(policy.sizes(path)) for path in sorted(set(policy.paths.values()))},
+           "calibration": None}
     if calibration is not None:
         out["calibration"] = {"file": calibration.path.name if calibration.path else None, "sizes": calibration.sizes,
                               "verify_ms": {path: [round(s * 1e3, 2) for s in seconds]

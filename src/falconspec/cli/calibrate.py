@@ -1,7 +1,7 @@
 """``falconspec calibrate``: measure what verification and drafting cost on this machine, and cache it.
 
 Times one target forward over n tree nodes for every product path (stock ``F.linear`` and, in float32 on CPU, the
-few-row path), keeps the faster per n, and runs each drafter briefly to measure its cost per drafting depth and
+few-row and oneDNN paths), keeps the fastest per n, and runs each drafter briefly to measure its cost per drafting depth and
 its acceptance per (depth, rank). The planner sizes every tree from these figures. The result is cached per
 machine fingerprint (``$FALCONSPEC_CALIBRATION_DIR``, default ``<cache>/calibration``) and reused by
 ``generate``, ``serve`` and ``bench``; the first of those to meet an uncalibrated machine runs the quick form.
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = Calibration.for_target(target, effort, recalibrate=args.recalibrate)
     if args.recalibrate:
         calibration.data["drafters"] = {}
-    target.matmul_policy.set(calibration.few_row_sizes())
+    calibration.apply_paths(target)
     for name in names:
         drafter = make_drafter(name, target)
         entry = calibration.drafter_entry(target, drafter, effort)

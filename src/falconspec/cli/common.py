@@ -25,9 +25,9 @@ def add_budget_args(parser: argparse.ArgumentParser) -> None:
                         help="fixed tree size per verification, root included (default: planned from this machine's "
                              "measured costs, see `falconspec calibrate`)")
     parser.add_argument("--depth", type=int, default=None, help="fixed drafting depth (default: planned)")
-    parser.add_argument("--matmul-path", choices=("auto", "stock", "few-row"), default="auto",
-                        help="product path of few-row forwards: the measured faster one per row count (auto), or "
-                             "one forced (default: %(default)s)")
+    parser.add_argument("--matmul-path", choices=("auto", "stock", "few-row", "onednn"), default="auto",
+                        help="product path of few-row forwards: the measured fastest per row count (auto), or one "
+                             "forced (default: %(default)s)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
