@@ -86,7 +86,7 @@ def test_planner_applies_the_chosen_paths_to_target_and_drafter(llama, calibrati
     calibration.path = calibration_dir / "injected.json"
     drafter = make_drafter("pld", llama)
     planner = calibration.planner(llama, drafter)
-    assert llama.matmul_policy.paths == {2: "few-row"}
+    assert llama.matmul_policy.sizes("few-row") == {2}
     assert planner.sizes == [1, 2, 4] and calibration.data["drafters"]  # the drafter was calibrated and cached
     llama.matmul_policy.set({})
 
@@ -149,17 +149,17 @@ def test_a_fixed_budget_verifies_on_the_measured_paths(llama, calibration_dir, m
                  lambda: BatchGenerator.from_generator(alone)):
         llama.matmul_policy.set({4: "few-row"})  # as another generator's choice (or none) left it on the shared target
         generator = make()
-        assert llama.matmul_policy.paths == {2: "few-row"}
+        assert llama.matmul_policy.sizes("few-row") == {2}
         assert generator.calibration.path == path and not generator.calibration.data["drafters"]
     assert alone.planner is None
     llama.matmul_policy.set({4: "few-row"})
     SpeculativeGenerator(llama)  # plain decoding: its one-row steps take the measured path too
-    assert llama.matmul_policy.paths == {2: "few-row"}
+    assert llama.matmul_policy.sizes("few-row") == {2}
     llama.matmul_policy.set({4: "few-row"})
     SpeculativeGenerator(llama, fixed(), planner=None)  # no calibration asked for: nothing measured or applied
     assert llama.matmul_policy.paths == {4: "few-row"}
     SpeculativeGenerator(llama, fixed(), matmul_path="stock")
-    assert llama.matmul_policy.paths == {}
+    assert set(llama.matmul_policy.paths.values()) == {"stock"}
     llama.matmul_policy.set({})
 
 

@@ -65,10 +65,10 @@ def test_policy_picks_the_path_per_row_count(monkeypatch):
     original = torch.matmul
     monkeypatch.setattr(torch, "matmul", lambda *a: calls.append(a[1].shape[1]) or original(*a))
     weight = torch.randn(6, 4)
-    policy = taking(FEW_ROW, [3])
+    policy = MatmulPolicy({2: "stock", 3: FEW_ROW, 4: "stock"})
     for rows in (1, 2, 3, 4):
         policy_linear(torch.randn(rows, 4), weight, None, policy)
-    assert calls == [3]  # only the measured row count took weight @ x.T
+    assert calls == [3]  # only the row count measured faster on it took weight @ x.T
     assert policy.path_for(3) == "few-row" and policy.path_for(2) == "stock"
     calls.clear()
     policy_linear(torch.randn(1, 1, 4), weight, None, taking(FEW_ROW, [1]))
@@ -77,7 +77,11 @@ def test_policy_picks_the_path_per_row_count(monkeypatch):
         taking(FEW_ROW, [0])
     with pytest.raises(ValueError, match="unknown product paths"):
         taking("gpu-magic", [2])
-    assert MatmulPolicy({2: "stock", 3: ONEDNN}).paths == {3: ONEDNN}  # stock is every other count's default
+    # a row count calibration did not time takes the path of the next measured one up (beyond them, the largest's)
+    policy = MatmulPolicy({1: FEW_ROW, 2: "stock", 4: ONEDNN, 8: FEW_ROW})
+    assert [policy.path_for(n) for n in (1, 2, 3, 4, 5, 8, 40)] == [FEW_ROW, "stock", ONEDNN, ONEDNN, FEW_ROW,
+                                                                    FEW_ROW, FEW_ROW]
+    assert MatmulPolicy().path_for(3) == "stock"
 
 
 def test_attach_keeps_parameters_and_is_idempotent():
@@ -99,7 +103,7 @@ def test_a_new_target_takes_the_stock_path_until_calibrated():
     tokenizer = char_tokenizer()
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)))
     target = TargetModel(model, tokenizer)
-    assert target.matmul_policy.paths == {}
+    assert target.matmul_policy.paths == {} and target.matmul_policy.path_for(2) == "stock"
 
 
 def test_greedy_output_is_the_same_on_every_product_path():

@@ -26,6 +26,7 @@ tested end to end, not assumed.
 
 from __future__ import annotations
 
+import bisect
 from typing import Mapping
 
 import torch
@@ -51,7 +52,9 @@ def available_paths(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 class MatmulPolicy:
-    """The product path per row count (row counts not named take ``stock``); float32 on CPU only."""
+    """The product path per row count, float32 on CPU only: ``{rows: path}`` for the measured row counts; a row count
+    between them takes the path of the next measured one up (beyond the largest, the largest's), and an empty
+    policy takes ``stock`` everywhere."""
 
     def __init__(self, paths: Mapping[int, str] | None = None):
         self.paths: dict[int, str] = {}
@@ -64,13 +67,17 @@ class MatmulPolicy:
             raise ValueError(f"unknown product paths {unknown}: choose from {list(PATHS)}")
         if any(int(n) < 1 for n in paths):
             raise ValueError(f"a product path is for 1 or more rows, got {sorted(paths)}")
-        self.paths = {int(n): p for n, p in paths.items() if p != STOCK}
+        self.paths = {int(n): paths[n] for n in sorted(paths, key=int)}
+        self._sizes = list(self.paths)
 
     def path_for(self, rows: int) -> str:
-        return self.paths.get(rows, STOCK)
+        if not self._sizes:
+            return STOCK
+        index = bisect.bisect_left(self._sizes, rows)
+        return self.paths[self._sizes[min(index, len(self._sizes) - 1)]]
 
     def sizes(self, path: str) -> frozenset[int]:
-        """The row counts that take ``path`` (not meaningful for ``stock``, the default of every other count)."""
+        """The measured row counts that take ``path``."""
         return frozenset(n for n, p in self.paths.items() if p == path)
 
     def __repr__(self) -> str:

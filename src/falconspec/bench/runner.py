@@ -280,7 +280,8 @@ def product_paths(target: TargetModel, methods: list[Method]) -> dict:
     calibration = next((m.generator.calibration for m in methods
                         if isinstance(m, EngineMethod) and m.generator.calibration is not None), None)
     policy = target.matmul_policy
-    out = {"sizes_by_path": {path: sorted(policy.sizes(path)) for path in sorted(set(policy.paths.values()))},
+    out = {"sizes_by_path": {path: sorted(policy.sizes(path)) for path in sorted(set(policy.paths.values()))
+                             if path != "stock"},
            "calibration": None}
     if calibration is not None:
         out["calibration"] = {"file": calibration.path.name if calibration.path else None, "sizes": calibration.sizes,
