@@ -60,6 +60,18 @@ def test_onednn_copy_follows_the_weight_and_autograd_takes_stock():
     assert x.grad is not None and layer.weight.grad is not None
 
 
+def test_onednn_is_timed_only_when_its_weight_copy_fits(monkeypatch):
+    from falconspec import kernels
+
+    model = nn.Linear(64, 32)  # 8 KiB of weights
+    monkeypatch.setattr(kernels, "onednn_available", lambda: True)
+    monkeypatch.setattr(kernels, "available_memory", lambda: 1 << 30)
+    assert kernels.available_paths("cpu", torch.float32, model) == ["stock", FEW_ROW, ONEDNN]
+    monkeypatch.setattr(kernels, "available_memory", lambda: 8 * 1024)
+    assert kernels.available_paths("cpu", torch.float32, model) == ["stock", FEW_ROW]
+    assert kernels.available_paths("cpu", torch.bfloat16, model) == ["stock"]
+
+
 def test_policy_picks_the_path_per_row_count(monkeypatch):
     calls = []
     original = torch.matmul

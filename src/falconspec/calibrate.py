@@ -309,7 +309,7 @@ def measure_verify_cost(target, effort: Effort = QUICK) -> dict:
     """Median seconds of one target forward over n chain nodes on a cached prefix, per product path."""
     from .tree import Tree
 
-    paths = available_paths(target.device, target.dtype)
+    paths = available_paths(target.device, target.dtype, target.model)
     generator = torch.Generator().manual_seed(0)
     low, high = min(100, target.vocab_size // 4), max(target.vocab_size - 100, target.vocab_size * 3 // 4)
     prefix_len = min(effort.prefix, target.max_context - max(effort.sizes) - 2)

@@ -27,6 +27,7 @@ tested end to end, not assumed.
 from __future__ import annotations
 
 import bisect
+import os
 from typing import Mapping
 
 import torch
@@ -44,11 +45,35 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def available_paths(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The product paths worth timing for a model on ``device`` in ``dtype``."""
+def available_memory() -> int | None:
+    """Bytes of memory available now: Linux's MemAvailable (free plus reclaimable page cache), else free pages; None
+    where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def available_paths(device: torch.device, dtype: torch.dtype, model: nn.Module | None = None) -> list[str]:
+    """The product paths worth timing for ``model`` on ``device`` in ``dtype``. The oneDNN path needs a copy of the
+    linear weights: it is left out when that copy would not fit in the memory available now (with a quarter to
+    spare)."""
     if torch.device(device).type != "cpu" or dtype != torch.float32:
         return [STOCK]
-    return [STOCK, FEW_ROW] + ([ONEDNN] if onednn_available() else [])
+    free = available_memory()
+    fits = model is None or free is None or linear_weight_bytes(model) * 1.25 < free
+    return [STOCK, FEW_ROW] + ([ONEDNN] if onednn_available() and fits else [])
 
 
 class MatmulPolicy:
