@@ -11,18 +11,6 @@ from falconspec.target import TargetModel
 from falconspec.testing import char_tokenizer, tiny_config
 
 
-@pytest.mark.parametrize("shape", [(1, 16), (2, 16), (1, 5, 16), (3, 2, 16), (40, 16)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_few_row_path_equals_linear(shape, bias):
-    torch.manual_seed(0)
-    layer = nn.Linear(16, 24, bias=bias)
-    x = torch.randn(shape)
-    expected = layer(x)
-    got = policy_linear(x, layer.weight, layer.bias, taking(FEW_ROW, range(1, 41)))  # one row: padded to two
-    assert got.shape == expected.shape and got.is_contiguous()  # a transposed view would slow every later op
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-
-
 def taking(path, sizes) -> MatmulPolicy:
     return MatmulPolicy({n: path for n in sizes})
 
@@ -30,16 +18,17 @@ def taking(path, sizes) -> MatmulPolicy:
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 
-@needs_onednn
+@pytest.mark.parametrize("path", [FEW_ROW, pytest.param(ONEDNN, marks=needs_onednn)])
 @pytest.mark.parametrize("shape", [(1, 16), (2, 16), (1, 5, 16), (3, 2, 16), (40, 16)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_path_equals_linear(shape, bias):
+def test_product_path_equals_linear(path, shape, bias):
     torch.manual_seed(0)
     layer = nn.Linear(16, 24, bias=bias)
     x = torch.randn(shape)
-    with torch.no_grad():
+    with torch.no_grad():  # the oneDNN path runs without autograd (the few-row path is differentiable: below)
         expected = layer(x)
-        got = policy_linear(x, layer.weight, layer.bias, taking(ONEDNN, range(1, 41)))
+        got = policy_linear(x, layer.weight, layer.bias, taking(path, range(1, 41)))  # few-row: one row padded to two
+    # a transposed view (or a oneDNN tensor) would slow every later op
     assert got.shape == expected.shape and got.is_contiguous() and not got.is_mkldnn
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
