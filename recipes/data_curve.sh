@@ -10,6 +10,7 @@
 #   bash recipes/data_curve.sh round6       # runs/round6/KIND: the drafters shipped before round 7 (from git; falcon
 #                                           # from round 5, eagle from round 6), which the -r7 runs start from
 #   bash recipes/data_curve.sh round7       # runs/round7/KIND: the round-7 drafters, which the -r8 runs start from
+#   bash recipes/data_curve.sh round8       # runs/round8/KIND: the round-8 falcon, which the -r9 run starts from
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
 #                                           # or falcon, eagle or medusa for the shipped drafters); any clone runs it
@@ -35,8 +36,10 @@ ROUND6=runs/round6             # `round6`: the drafters shipped before round 7, 
 ROUND6_COMMIT=7a61ebb
 ROUND7=runs/round7             # `round7`: the round-7 drafters, which the -r8 runs start from
 ROUND7_COMMIT=f22b7d2
+ROUND8=runs/round8             # `round8`: the round-8 falcon, which the -r9 run starts from
+ROUND8_COMMIT=4ebe087
 declare -A PAST=([round3]="$ROUND3 $ROUND3_COMMIT falcon eagle medusa" [round6]="$ROUND6 $ROUND6_COMMIT falcon eagle"
-                 [round7]="$ROUND7 $ROUND7_COMMIT falcon eagle")
+                 [round7]="$ROUND7 $ROUND7_COMMIT falcon eagle" [round8]="$ROUND8 $ROUND8_COMMIT falcon")
 SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 /
                                # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
@@ -130,6 +133,10 @@ declare -A RUNS_OF=(
   # on another data order (--seed 1, so ~73% of what it reads is new to it); run with STEPS=450 under
   # FALCONSPEC="torchrun --standalone --nproc_per_node 2 falconspec" (two processes: 8 sequences a step, 3,600 read)
   [falcon-r8]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND7/falcon --lr 5e-4 --min-lr 5e-5 --every-alignment --seed 1"
+  # round 9: rounds 7 and 8 spent their first third recovering from the warm restart at lr 5e-4 (acc@1 0.536 -> 0.468
+  # at step 100). falcon-r8 continued with a peak of 1.5e-4 (under a third) on a third data order (--seed 2), every
+  # train shard (4.77M answer tokens); STEPS=400 under the same two-process torchrun as falcon-r8
+  [falcon-r9]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND8/falcon --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 2"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -137,9 +144,10 @@ declare -A RUNS_OF=(
 )
 # the train stage's in-training evaluations: the first 50 held-out token sequences, so any clone runs them
 HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
-declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS)
-declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS)  # else $FEATURES-N,
-                                                                                                   # N from the name
+declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS
+                    [falcon-r9]=$HELDOUT_TOKENS)
+declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
+                    [falcon-r9]=$TOKENS)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
@@ -155,7 +163,7 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   fi
 fi
 case "${1:-}" in
-  round3|round6|round7)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
+  round3|round6|round7|round8)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
     read -r dir commit kinds <<< "${PAST[$1]}"
     for kind in $kinds; do
       mkdir -p $dir/$kind
@@ -196,5 +204,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | round8 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac
