@@ -83,6 +83,7 @@ def test_policy_picks_the_path_per_row_count(monkeypatch):
     assert [policy.path_for(n) for n in (1, 2, 3, 4, 5, 8, 40)] == [FEW_ROW, "stock", ONEDNN, ONEDNN, FEW_ROW,
                                                                     FEW_ROW, FEW_ROW]
     assert MatmulPolicy().path_for(3) == "stock"
+    assert policy_linear(torch.randn(0, 4), weight, None, taking(ONEDNN, [1])).shape == (0, 6)  # no rows: stock
 
 
 def test_attach_keeps_parameters_and_is_idempotent():

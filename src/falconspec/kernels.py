@@ -137,7 +137,7 @@ def policy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     path = policy.path_for(rows)
-    if path == STOCK or x.device.type != "cpu" or x.dtype != torch.float32:
+    if path == STOCK or rows == 0 or x.device.type != "cpu" or x.dtype != torch.float32:
         return nn.functional.linear(x, weight, bias)
     if path == ONEDNN:
         if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
