@@ -163,7 +163,7 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   fi
 fi
 case "${1:-}" in
-  round3|round6|round7|round8)  # the drafters shipped at a past commit, from git (--init-from falcon|eagle|medusa names today's)
+  round3|round6|round7|round8)  # the drafters shipped at a past commit, from git (--init-from falcon names today's)
     read -r dir commit kinds <<< "${PAST[$1]}"
     for kind in $kinds; do
       mkdir -p $dir/$kind
