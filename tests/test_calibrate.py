@@ -10,6 +10,7 @@ from falconspec.batch import BatchGenerator
 from falconspec.calibrate import FORMAT, Calibration, Effort, fingerprint, model_hash
 from falconspec.cli import main
 from falconspec.drafters import make_drafter
+from falconspec import kernels
 from falconspec.kernels import available_paths
 from falconspec.testing import save_tiny_model, tiny_target
 
@@ -79,6 +80,19 @@ def test_the_faster_path_is_kept_per_size():
     assert three.verify_curve() == [0.034, 0.050, 0.041] and three.verify_curve("onednn") == [0.040, 0.050, 0.041]
     with pytest.raises(ValueError, match="not measured"):
         calibration.chosen_paths("gpu-magic")
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no oneDNN")
+def test_a_policy_without_onednn_frees_its_weight_copies(llama):
+    weight = next(m.weight for m in llama.model.modules() if isinstance(m, torch.nn.Linear))
+    with_onednn = injected([0.010, 0.020, 0.030], [0.010, 0.020, 0.030], onednn=[0.020, 0.010, 0.010])
+    with_onednn.apply_paths(llama)
+    kernels.reordered_weight(weight)  # as a forward on the oneDNN path makes it
+    with_onednn.apply_paths(llama)
+    assert hasattr(weight, "_falconspec_onednn")  # kept while the policy uses it
+    with_onednn.apply_paths(llama, "few-row")
+    assert not any(hasattr(p, "_falconspec_onednn") for p in llama.model.parameters())
+    llama.matmul_policy.set({})
 
 
 def test_planner_applies_the_chosen_paths_to_target_and_drafter(llama, calibration_dir):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kernels import STOCK, available_paths, forget_reordered
+from .kernels import ONEDNN, STOCK, available_paths, forget_reordered
 from .planner import AcceptanceProfile, BudgetPlanner, Plan, interpolate
 
 log = logging.getLogger(__name__)
@@ -232,8 +232,11 @@ class Calibration:
 
     def apply_paths(self, target, force_path: str | None = None) -> None:
         """Make ``target``'s few-row forwards (verification and drafting) take the measured fastest product paths,
-        or ``force_path``."""
-        target.matmul_policy.set(self.chosen_paths(force_path))
+        or ``force_path``. A policy without the oneDNN path frees the weight copies an earlier one made."""
+        chosen = self.chosen_paths(force_path)
+        target.matmul_policy.set(chosen)
+        if ONEDNN not in chosen.values():
+            forget_reordered(target.model)
 
     def planner(self, target, drafter, force_path: str | None = None, batch_size: int = 1) -> BudgetPlanner:
         """A planner for ``drafter`` on this machine; also applies the product paths to the target. ``batch_size``:

@@ -66,7 +66,7 @@ class SpeculativeGenerator:
         With ``"auto"``, for any drafter (planned or with a fixed budget) and for plain decoding, the target's
         few-row forwards, one-row steps included, take the product paths that calibration measured faster here
         (None measures nothing and leaves the paths as they are). ``matmul_path``: force the product path of
-        few-row forwards (``stock`` or ``few-row``; default: the measured faster one per row count)."""
+        few-row forwards (``stock``, ``few-row`` or ``onednn``; default: the measured fastest per row count)."""
         self.target = target
         self.drafter = drafter or NoDrafter()
         self.planner: BudgetPlanner | None = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..calibrate import cpu_info
+from ..kernels import STOCK
 from ..machine_load import OtherProcessesLoad
 from ..models import load_target, parse_dtype
 from ..target import TargetModel
@@ -281,7 +282,7 @@ def product_paths(target: TargetModel, methods: list[Method]) -> dict:
                         if isinstance(m, EngineMethod) and m.generator.calibration is not None), None)
     policy = target.matmul_policy
     out = {"sizes_by_path": {path: sorted(policy.sizes(path)) for path in sorted(set(policy.paths.values()))
-                             if path != "stock"},
+                             if path != STOCK},
            "calibration": None}
     if calibration is not None:
         out["calibration"] = {"file": calibration.path.name if calibration.path else None, "sizes": calibration.sizes,

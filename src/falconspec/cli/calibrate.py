@@ -1,8 +1,8 @@
 """``falconspec calibrate``: measure what verification and drafting cost on this machine, and cache it.
 
 Times one target forward over n tree nodes for every product path (stock ``F.linear`` and, in float32 on CPU, the
-few-row and oneDNN paths), keeps the fastest per n, and runs each drafter briefly to measure its cost per drafting depth and
-its acceptance per (depth, rank). The planner sizes every tree from these figures. The result is cached per
+few-row and oneDNN paths), keeps the fastest per n, and runs each drafter briefly to measure its cost per drafting
+depth and its acceptance per (depth, rank). The planner sizes every tree from these figures. The result is cached per
 machine fingerprint (``$FALCONSPEC_CALIBRATION_DIR``, default ``<cache>/calibration``) and reused by
 ``generate``, ``serve`` and ``bench``; the first of those to meet an uncalibrated machine runs the quick form.
 """
