@@ -11,7 +11,10 @@
 #                                           # from round 5, eagle from round 6), which the -r7 runs start from
 #   bash recipes/data_curve.sh round7       # runs/round7/KIND: the round-7 drafters, which the -r8 runs start from
 #   bash recipes/data_curve.sh round8       # runs/round8/KIND: the round-8 falcon, which the -r9 run starts from
+#   bash recipes/data_curve.sh round9       # runs/round9/KIND: the round-9 falcon (the averages read it)
 #   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
+#   bash recipes/data_curve.sh average NAME # runs/curve/NAME/drafter: the mean of shipped stages' weights (AVERAGE_OF;
+#                                           # restore its inputs with the round stages first), scored like a run
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
 #                                           # or falcon, eagle or medusa for the shipped drafters); any clone runs it
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
@@ -38,8 +41,11 @@ ROUND7=runs/round7             # `round7`: the round-7 drafters, which the -r8 r
 ROUND7_COMMIT=f22b7d2
 ROUND8=runs/round8             # `round8`: the round-8 falcon, which the -r9 run starts from
 ROUND8_COMMIT=4ebe087
+ROUND9=runs/round9             # `round9`: the round-9 falcon, averaged with round 8's
+ROUND9_COMMIT=8418bcd
 declare -A PAST=([round3]="$ROUND3 $ROUND3_COMMIT falcon eagle medusa" [round6]="$ROUND6 $ROUND6_COMMIT falcon eagle"
-                 [round7]="$ROUND7 $ROUND7_COMMIT falcon eagle" [round8]="$ROUND8 $ROUND8_COMMIT falcon")
+                 [round7]="$ROUND7 $ROUND7_COMMIT falcon eagle" [round8]="$ROUND8 $ROUND8_COMMIT falcon"
+                 [round9]="$ROUND9 $ROUND9_COMMIT falcon")
 SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,560 / 998,940 / 1,335,931 /
                                # 1,592,965 answer tokens
 FALCON="--k 2 --newest-pair --chain-slots"
@@ -137,22 +143,35 @@ declare -A RUNS_OF=(
   # at step 100). falcon-r8 continued with a peak of 1.5e-4 (under a third) on a third data order (--seed 2), every
   # train shard (4.77M answer tokens); STEPS=400 under the same two-process torchrun as falcon-r8
   [falcon-r9]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND8/falcon --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 2"
+  # round 10: the average of rounds 8 and 9 (falcon-avg-r8r9, above both held out) continued at a third of round 9's
+  # peak (5e-5 -> 5e-6) on a fourth data order (--seed 3); STEPS=200 under the same two-process torchrun
+  [falcon-r10]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 5e-5 --min-lr 5e-6 --every-alignment --seed 3"
+  # averages of shipped stages (`average NAME`: the mean of the drafters in AVERAGE_OF, no training); flags for scoring
+  [falcon-avg-r8r9]="$FALCON" [falcon-avg-r7r8r9]="$FALCON" [falcon-avg-r8r9r10]="$FALCON" [eagle-avg-r6r7]="--k 1"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
   [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
 )
+# checkpoint averaging across continued stages (recipes/average_drafters.py): the inputs, restored by the round stages
+declare -A AVERAGE_OF=([falcon-avg-r8r9]="$ROUND8/falcon $ROUND9/falcon"
+                       [falcon-avg-r7r8r9]="$ROUND7/falcon $ROUND8/falcon $ROUND9/falcon"
+                       [falcon-avg-r8r9r10]="$ROUND8/falcon $ROUND9/falcon $RUNS/falcon-r10/drafter"
+                       [eagle-avg-r6r7]="$ROUND6/eagle $ROUND7/eagle")
 # the train stage's in-training evaluations: the first 50 held-out token sequences, so any clone runs them
 HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
 declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS
-                    [falcon-r9]=$HELDOUT_TOKENS)
+                    [falcon-r9]=$HELDOUT_TOKENS
+                    [falcon-r10]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
-                    [falcon-r9]=$TOKENS)  # else $FEATURES-N, N from the name
+                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS
+                    [falcon-avg-r8r9]=$TOKENS [falcon-avg-r7r8r9]=$TOKENS [falcon-avg-r8r9r10]=$TOKENS
+                    [eagle-avg-r6r7]=$TOKENS)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
 MTBENCH=runs/data/mtbench-feat
-if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
+if [[ "${1:-}" =~ ^(train|average|final|tau|mtb)$ ]]; then
   name=${2:-}
   if [[ $name =~ ^(falcon|eagle|medusa)$ && $1 =~ ^(final|mtb)$ ]]; then  # a shipped drafter
     declare -A SHIPPED=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
@@ -163,7 +182,7 @@ if [[ "${1:-}" =~ ^(train|final|tau|mtb)$ ]]; then
   fi
 fi
 case "${1:-}" in
-  round3|round6|round7|round8)  # the drafters shipped at a past commit, from git (--init-from falcon names today's)
+  round3|round6|round7|round8|round9)  # the drafters shipped at a past commit, from git (--init-from falcon names today's)
     read -r dir commit kinds <<< "${PAST[$1]}"
     for kind in $kinds; do
       mkdir -p $dir/$kind
@@ -185,8 +204,13 @@ case "${1:-}" in
     $FS gen-data --from-tokens recipes/data/sharegpt-sd --split train --max-shards 15 --dtype bfloat16 \
       --out $FEATURES_BF16 ;;
   train)
+    [[ -z "${AVERAGE_OF[$name]+x}" ]] || { echo "$name is an average of trained drafters: run 'average $name'"; exit 2; }
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" ${EVAL_OF[$name]:-} ${RUNS_OF[$name]} --out $RUNS/$name ;;
+  average)
+    [[ -n "${AVERAGE_OF[$name]+x}" ]] || { echo "not an average: '$name' (${!AVERAGE_OF[*]})"; exit 2; }
+    # shellcheck disable=SC2086
+    ${PYTHON:-.venv/bin/python} recipes/average_drafters.py --out $drafter ${AVERAGE_OF[$name]} ;;
   final|mtb)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final) or on the
               # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype
               # win; --feature-dtype float32: no bf16 target copy for a train split that is never read)
@@ -204,5 +228,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | round8 | train NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | round8 | round9 | train NAME | average NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac
