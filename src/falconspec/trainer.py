@@ -198,5 +198,9 @@ def train(objective: Objective) -> Path | None:
         recipe = objective.recipe(raw, RunSummary(step, history, sessions, world))
         (final / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
     acc.wait_for_everyone()
+    # Free the prepared (DDP) model while the process group is still registered. Otherwise its reducer is the group's
+    # last owner after end_training(), and frees it with the GIL held when this frame is cleared: gloo's destructor
+    # then joins a worker thread that waits for the GIL to finish the last barrier's work, and the process hangs.
+    model, optimizer = acc.free_memory(model, optimizer)
     acc.end_training()
     return final
