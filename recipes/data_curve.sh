@@ -17,6 +17,8 @@
 #                                           # restore its inputs with the round stages first), scored like a run
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
 #                                           # or falcon, eagle or medusa for the shipped drafters); any clone runs it
+#   bash recipes/data_curve.sh openings NAME # final's scoring on answer openings only (windows starting in an
+#                                           # answer's first 64 tokens, as the bench's answers); NAME as for final
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
 #   bash recipes/data_curve.sh mtbench      # runs/data/mtbench-feat: the target's own fp32 greedy answers to the 80
 #                                           # MT-bench questions, both turns, 64 tokens each (as the bench asks), with
@@ -171,9 +173,9 @@ COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --voc
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
 MTBENCH=runs/data/mtbench-feat
-if [[ "${1:-}" =~ ^(train|average|final|tau|mtb)$ ]]; then
+if [[ "${1:-}" =~ ^(train|average|final|openings|tau|mtb)$ ]]; then
   name=${2:-}
-  if [[ $name =~ ^(falcon|eagle|medusa)$ && $1 =~ ^(final|mtb)$ ]]; then  # a shipped drafter
+  if [[ $name =~ ^(falcon|eagle|medusa)$ && $1 =~ ^(final|openings|mtb)$ ]]; then  # a shipped drafter
     declare -A SHIPPED=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
     drafter=$name; flags=${SHIPPED[$name]}; data=$TOKENS
   else
@@ -220,6 +222,11 @@ case "${1:-}" in
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
       --feature-dtype float32 --max-steps 0 --out $out ;;
+  openings)  # final's scoring on answer openings only: drafting windows that start in an answer's first 64 tokens,
+             # as the bench's 64-token answers are
+    # shellcheck disable=SC2086
+    $FS train --data $data "${COMMON[@]}" --eval-data $TOKENS $flags --init-from $drafter --dtype float32 \
+      --feature-dtype float32 --max-steps 0 --eval-answer-opening 64 --out $RUNS/openings/$name ;;
   mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
     $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out runs/data/mtbench-sd \
       --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
@@ -228,5 +235,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | round8 | round9 | train NAME | average NAME | final NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | round8 | round9 | train NAME | average NAME | final NAME | openings NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac
