@@ -213,20 +213,18 @@ case "${1:-}" in
     [[ -n "${AVERAGE_OF[$name]+x}" ]] || { echo "not an average: '$name' (${!AVERAGE_OF[*]})"; exit 2; }
     # shellcheck disable=SC2086
     ${PYTHON:-.venv/bin/python} recipes/average_drafters.py --out $drafter ${AVERAGE_OF[$name]} ;;
-  final|mtb)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final) or on the
-              # MT-bench answers (mtb), scored in float32 as the engine runs it (the last --init-from and --dtype
-              # win; --feature-dtype float32: no bf16 target copy for a train split that is never read)
-    eval=$([[ $1 == final ]] && echo $TOKENS || echo $MTBENCH)  # final: the token set's held-out split, all 110
-                                                                # sequences, features as runs/data/sd4-heldout's
-    out=$RUNS/$([[ $1 == final ]] && echo final || echo mtbench)/$name
+  final|mtb|openings)  # no training (--max-steps 0): the finished drafter on the whole held-out set (final), on
+                       # its answer openings only (openings: drafting windows that start in an answer's first 64
+                       # tokens, as the bench's answers are) or on the MT-bench answers (mtb), scored in float32 as
+                       # the engine runs it (the last --init-from and --dtype win; --feature-dtype float32: no bf16
+                       # target copy for a train split that is never read)
+    eval=$([[ $1 == mtb ]] && echo $MTBENCH || echo $TOKENS)  # final: the token set's held-out split, all 110
+                                                              # sequences, features as runs/data/sd4-heldout's
+    declare -A OUT_OF=([final]=final [openings]=openings [mtb]=mtbench)
+    opening=$([[ $1 == openings ]] && echo 64 || echo 0)
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
-      --feature-dtype float32 --max-steps 0 --out $out ;;
-  openings)  # final's scoring on answer openings only: drafting windows that start in an answer's first 64 tokens,
-             # as the bench's 64-token answers are
-    # shellcheck disable=SC2086
-    $FS train --data $data "${COMMON[@]}" --eval-data $TOKENS $flags --init-from $drafter --dtype float32 \
-      --feature-dtype float32 --max-steps 0 --eval-answer-opening 64 --out $RUNS/openings/$name ;;
+      --feature-dtype float32 --max-steps 0 --eval-answer-opening $opening --out $RUNS/${OUT_OF[$1]}/$name ;;
   mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
     $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out runs/data/mtbench-sd \
       --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
