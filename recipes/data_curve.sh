@@ -148,14 +148,13 @@ declare -A RUNS_OF=(
   # round 10: the average of rounds 8 and 9 (falcon-avg-r8r9, above both held out) continued at a third of round 9's
   # peak (5e-5 -> 5e-6) on a fourth data order (--seed 3); STEPS=200 under the same two-process torchrun
   [falcon-r10]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 5e-5 --min-lr 5e-6 --every-alignment --seed 3"
-  # averages of shipped stages (`average NAME`: the mean of the drafters in AVERAGE_OF, no training); flags for scoring
-  [falcon-avg-r8r9]="$FALCON" [falcon-avg-r7r8r9]="$FALCON" [falcon-avg-r8r9r10]="$FALCON" [eagle-avg-r6r7]="--k 1"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
   [falcon2x-15]="$FALCON --init-from $RUNS/falcon-15/drafter --lr 5e-4 --min-lr 5e-5"
 )
-# checkpoint averaging across continued stages (recipes/average_drafters.py): the inputs, restored by the round stages
+# checkpoint averaging across continued stages (recipes/average_drafters.py, `average NAME`, no training): the inputs,
+# restored by the round stages; scored with the flags of the kind the name starts with, on the token set
 declare -A AVERAGE_OF=([falcon-avg-r8r9]="$ROUND8/falcon $ROUND9/falcon"
                        [falcon-avg-r7r8r9]="$ROUND7/falcon $ROUND8/falcon $ROUND9/falcon"
                        [falcon-avg-r8r9r10]="$ROUND8/falcon $ROUND9/falcon $RUNS/falcon-r10/drafter"
@@ -166,18 +165,18 @@ declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falc
                     [falcon-r9]=$HELDOUT_TOKENS
                     [falcon-r10]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
-                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS
-                    [falcon-avg-r8r9]=$TOKENS [falcon-avg-r7r8r9]=$TOKENS [falcon-avg-r8r9r10]=$TOKENS
-                    [eagle-avg-r6r7]=$TOKENS)  # else $FEATURES-N, N from the name
+                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
 MTBENCH=runs/data/mtbench-feat
 if [[ "${1:-}" =~ ^(train|average|final|openings|tau|mtb)$ ]]; then
   name=${2:-}
+  declare -A KIND_FLAGS=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
   if [[ $name =~ ^(falcon|eagle|medusa)$ && $1 =~ ^(final|openings|mtb)$ ]]; then  # a shipped drafter
-    declare -A SHIPPED=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
-    drafter=$name; flags=${SHIPPED[$name]}; data=$TOKENS
+    drafter=$name; flags=${KIND_FLAGS[$name]}; data=$TOKENS
+  elif [[ -n "${AVERAGE_OF[$name]+x}" ]]; then
+    drafter=$RUNS/$name/drafter; flags=${KIND_FLAGS[${name%%-*}]}; data=$TOKENS
   else
     [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
     drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=${DATA_OF[$name]:-$FEATURES-$(cut -d- -f2 <<< "$name")}

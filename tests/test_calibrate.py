@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
-from falconspec import SpeculativeGenerator, calibrate
+from falconspec import SpeculativeGenerator, calibrate, kernels
 from falconspec.batch import BatchGenerator
 from falconspec.calibrate import FORMAT, Calibration, Effort, fingerprint, model_hash
 from falconspec.cli import main
 from falconspec.drafters import make_drafter
-from falconspec import kernels
 from falconspec.kernels import available_paths
 from falconspec.testing import save_tiny_model, tiny_target
 
