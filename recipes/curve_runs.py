@@ -33,9 +33,10 @@ def scores(directory: Path) -> dict | None:
         return None
     last = history[-1]
     found = {f"acc@{d}": last[f"acc@{d}"] for d in DEPTHS if f"acc@{d}" in last}
-    for key in ("rollouts", "slot_acc"):  # teacher-forced accuracy per slot of a newest-slots drafter
+    # rollouts; teacher-forced accuracy per slot of a newest-slots drafter, and over every position and slot
+    for key, name in (("rollouts", "rollouts"), ("slot_acc", "slot_acc"), ("eval_acc", "teacher_forced_acc")):
         if key in last:
-            found[key] = last[key]
+            found[name] = round(last[key], 4) if key == "eval_acc" else last[key]
     return found or None
 
 

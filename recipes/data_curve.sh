@@ -16,7 +16,8 @@
 #   bash recipes/data_curve.sh average NAME # runs/curve/NAME/drafter: the mean of shipped stages' weights (AVERAGE_OF;
 #                                           # restore its inputs with the round stages first), scored like a run
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
-#                                           # or falcon, eagle or medusa for the shipped drafters); any clone runs it
+#                                           # RUN-trained for an --ema-decay run's trained weights, or falcon, eagle
+#                                           # or medusa for the shipped drafters); any clone runs it
 #   bash recipes/data_curve.sh openings NAME # final's scoring on answer openings only (windows starting in an
 #                                           # answer's first 64 tokens, as the bench's answers); NAME as for final
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
@@ -145,9 +146,14 @@ declare -A RUNS_OF=(
   # at step 100). falcon-r8 continued with a peak of 1.5e-4 (under a third) on a third data order (--seed 2), every
   # train shard (4.77M answer tokens); STEPS=400 under the same two-process torchrun as falcon-r8
   [falcon-r9]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND8/falcon --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 2"
-  # round 10: the average of rounds 8 and 9 (falcon-avg-r8r9, above both held out) continued at a third of round 9's
+  # round 10: the average of rounds 8 and 9 (falcon-avg-r8r9, shipped as round 10) continued at a third of round 9's
   # peak (5e-5 -> 5e-6) on a fourth data order (--seed 3); STEPS=200 under the same two-process torchrun
   [falcon-r10]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 5e-5 --min-lr 5e-6 --every-alignment --seed 3"
+  # round 11: the shipped falcon (falcon-avg-r8r9) continued at twice round 10's peak (1e-4 -> 1e-5) on a fifth data
+  # order (--seed 4) with an exponential moving average of the weights (--ema-decay 0.99, ~100 steps): the drafter
+  # saved is the average, the trained weights stay in checkpoint/ (scored as falcon-r11-trained); STEPS=300 under the
+  # same two-process torchrun
+  [falcon-r11]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 1e-4 --min-lr 1e-5 --every-alignment --seed 4 --ema-decay 0.99"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -163,9 +169,9 @@ declare -A AVERAGE_OF=([falcon-avg-r8r9]="$ROUND8/falcon $ROUND9/falcon"
 HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
 declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS
                     [falcon-r9]=$HELDOUT_TOKENS
-                    [falcon-r10]=$HELDOUT_TOKENS)
+                    [falcon-r10]=$HELDOUT_TOKENS [falcon-r11]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
-                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS)  # else $FEATURES-N, N from the name
+                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
@@ -177,6 +183,9 @@ if [[ "${1:-}" =~ ^(train|average|final|openings|tau|mtb)$ ]]; then
     drafter=$name; flags=${KIND_FLAGS[$name]}; data=$TOKENS
   elif [[ -n "${AVERAGE_OF[$name]+x}" ]]; then
     drafter=$RUNS/$name/drafter; flags=${KIND_FLAGS[${name%%-*}]}; data=$TOKENS
+  elif [[ $name == *-trained && -n "${RUNS_OF[${name%-trained}]+x}" && $1 =~ ^(final|openings|mtb)$ ]]; then
+    run=${name%-trained}  # an --ema-decay run's trained weights (its drafter/ is their moving average)
+    drafter=$RUNS/$run/checkpoint; flags=${RUNS_OF[$run]}; data=${DATA_OF[$run]:-$FEATURES-$(cut -d- -f2 <<< "$run")}
   else
     [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
     drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=${DATA_OF[$name]:-$FEATURES-$(cut -d- -f2 <<< "$name")}

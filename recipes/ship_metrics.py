@@ -7,10 +7,12 @@ this fills ``metrics`` of ``src/falconspec/assets/drafters/smollm2-135m-KIND/rec
 - ``tau_mtbench_first_turns_10``: τ with bonus at the fixed trees of ``data_curve.sh tau RUN``, and whether every
   answer equalled greedy;
 - ``machine``: where they were measured;
-- ``before_roundN_for_comparison``: the drafter shipped before it, as its own recipe.json recorded it.
+- ``before_roundN_for_comparison``: the drafter shipped before it, as its own recipe.json recorded it; or, with
+  ``--before RUN0``, as that run's stages score it now (after a change of the scoring, when the figures recorded
+  then are no longer comparable); ``--before keep`` leaves the block as it is.
 It refuses a run whose drafter is not the shipped one (weights compared byte for byte).
 
-usage: python recipes/ship_metrics.py KIND RUN --round N --note TEXT
+usage: python recipes/ship_metrics.py KIND RUN --round N --note TEXT [--before RUN0|keep]
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def accuracies(directory: Path) -> dict:
             "rollouts": last["rollouts"]}
 
 
+def figures(run: str) -> dict:
+    """A run's held-out and MT-bench-answer accuracies and fixed-tree τ, as its data_curve.sh stages measured them."""
+    taus = {nodes: {key: row[key] for key in ("tau", "identical", "prompts")}
+            for nodes, row in tau_rows(RUNS / run / "tau" / "summary.json").items()}
+    return {"heldout_339_answers": accuracies(RUNS / "final" / run),
+            "mtbench80_answers": accuracies(RUNS / "mtbench" / run), "tau_mtbench_first_turns_10": taus,
+            "machine": machine()}
+
+
 def machine() -> str:
     name, flags = cpu_info()
     return f"{os.cpu_count()}-core {name} ({' '.join(flags) or 'no listed flags'}), torch {torch.__version__}"
@@ -52,6 +63,9 @@ def main() -> None:
     parser.add_argument("run", help="the data_curve.sh run it was shipped from (a directory of runs/curve)")
     parser.add_argument("--round", type=int, required=True, help="the round this drafter ships in")
     parser.add_argument("--note", required=True, help="what the drafter is, in words (recipe.json's 'note')")
+    parser.add_argument("--before", default="", help="the run the drafter shipped before came from, scored by "
+                                                     "today's stages (default: its recipe.json at HEAD); 'keep': "
+                                                     "leave the recorded block")
     args = parser.parse_args()
     shipped = ROOT / "src" / "falconspec" / "assets" / "drafters" / f"smollm2-135m-{args.kind}"
     run = RUNS / args.run
@@ -59,18 +73,16 @@ def main() -> None:
         raise SystemExit(f"{shipped} is not {run}/drafter: ship it first (recipes/scripts/ship.sh)")
     recipe = json.loads((shipped / "recipe.json").read_text())
     path = f"src/falconspec/assets/drafters/smollm2-135m-{args.kind}/recipe.json"
-    before = json.loads(subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, check=True, capture_output=True,
-                                       text=True).stdout).get("metrics", {})
-    taus = {nodes: {key: row[key] for key in ("tau", "identical", "prompts")}
-            for nodes, row in tau_rows(run / "tau" / "summary.json").items()}
-    recipe["metrics"] = {
-        "heldout_339_answers": accuracies(RUNS / "final" / args.run),
-        "mtbench80_answers": accuracies(RUNS / "mtbench" / args.run),
-        "tau_mtbench_first_turns_10": taus,
-        "machine": machine(),
-        f"before_round{args.round}_for_comparison": {key: value for key, value in before.items()
-                                                      if not key.startswith("before_")},
-    }
+    before_key = f"before_round{args.round}_for_comparison"
+    if args.before == "keep":
+        before = recipe.get("metrics", {}).get(before_key, {})
+    elif args.before:
+        before = figures(args.before)
+    else:
+        before = json.loads(subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, check=True, capture_output=True,
+                                           text=True).stdout).get("metrics", {})
+    recipe["metrics"] = {**figures(args.run),
+                         before_key: {key: value for key, value in before.items() if not key.startswith("before_")}}
     recipe["note"] = args.note
     (shipped / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     print(json.dumps(recipe["metrics"], indent=1))

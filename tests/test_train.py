@@ -11,6 +11,7 @@ import torch
 from falconspec.drafters.sar_model import DrafterMismatchError, SARDrafterModel, relaxed_causal_mask
 from falconspec.testing import tiny_target
 from falconspec.train import (
+    scored_windows,
     TrainConfig, apply_glances, block_alignments, choose_glances, compute_losses, csgd_step, forward, make_batch,
     rollout, rollout_starts, train, unroll_blocks,
 )
@@ -124,6 +125,23 @@ def test_top_k_distillation_spans_greedy_ce_to_the_full_kl():
     assert float(kl3) != pytest.approx(float(full), rel=1e-3)
     with pytest.raises(ValueError, match="distill-topk"):
         TrainConfig(data="", out="", distill_topk=-1)
+
+
+def test_scored_windows_are_the_same_for_every_k_and_run():
+    """Held-out acc@d scores the valid windows with the highest fixed per-position keys: no run seed enters, and a k=1
+    head and a k=2 drafter are scored on the same starts (bar those only one of them can start at)."""
+    L = 120
+    ids = torch.randint(4, 50, (L,), generator=torch.Generator().manual_seed(0))
+    sample = {"input_ids": ids, "target_tokens": torch.cat([ids[1:], ids[:1]]),
+              "loss_mask": (torch.arange(L) >= 10).long()}  # an answer from position 10: windows start at 9
+    keys = torch.rand(L, generator=torch.Generator().manual_seed(1))
+    head, falcon = (scored_windows(sample, k, 8, 0, keys, 16) for k in (1, 2))
+    assert torch.equal(head, falcon) and len(head) == 16 and torch.equal(head, head.sort().values)
+    valid = torch.arange(9, L - 8)
+    assert set(head.tolist()) == set(valid[keys[valid].topk(16).indices].tolist())
+    openings = scored_windows(sample, 2, 8, 20, keys, 16)  # only the answer's first 20 tokens start a window
+    assert len(openings) == 16 and set(openings.tolist()) <= set(range(9, 29))
+    assert len(scored_windows(sample, 2, 8, 0, keys, 1000)) == len(valid)  # fewer than max_starts: every one
 
 
 @pytest.mark.parametrize("k, newest_pair, chain_slots, newest_slots", [

@@ -143,3 +143,37 @@ def test_registry_names_every_drafter_kind_once():
         names = {f for f in config.__dataclass_fields__}
         assert {"out", "max_steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "log_every", "eval_every",
                 "save_every", "seed"} <= names, cls
+
+
+def test_moving_average_of_the_weights_is_the_drafter_and_resumes(tiny_data):
+    """--ema-decay d: the drafter saved is d * (the weights before the step) + (1 - d) * (after it) for one step; the
+    checkpoint keeps the trained weights and the average, so a run stopped at step 2 and resumed to 3 saves the same
+    drafter, history and records as one run of 3 steps; the trained weights' evaluation is logged beside."""
+    from falconspec.train import TrainConfig, train
+
+    common = {"data": str(tiny_data / "train"), "eval_data": str(tiny_data / "held"), "model": str(tiny_data / "tiny"),
+              "eval_every": 2, "save_every": 2, "log_every": 1, "draft_vocab": 40, "lr": 3e-3, "warmup": 2,
+              "batch_size": 2, "eval_samples": 2, "k": 1, "glance": False}
+    weights = lambda out, sub="drafter": load_file(str(out / sub / "model.safetensors"))  # noqa: E731
+    with pytest.raises(ValueError, match="--ema-decay"):
+        TrainConfig(out=str(tiny_data / "bad"), max_steps=1, ema_decay=1.0, **common)
+    train(TrainConfig(out=str(tiny_data / "w0"), max_steps=0, **common))
+    train(TrainConfig(out=str(tiny_data / "ema1"), max_steps=1, ema_decay=0.75, **common))
+    before, after = weights(tiny_data / "w0"), weights(tiny_data / "ema1", "checkpoint")
+    saved = weights(tiny_data / "ema1")
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the step moved the weights
+    for name, w0 in before.items():
+        want = w0 if not w0.is_floating_point() else 0.75 * w0 + 0.25 * after[name]
+        torch.testing.assert_close(saved[name], want, rtol=1e-6, atol=1e-7)
+
+    for out, max_steps in (("ema-once", 3), ("ema-resumed", 2), ("ema-resumed", 3)):
+        train(TrainConfig(out=str(tiny_data / out), max_steps=max_steps, ema_decay=0.5, **common))
+    once, resumed = summary(tiny_data / "ema-once"), summary(tiny_data / "ema-resumed")
+    evaluations = [sorted(r) for r in resumed["records"] if "eval" in r or "eval_trained" in r]
+    assert evaluations == [["eval_trained"], ["eval"]] * 2  # steps 2 and 3
+    drop_tokens = lambda s: [{k: v for k, v in r.items() if k != "tokens"} for r in s["records"]]  # noqa: E731
+    close(drop_tokens(resumed), drop_tokens(once))
+    close(resumed["weights"], once["weights"])
+    assert "ema" in resumed["state_keys"]
+    trained = load_file(str(tiny_data / "ema-once" / "checkpoint" / "model.safetensors"))
+    assert any(not torch.equal(trained[n], t) for n, t in weights(tiny_data / "ema-once").items())

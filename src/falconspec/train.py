@@ -187,6 +187,9 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
 
 
 # ----------------------------------------------------------------------------- held-out rollout accuracy
+WINDOW_SEED = 0  # draws which held-out windows a sample with many is scored on (the same for every run and k)
+
+
 @torch.no_grad()
 def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, sample: dict, starts: torch.Tensor,
             depth: int) -> torch.Tensor:
@@ -240,11 +243,25 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
     return hits
 
 
+def scored_windows(sample: dict, k: int, depth: int, opening: int, keys: torch.Tensor, max_starts: int) -> torch.Tensor:
+    """The starts of the windows of ``sample`` that :func:`evaluate` scores: its valid ones
+    (:func:`.train_common.rollout_starts`), or the ``max_starts`` of them with the highest ``keys`` (one per
+    position), in order."""
+    starts = rollout_starts(sample, k, depth, opening)
+    if len(starts) > max_starts:
+        starts = starts[keys[starts].topk(max_starts).indices].sort().values
+    return starts
+
+
 def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: TrainConfig, depth: int = 8,
              max_starts: int = 16) -> dict:
     """Held-out loss (teacher forced, no glancing) and acc@1..depth: the share of rollouts whose first d drafted
-    tokens all equal the target's greedy tokens (so the sum over d is the expected accepted chain length)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens all equal the target's greedy tokens (so the sum over d is the expected accepted chain length).
+
+    A sample with more than ``max_starts`` windows is scored on ``max_starts`` of them, the same ones for every
+    drafter: each position of a sample draws a fixed random key (seed ``WINDOW_SEED``, not the run's ``--seed``) and
+    the windows with the highest keys are kept, whatever the drafter's k, so drafters are compared on the same text."""
+    gen = torch.Generator().manual_seed(WINDOW_SEED)
     losses, chains, slot_losses = [], [], []
     with torch.no_grad(), autocast(cfg, head.device.type):
         for i in range(0, len(samples), cfg.batch_size):
@@ -254,9 +271,8 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
                 slot_losses.append(slots)
         for s in samples:
             s = {key: v[: cfg.max_len] for key, v in s.items()}
-            starts = rollout_starts(s, model.k, depth, cfg.eval_answer_opening)
-            if len(starts) > max_starts:
-                starts = starts[torch.randperm(len(starts), generator=gen)[:max_starts]].sort().values
+            keys = torch.rand(len(s["input_ids"]), generator=gen)  # drawn for every sample, in order
+            starts = scored_windows(s, model.k, depth, cfg.eval_answer_opening, keys, max_starts)
             if len(starts):
                 chains.append(rollout(model, embed, head, vocab, s, starts, depth).cumprod(1))
     result = {}

@@ -59,6 +59,8 @@ class TrainConfig:
     warmup: int = _opt(50, "linear warmup steps")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)")
+    ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. "
+                                 "0.99), started at the initial weights; evaluate and save it as the drafter (0 = off)")
     dtype: str = _opt("float32", "float32, or bfloat16 autocast (fast only on CPUs/GPUs with native bf16)")
     feature_dtype: str = _opt("float32", "--data a token dataset: the dtype the target computes its train features in "
                                          "(bfloat16: faster on CPUs with native bf16; held-out features stay float32)")
@@ -111,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"--distill-topk must be >= 0, got {self.distill_topk}")
         if self.eval_answer_opening < 0:
             raise ValueError(f"--eval-answer-opening must be >= 0, got {self.eval_answer_opening}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
         if self.feature_dtype not in ("float32", "bfloat16", "float16"):

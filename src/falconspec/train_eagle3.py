@@ -54,6 +54,7 @@ class Eagle3TrainConfig:
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 0.5
+    ema_decay: float = 0.0  # > 0: evaluate and save an EMA of the weights
     draft_vocab: int = 8192
     vocab_samples: int = 500  # conversations whose target-greedy tokens choose the draft vocabulary
     eval_samples: int = 200

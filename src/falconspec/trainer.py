@@ -4,8 +4,12 @@ The loop owns what all drafters train alike: resuming from ``checkpoint/``, Adam
 rate of every step (:func:`.train_common.lr_at`: linear warmup, cosine decay), gradient-norm clipping, the
 ``log.jsonl`` records every ``log_every`` steps (and at step 1), the held-out evaluation every ``eval_every``
 steps (and at the last), atomic checkpoints every ``save_every`` steps (and at the last), and the final
-``drafter/`` directory with its ``recipe.json``. It runs through :mod:`accelerate`, so an objective that says so
-trains on GPUs or in several processes (``torchrun``); the others run in one CPU process.
+``drafter/`` directory with its ``recipe.json``. With ``ema_decay`` > 0 it also keeps an exponential moving average
+of the weights (:class:`torch.optim.swa_utils.AveragedModel`, started at the initial weights, updated after every
+step, kept in the checkpoint); the evaluations that enter the history, and the final drafter, are then the
+average's, and the trained weights' evaluation is logged beside it (``eval_trained``). It runs through
+:mod:`accelerate`, so an objective that says so trains on GPUs or in several processes (``torchrun``); the others
+run in one CPU process.
 
 An objective brings what differs: building the drafter (fresh, ``--init-from``, or resumed), the loss of one step,
 the held-out metrics (acc@1..d), and the shape of its log records and recipe. Objectives today: SAR/CSGD for
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .train_common import log_record, lr_at, save_checkpoint
 
@@ -70,8 +75,8 @@ class Objective(ABC):
     """A drafter kind's training objective.
 
     ``config`` is its run's settings; the loop reads ``out``, ``max_steps``, ``lr``, ``min_lr``, ``warmup``,
-    ``weight_decay``, ``grad_clip``, ``log_every``, ``eval_every``, ``save_every`` and ``seed`` from it and stores
-    all of it (``dataclasses.asdict``) in checkpoints.
+    ``weight_decay``, ``grad_clip``, ``ema_decay``, ``log_every``, ``eval_every``, ``save_every`` and ``seed`` from
+    it and stores all of it (``dataclasses.asdict``) in checkpoints.
     """
 
     name: str  # what falconspec calls the objective (``falconspec train --kind NAME`` for gen-data objectives)
@@ -126,6 +131,23 @@ def command_line() -> str:
     return " ".join(["falconspec"] + sys.argv[1:])
 
 
+def moving_average(model: nn.Module, decay: float, state: dict) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights (None when ``decay`` is 0): restored from a checkpoint's
+    ``state``, else started at the weights as they are now."""
+    if decay == 0:
+        return None
+    if not 0 < decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {decay}")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if "ema" in state:
+        ema.load_state_dict(state["ema"])
+    else:
+        if state:
+            log.warning("the checkpoint kept no moving average: it starts at the resumed weights")
+        ema.update_parameters(model)  # the first update copies the weights
+    return ema
+
+
 def train(objective: Objective) -> Path | None:
     """Train (or resume) ``objective``'s drafter; returns the final drafter directory (on the main process)."""
     from accelerate import Accelerator
@@ -151,13 +173,22 @@ def train(objective: Objective) -> Path | None:
         {"start_step": step, "command": command_line(), **objective.session(), "max_steps": cfg.max_steps}]
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
+    ema = moving_average(raw, cfg.ema_decay, state) if acc.is_main_process else None
+    kept = ema.module if ema is not None else raw  # the weights evaluated into the history and saved as the drafter
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        log.info("training %s, %d process(es)", objective.describe(raw), world)
+        log.info("training %s, %d process(es)%s", objective.describe(raw), world,
+                 f", EMA of the weights (decay {cfg.ema_decay})" if ema is not None else "")
 
     def evaluate() -> None:  # on the main process: one evaluation into history and the log
-        raw.eval()
-        metrics = objective.evaluate(raw)
+        if ema is not None:
+            raw.eval()
+            trained = objective.evaluate(raw)
+            raw.train()
+            if trained is not None:
+                log_record(out, {"eval_trained": {"step": step, **trained}})
+        kept.eval()
+        metrics = objective.evaluate(kept)
         raw.train()
         if metrics is not None:
             history.append({"step": step, **metrics})
@@ -174,6 +205,8 @@ def train(objective: Objective) -> Path | None:
         grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(raw)
         step += 1
         tokens += result.tokens
         if acc.is_main_process and (step % cfg.log_every == 0 or step == 1):
@@ -186,16 +219,17 @@ def train(objective: Objective) -> Path | None:
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             if acc.is_main_process:
                 save_checkpoint(checkpoint, raw, {"optimizer": optimizer.state_dict(), "step": step,
-                                                  "history": history, "sessions": sessions, "config": asdict(cfg)})
+                                                  "history": history, "sessions": sessions, "config": asdict(cfg),
+                                                  **({"ema": ema.state_dict()} if ema is not None else {})})
             acc.wait_for_everyone()
     final = None
     if acc.is_main_process:
         if not history or history[-1]["step"] != step:  # resumed at the end of a run that kept no evaluation
             evaluate()
-        raw.eval()
+        kept.eval()
         final = out / FINAL_DIR
-        raw.save_pretrained(final)
-        recipe = objective.recipe(raw, RunSummary(step, history, sessions, world))
+        kept.save_pretrained(final)
+        recipe = objective.recipe(kept, RunSummary(step, history, sessions, world))
         (final / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
     acc.wait_for_everyone()
     # Free the prepared (DDP) model while the process group is still registered. Otherwise its reducer is the group's
