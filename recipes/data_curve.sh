@@ -18,6 +18,8 @@
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
 #                                           # RUN-trained for an --ema-decay run's trained weights, or falcon, eagle
 #                                           # or medusa for the shipped drafters); any clone runs it
+#   WINDOW_SEED=N bash recipes/data_curve.sh final NAME # the same on another draw of the scored windows
+#                                           # (runs/curve/final-wN/NAME; also for openings and mtb)
 #   bash recipes/data_curve.sh openings NAME # final's scoring on answer openings only (windows starting in an
 #                                           # answer's first 64 tokens, as the bench's answers); NAME as for final
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
@@ -230,9 +232,11 @@ case "${1:-}" in
                                                               # sequences, features as runs/data/sd4-heldout's
     declare -A OUT_OF=([final]=final [openings]=openings [mtb]=mtbench)
     opening=$([[ $1 == openings ]] && echo 64 || echo 0)
+    window=${WINDOW_SEED:-0}  # another draw of the scored windows: WINDOW_SEED=N, written to runs/curve/STAGE-wN/
     # shellcheck disable=SC2086
     $FS train --data $data "${COMMON[@]}" --eval-data $eval $flags --init-from $drafter --dtype float32 \
-      --feature-dtype float32 --max-steps 0 --eval-answer-opening $opening --out $RUNS/${OUT_OF[$1]}/$name ;;
+      --feature-dtype float32 --max-steps 0 --eval-answer-opening $opening --eval-window-seed $window \
+      --out $RUNS/${OUT_OF[$1]}$([[ $window == 0 ]] || echo "-w$window")/$name ;;
   mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
     $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out runs/data/mtbench-sd \
       --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32

@@ -187,9 +187,6 @@ def compute_losses(outputs: torch.Tensor, batch: Batch, valid: torch.Tensor, hea
 
 
 # ----------------------------------------------------------------------------- held-out rollout accuracy
-WINDOW_SEED = 0  # draws which held-out windows a sample with many is scored on (the same for every run and k)
-
-
 @torch.no_grad()
 def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor, sample: dict, starts: torch.Tensor,
             depth: int) -> torch.Tensor:
@@ -259,9 +256,10 @@ def evaluate(model, embed, head, vocab, vocab_index, samples: list[dict], cfg: T
     tokens all equal the target's greedy tokens (so the sum over d is the expected accepted chain length).
 
     A sample with more than ``max_starts`` windows is scored on ``max_starts`` of them, the same ones for every
-    drafter: each position of a sample draws a fixed random key (seed ``WINDOW_SEED``, not the run's ``--seed``) and
-    the windows with the highest keys are kept, whatever the drafter's k, so drafters are compared on the same text."""
-    gen = torch.Generator().manual_seed(WINDOW_SEED)
+    drafter: each position of a sample draws a fixed random key (seed ``--eval-window-seed``, not the run's
+    ``--seed``) and the windows with the highest keys are kept, whatever the drafter's k, so drafters are compared on
+    the same text."""
+    gen = torch.Generator().manual_seed(cfg.eval_window_seed)
     losses, chains, slot_losses = [], [], []
     with torch.no_grad(), autocast(cfg, head.device.type):
         for i in range(0, len(samples), cfg.batch_size):

@@ -102,6 +102,9 @@ class TrainConfig:
     feature_noise: float = _opt(0.1, "uniform noise U(-x, x) added to input features (train only)")
     eval_every: int = _opt(100, "held-out evaluation (loss, acc@1..8) every N steps")
     eval_samples: int = _opt(32, "held-out sequences per evaluation")
+    eval_window_seed: int = _opt(0, "seed of the fixed per-position keys that choose which held-out windows a sample "
+                                    "with more than 16 is scored on (the same windows for every run and k; another "
+                                    "seed: another draw)")
     eval_answer_opening: int = _opt(0, "score only held-out drafting windows that start among the first N tokens of "
                                        "an answer (0 = every window; MT-bench's 64-token answers are openings only)")
     save_every: int = _opt(200, "checkpoint every N steps")
