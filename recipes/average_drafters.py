@@ -19,10 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from falconspec.drafters.medusa import MedusaConfig
-from falconspec.drafters.sar_model import SARConfig
+from falconspec.drafters.sar_model import SARConfig, save_drafter_state
 
 CONFIGS = {"falconspec-sar": SARConfig, "falconspec-medusa": MedusaConfig}
 
@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(weights) != len(args.drafters) or min(weights) < 0 or sum(weights) <= 0:
         parser.error("--weights: one non-negative weight per drafter, not all zero")
     config, state = average(args.drafters, weights)
-    args.out.mkdir(parents=True, exist_ok=True)
     fmt = next(f for f, cls in CONFIGS.items() if isinstance(config, cls))
-    (args.out / "config.json").write_text(json.dumps({"format": fmt, **asdict(config)}, indent=2) + "\n")
-    save_file(state, args.out / "model.safetensors", metadata={"format": fmt})  # as the drafters' own save writes
+    save_drafter_state(state, args.out, {"format": fmt, **asdict(config)})  # as the drafters' own save writes
     recipe = {"command": "python recipes/average_drafters.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "note": "the weighted mean of the inputs' tensors (float32 arithmetic); each input's own recipe below",
               "averaged_from": [{"drafter": str(d), "weight": w, "recipe": read_recipe(d)}

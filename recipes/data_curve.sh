@@ -185,12 +185,13 @@ if [[ "${1:-}" =~ ^(train|average|final|openings|tau|mtb)$ ]]; then
     drafter=$name; flags=${KIND_FLAGS[$name]}; data=$TOKENS
   elif [[ -n "${AVERAGE_OF[$name]+x}" ]]; then
     drafter=$RUNS/$name/drafter; flags=${KIND_FLAGS[${name%%-*}]}; data=$TOKENS
-  elif [[ $name == *-trained && -n "${RUNS_OF[${name%-trained}]+x}" && $1 =~ ^(final|openings|mtb)$ ]]; then
-    run=${name%-trained}  # an --ema-decay run's trained weights (its drafter/ is their moving average)
-    drafter=$RUNS/$run/checkpoint; flags=${RUNS_OF[$run]}; data=${DATA_OF[$run]:-$FEATURES-$(cut -d- -f2 <<< "$run")}
   else
-    [[ -n "${RUNS_OF[$name]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
-    drafter=$RUNS/$name/drafter; flags=${RUNS_OF[$name]}; data=${DATA_OF[$name]:-$FEATURES-$(cut -d- -f2 <<< "$name")}
+    run=$name weights=drafter
+    if [[ $name == *-trained && -n "${RUNS_OF[${name%-trained}]+x}" && $1 =~ ^(final|openings|mtb)$ ]]; then
+      run=${name%-trained} weights=checkpoint  # an --ema-decay run's trained weights (drafter/: their average)
+    fi
+    [[ -n "${RUNS_OF[$run]+x}" ]] || { echo "unknown run '$name': ${!RUNS_OF[*]}"; exit 2; }
+    drafter=$RUNS/$run/$weights; flags=${RUNS_OF[$run]}; data=${DATA_OF[$run]:-$FEATURES-$(cut -d- -f2 <<< "$run")}
   fi
 fi
 case "${1:-}" in

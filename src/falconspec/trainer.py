@@ -180,16 +180,16 @@ def train(objective: Objective) -> Path | None:
         log.info("training %s, %d process(es)%s", objective.describe(raw), world,
                  f", EMA of the weights (decay {cfg.ema_decay})" if ema is not None else "")
 
+    def scored(module: nn.Module) -> dict | None:  # held-out metrics of a module, in eval mode
+        module.eval()
+        metrics = objective.evaluate(module)
+        module.train()
+        return metrics
+
     def evaluate() -> None:  # on the main process: one evaluation into history and the log
-        if ema is not None:
-            raw.eval()
-            trained = objective.evaluate(raw)
-            raw.train()
-            if trained is not None:
-                log_record(out, {"eval_trained": {"step": step, **trained}})
-        kept.eval()
-        metrics = objective.evaluate(kept)
-        raw.train()
+        if ema is not None and (trained := scored(raw)) is not None:
+            log_record(out, {"eval_trained": {"step": step, **trained}})
+        metrics = scored(kept)
         if metrics is not None:
             history.append({"step": step, **metrics})
             log_record(out, objective.eval_record(history[-1]))

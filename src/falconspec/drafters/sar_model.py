@@ -629,9 +629,14 @@ def draft_head_weight(lm_head: nn.Module | torch.Tensor, draft_vocab: torch.Tens
 def save_drafter_files(module: nn.Module, directory: str | Path, config_json: dict) -> Path:
     """Write ``model.safetensors`` (the module's state) and ``config.json`` (``config_json``, which names its
     ``format``) to ``directory``."""
+    return save_drafter_state(module.state_dict(), directory, config_json)
+
+
+def save_drafter_state(state: dict[str, torch.Tensor], directory: str | Path, config_json: dict) -> Path:
+    """:func:`save_drafter_files` from a state dict (e.g. tensors computed from other drafters' files)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": config_json["format"]})
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
     return directory
