@@ -2,6 +2,8 @@
 
 Per run NAME (a directory of runs/curve, or falcon / eagle / medusa for the shipped drafters, where a stage ran):
 - ``heldout``: the drafter on the whole held-out split (``data_curve.sh final NAME``), acc@1..4 and rollouts;
+- ``openings``: on the held-out answers' openings only (``data_curve.sh openings NAME``: windows in an answer's
+  first 64 tokens);
 - ``mtbench``: on the target's own MT-bench answers (``data_curve.sh mtb NAME``);
 - ``curve``: acc@1 of the in-training evaluations (first held-out shard, every 100 steps; evaluations without
   rollouts are skipped); ``slot_curve``: the teacher-forced accuracy of a newest-slots drafter's last slot there;
@@ -41,7 +43,8 @@ def scores(directory: Path) -> dict | None:
 
 
 def collect(name: str) -> dict:
-    entry = {"heldout": scores(RUNS / "final" / name), "mtbench": scores(RUNS / "mtbench" / name),
+    entry = {"heldout": scores(RUNS / "final" / name), "openings": scores(RUNS / "openings" / name),
+             "mtbench": scores(RUNS / "mtbench" / name),
              "curve": [round(e["acc@1"], 4) for e in eval_history(RUNS / name) if "acc@1" in e],
              "slot_curve": [e["slot_acc"][-1] for e in eval_history(RUNS / name) if "slot_acc" in e],
              "tau": tau_rows(RUNS / name / "tau" / "summary.json")}
@@ -57,7 +60,7 @@ def row(name: str, entry: dict) -> str:
     tau_cell = " / ".join(f"{taus[n]['tau']:.2f}" for n in ("4", "16") if n in taus) or "–"
     curve = "/".join(f"{a:.3f}" for a in entry.get("curve", [])) or "–"
     slots = " / ".join(f"{a:.3f}" for a in entry.get("heldout", {}).get("slot_acc", [])) or "–"
-    return f"| {name} | {accs('heldout')} | {slots} | {accs('mtbench')} | {curve} | {tau_cell} |"
+    return f"| {name} | {accs('heldout')} | {slots} | {accs('openings')} | {accs('mtbench')} | {curve} | {tau_cell} |"
 
 
 def main() -> None:
@@ -73,9 +76,9 @@ def main() -> None:
     data[args.key] = {"note": args.note or old.get("note", ""), "command": args.command or old.get("command", ""),
                       "runs": runs}
     OUT.write_text(json.dumps(data, indent=1) + "\n")
-    print("| run | held-out acc@1..4 | held-out slot acc, teacher forced | MT-bench answers acc@1..4 "
-          "| in training acc@1 (every 100 steps) | τ@4 / τ@16 |")
-    print("|---|---|---|---|---|---|")
+    print("| run | held-out acc@1..4 | held-out slot acc, teacher forced | held-out openings acc@1..4 "
+          "| MT-bench answers acc@1..4 | in training acc@1 (every 100 steps) | τ@4 / τ@16 |")
+    print("|---|---|---|---|---|---|---|")
     for name, entry in runs.items():
         print(row(name, entry))
 

@@ -156,6 +156,13 @@ declare -A RUNS_OF=(
   # saved is the average, the trained weights stay in checkpoint/ (scored as falcon-r11-trained); STEPS=300 under the
   # same two-process torchrun
   [falcon-r11]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 1e-4 --min-lr 1e-5 --every-alignment --seed 4 --ema-decay 0.99"
+  # round 12: a second decoder layer (the paper's drafter has two) grown onto the shipped falcon (falcon-avg-r8r9): a
+  # copy of its layer whose output projections start at zero, so it drafts as shipped until trained; round 9's peak
+  # (1.5e-4 -> 1.5e-5) on a sixth data order (--seed 5); STEPS=300 under the same two-process torchrun as falcon-r11
+  [falcon-r12-2layers]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --num-layers 2 --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 5"
+  # round 12, second run: falcon-r12-2layers' grown layer stayed near the identity at 1.5e-4; the same growth with
+  # the grown layer at the from-scratch peak (--grown-lr 1e-3, the rest at 1.5e-4); STEPS=150 (one session's room)
+  [falcon-r12-grownlr]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --num-layers 2 --lr 1.5e-4 --min-lr 1.5e-5 --grown-lr 1e-3 --every-alignment --seed 5"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -171,9 +178,11 @@ declare -A AVERAGE_OF=([falcon-avg-r8r9]="$ROUND8/falcon $ROUND9/falcon"
 HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
 declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS
                     [falcon-r9]=$HELDOUT_TOKENS
-                    [falcon-r10]=$HELDOUT_TOKENS [falcon-r11]=$HELDOUT_TOKENS)
+                    [falcon-r10]=$HELDOUT_TOKENS [falcon-r11]=$HELDOUT_TOKENS [falcon-r12-2layers]=$HELDOUT_TOKENS
+                    [falcon-r12-grownlr]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
-                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS)  # else $FEATURES-N, N from the name
+                    [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS
+                    [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)

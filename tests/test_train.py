@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -383,6 +384,48 @@ def test_chained_slots_train_and_grow_an_init_from_drafter(tiny_data, llama):
         train(TrainConfig(out=str(tiny_data / "chain-2"), max_steps=6, init_from=str(out / "drafter"), **common))
     with pytest.raises(ValueError, match="k >= 2"):
         SARDrafterModel.for_target(llama, k=1, chain_slots=True)
+    for path in (base, out):
+        shutil.rmtree(path)
+
+
+def test_num_layers_grows_an_init_from_drafter_that_drafts_as_before(tiny_data):
+    """--num-layers above an --init-from drafter's appends copies of its last layer whose output projections start
+    at zero: the grown drafter computes exactly what it grew from, then trains (with --grown-lr, the grown layer at
+    a rate of its own, also after a resume); a drafter never shrinks."""
+    base = tiny_data / "layers-base"
+    common = dict(data=str(tiny_data / "train"), eval_data=str(tiny_data / "held"), model=str(tiny_data / "tiny"),
+                  eval_every=6, save_every=6, log_every=2, draft_vocab=48, lr=3e-3, warmup=2, batch_size=4,
+                  eval_samples=2, newest_pair=True, chain_slots=True)
+    train(TrainConfig(out=str(base), max_steps=6, **common))
+    target = tiny_target("llama")
+    one = SARDrafterModel.from_pretrained(base / "drafter", target)
+    two = one.with_layers(2)
+    assert two.config.num_layers == 2 and one.with_layers(1) is one
+    assert not two.layers[1].self_attn.o_proj.weight.any() and not two.layers[1].mlp.down_proj.weight.any()
+    torch.testing.assert_close(two.layers[1].self_attn.q_proj.weight, one.layers[0].self_attn.q_proj.weight)
+    features, tokens = torch.randn(1, 7, one.config.hidden_size), torch.randn(1, 7, one.config.hidden_size)
+    args = (features, tokens, torch.arange(7)[None], relaxed_causal_mask(7, 0, 2, 1))
+    torch.testing.assert_close(two(*args, block_offset=1), one(*args, block_offset=1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="can only grow"):
+        two.with_layers(1)
+    out = tiny_data / "layers-2"
+    cfg = TrainConfig(out=str(out), max_steps=6, init_from=str(base / "drafter"), num_layers=2, grown_lr=3e-2,
+                      **common)
+    train(cfg)
+    grown = SARDrafterModel.from_pretrained(out / "drafter", target)
+    assert grown.config.num_layers == 2 and grown.layers[1].mlp.down_proj.weight.abs().sum() > 0, "it trained"
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["grown"] and all(name.startswith("layers.1.") for name in state["grown"])
+    rest, new = state["optimizer"]["param_groups"]  # --grown-lr: the grown layer's rate is 10x the rest's
+    assert len(new["params"]) == len(state["grown"]) and new["lr"] == pytest.approx(10 * rest["lr"])
+    with pytest.raises(ValueError, match="same --grown-lr"):
+        train(dataclasses.replace(cfg, max_steps=8, grown_lr=0.0))
+    train(dataclasses.replace(cfg, max_steps=8))  # resumed: grouped as it started
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 8
+    with pytest.raises(ValueError, match="--grown-lr must be >= 0"):
+        TrainConfig(data="", out="", grown_lr=-1.0)
+    with pytest.raises(ValueError, match="--init-from .* num_layers=2"):
+        train(TrainConfig(out=str(tiny_data / "layers-1"), max_steps=6, init_from=str(out / "drafter"), **common))
     for path in (base, out):
         shutil.rmtree(path)
 

@@ -531,9 +531,13 @@ class SARObjective(ShardObjective, Objective):
         """An ``--init-from`` drafter grows the parts the settings add (they start at zero, so it drafts as before
         until trained); a resumed one must already match."""
         cfg = self.config
-        if why == "init_from" and cfg.newest_slots and model.k == 1 < cfg.k:  # a head: its decoder drafts slot 0
+        if why != "init_from":
+            return model
+        if model.config.num_layers < cfg.num_layers:  # appended layers start as identities
+            model = model.with_layers(cfg.num_layers)
+        if cfg.newest_slots and model.k == 1 < cfg.k:  # a head: its decoder drafts slot 0
             return model.with_newest_slots(cfg.k, cfg.chain_attention)
-        if why != "init_from" or model.k < 2:
+        if model.k < 2:
             return model
         return model.grown(newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots)
 
@@ -549,7 +553,8 @@ class SARObjective(ShardObjective, Objective):
         parts = "".join(f" --{name.replace('_', '-')}" for name in shape[2:] if getattr(mine, name))
         raise ValueError(f"--init-from {cfg.init_from} holds {held}: pass --k {mine.k} --num-layers "
                          f"{mine.num_layers}{parts} (--newest-pair and --chain-slots may be added to a drafter "
-                         f"without them, never removed; a k=1 head may become a --newest-slots drafter)")
+                         f"without them, never removed; --num-layers may grow; a k=1 head may become a "
+                         f"--newest-slots drafter)")
 
     def fresh(self, target):
         """Draft vocabulary from the data, then seeded weights (decoder layers copied from the target's last ones

@@ -40,7 +40,8 @@ class TrainConfig:
                             "EAGLE-style head); medusa, Medusa heads (--medusa-heads)")
     k: int = _opt(2, "tokens per drafter forward: 2 = Falcon SAR drafter, 1 = EAGLE-style head")
     medusa_heads: int = _opt(4, "number of Medusa heads (--kind medusa)")
-    num_layers: int = _opt(1, "drafter decoder layers")
+    num_layers: int = _opt(1, "drafter decoder layers (more than an --init-from drafter has: the appended ones "
+                                 "start as copies of its last layer that pass their input through unchanged)")
     init_from_target: bool = _opt(False, "initialize the drafter's decoder layers from the target's last layers")
     init_from: str = _opt("", "start from this trained drafter directory, or falcon/eagle/medusa for the one shipped "
                               "with --model (its weights and draft vocabulary; a fresh optimizer and schedule)")
@@ -57,6 +58,9 @@ class TrainConfig:
     lr: float = _opt(3e-4, "peak learning rate")
     min_lr: float = _opt(3e-5, "learning rate at the end of the cosine decay")
     warmup: int = _opt(50, "linear warmup steps")
+    grown_lr: float = _opt(0.0, "peak learning rate of the parts --init-from grows the drafter by (more --num-layers, "
+                                "--newest-pair, --chain-slots, a head's chain), on the same schedule scaled to it; "
+                                "0: --lr, as every other parameter")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "gradient norm clip (0 = off)")
     ema_decay: float = _opt(0.0, "keep an exponential moving average of the weights with this decay per step (e.g. "
@@ -118,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"--eval-answer-opening must be >= 0, got {self.eval_answer_opening}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.grown_lr < 0:
+            raise ValueError(f"--grown-lr must be >= 0, got {self.grown_lr}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
         if self.feature_dtype not in ("float32", "bfloat16", "float16"):
@@ -389,8 +395,11 @@ class ShardObjective:
         if checkpoint is not None or cfg.init_from:
             source = checkpoint if checkpoint is not None else resolve_init_from(cfg)
             why = "resume" if checkpoint is not None else "init_from"
-            model = self.adapt(self.load(source, target), why)
+            loaded = self.load(source, target)
+            had = {name for name, _ in loaded.named_parameters()}
+            model = self.adapt(loaded, why)
             self.check(model, why, source)
+            self.grown = tuple(name for name, _ in model.named_parameters() if name not in had)
         else:
             model = self.fresh(target)
         self.head = model.head_weight(target.lm_head.weight.detach()).float()  # [D, H], frozen
@@ -400,6 +409,18 @@ class ShardObjective:
         self.vocab_index = vocab_index.to(device)
         self.keep_from_target(target)  # the target itself is not kept: only the frozen tensors the objective needs
         return model
+
+    def parameter_groups(self, model, grown: list[str]) -> list[dict]:
+        """With ``--grown-lr``, the parameters ``grown`` (those an ``--init-from`` drafter was grown by) in a group
+        of their own whose rate is the schedule's scaled to that peak; else one group."""
+        cfg = self.config
+        if cfg.grown_lr and not grown:
+            log.warning("--grown-lr %g: the drafter was not grown, every parameter trains at --lr", cfg.grown_lr)
+        if not cfg.grown_lr or not grown:
+            return [{"params": list(model.parameters())}]
+        named, new = dict(model.named_parameters()), set(grown)
+        return [{"params": [p for name, p in named.items() if name not in new]},
+                {"params": [named[name] for name in grown], "lr_scale": cfg.grown_lr / cfg.lr}]
 
     def load(self, directory: str | Path, target):
         """The drafter module saved in ``directory`` (a checkpoint to resume, or ``--init-from``)."""

@@ -81,6 +81,7 @@ class Objective(ABC):
 
     name: str  # what falconspec calls the objective (``falconspec train --kind NAME`` for gen-data objectives)
     accelerated = False  # True: accelerate's device and processes (GPUs, torchrun); False: one CPU process
+    grown: tuple[str, ...] = ()  # set by setup: names of the parameters an --init-from drafter was grown by
 
     def __init__(self, config):
         self.config = config
@@ -95,6 +96,12 @@ class Objective(ABC):
         """The loss of 0-based step ``step`` (with gradients) on this process's batch (``rank`` of ``world``).
         For an ``accelerated`` objective ``model`` may be wrapped for distributed training: call it, do not read
         its attributes (keep what you need from :meth:`setup`)."""
+
+    def parameter_groups(self, model: nn.Module, grown: list[str]) -> list[dict]:
+        """AdamW's parameter groups, given the names of the parameters the drafter was grown by (kept in the
+        checkpoint, so a resumed run groups as it started). A group's ``lr_scale`` scales the schedule's rate for
+        it. Default: one group."""
+        return [{"params": list(model.parameters())}]
 
     def precision(self) -> contextlib.AbstractContextManager:
         """The context every :meth:`step` runs in (e.g. bf16 autocast); default: full precision."""
@@ -163,9 +170,14 @@ def train(objective: Objective) -> Path | None:
     model = objective.setup(acc.device, checkpoint if resuming else None)
     state = torch.load(checkpoint / STATE_FILE, weights_only=False) if resuming else {}
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    grown = state.get("grown", []) if state else list(objective.grown)
+    optimizer = torch.optim.AdamW(objective.parameter_groups(model, grown), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
     step = state.get("step", 0)
     if state:
+        if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise ValueError(f"{checkpoint} trained {len(state['optimizer']['param_groups'])} parameter group(s), "
+                             f"these settings make {len(optimizer.param_groups)}: resume with the same --grown-lr")
         optimizer.load_state_dict(state["optimizer"])
         log.info("resuming from step %d", step)
     history = state.get("history", [])
@@ -198,7 +210,7 @@ def train(objective: Objective) -> Path | None:
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with objective.precision():
             result = objective.step(model, step, rank, world)
         acc.backward(result.loss)
@@ -218,7 +230,7 @@ def train(objective: Objective) -> Path | None:
             acc.wait_for_everyone()
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             if acc.is_main_process:
-                save_checkpoint(checkpoint, raw, {"optimizer": optimizer.state_dict(), "step": step,
+                save_checkpoint(checkpoint, raw, {"optimizer": optimizer.state_dict(), "step": step, "grown": grown,
                                                   "history": history, "sessions": sessions, "config": asdict(cfg),
                                                   **({"ema": ema.state_dict()} if ema is not None else {})})
             acc.wait_for_everyone()

@@ -454,6 +454,26 @@ class SARDrafterModel(nn.Module):
                                      chain_attention=chain_attention)
         return self._rebuilt(config, ("chain.", "chain_attention."))
 
+    def with_layers(self, num_layers: int) -> SARDrafterModel:
+        """This drafter with decoder layers appended up to ``num_layers``, each a copy of the last one whose output
+        projections (attention's ``o_proj``, the MLP's ``down_proj``) start at zero: every appended layer passes its
+        input through unchanged, so the drafter drafts as before until trained, and its attention and MLP start
+        from trained weights rather than random ones."""
+        have = self.config.num_layers
+        if num_layers < have or have < 1:
+            raise ValueError(f"a drafter with {have} decoder layers can only grow to more (asked for {num_layers})")
+        if num_layers == have:
+            return self
+        model = self._rebuilt(dataclasses.replace(self.config, num_layers=num_layers),
+                              tuple(f"layers.{i}." for i in range(have, num_layers)))
+        last = self.layers[-1].state_dict()
+        for layer in model.layers[have:]:
+            layer.load_state_dict(last)
+            with torch.no_grad():
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+        return model
+
     def _rebuilt(self, config: SARConfig, new: tuple[str, ...]) -> SARDrafterModel:
         """A drafter with ``config`` holding this one's weights; only the (zero-initialised) parameters under the
         prefixes ``new`` are its own."""
