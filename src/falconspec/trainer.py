@@ -12,12 +12,14 @@ average's, and the trained weights' evaluation is logged beside it (``eval_train
 run in one CPU process.
 
 An objective brings what differs: building the drafter (fresh, ``--init-from``, or resumed), the loss of one step,
-the held-out metrics (acc@1..d), and the shape of its log records and recipe. Objectives today: SAR/CSGD for
+the held-out metrics (acc@1..d), the optimizer's parameter groups (e.g. the parts an ``--init-from`` drafter was grown
+by at a rate of their own, ``--grown-lr``), and the shape of its log records and recipe. Objectives today: SAR/CSGD for
 Falcon (k=2) and EAGLE-style (k=1) drafters (:mod:`.train`), Medusa heads (:mod:`.train_medusa`) and EAGLE-3 with
 training-time test (:mod:`.train_eagle3`); :mod:`.drafters.registry` names each drafter kind's objective.
 
-Run directory: ``log.jsonl``, ``checkpoint/`` (drafter files + ``state.pt``: optimizer, step, eval history,
-sessions, config; re-running the same command resumes from it), ``drafter/`` (final drafter + ``recipe.json``).
+Run directory: ``log.jsonl``, ``checkpoint/`` (drafter files + ``state.pt``: optimizer, step, the grown parameters'
+names, eval history, sessions, config; re-running the same command resumes from it), ``drafter/`` (final drafter +
+``recipe.json``).
 """
 
 from __future__ import annotations
