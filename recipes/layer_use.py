@@ -25,13 +25,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--samples", type=int, default=8, help="held-out sequences to average over")
     args = parser.parse_args(argv)
-    from falconspec.drafters import SHIPPED_KINDS, shipped_drafter_dir
+    from falconspec.drafters import drafter_directory
     from falconspec.drafters.sar_model import SARDrafterModel, end_aligned_offset, relaxed_causal_mask
     from falconspec.models import load_target
     from falconspec.token_data import iter_token_samples
 
     target = load_target(args.model)
-    directory = shipped_drafter_dir(args.model, args.drafter) if args.drafter in SHIPPED_KINDS else args.drafter
+    directory = drafter_directory(args.model, args.drafter)
     drafter = SARDrafterModel.from_pretrained(directory, target).eval()
     samples = islice((s for _, shard in iter_token_samples(DATA, "heldout") for s in shard), args.samples)
     updates: list[list[float]] = [[] for _ in drafter.layers]

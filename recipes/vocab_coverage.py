@@ -36,10 +36,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     from safetensors import safe_open
 
-    from falconspec.drafters import SHIPPED_KINDS, shipped_drafter_dir
+    from falconspec.drafters import drafter_directory
 
     covered, train = answer_tokens(args.answers_split, args.answers), answer_tokens("train")
-    directory = shipped_drafter_dir("smollm2-135m", args.drafter) if args.drafter in SHIPPED_KINDS else args.drafter
+    directory = drafter_directory("smollm2-135m", args.drafter)
     with safe_open(str(Path(directory) / "model.safetensors"), framework="np") as f:
         vocab = f.get_tensor("draft_vocab")
     counts = collections.Counter(train.tolist())

@@ -345,9 +345,9 @@ def save_checkpoint(directory: Path, model, state: dict) -> None:
 
 def resolve_init_from(cfg: TrainConfig) -> str:
     """--init-from as a directory: ``falcon``/``eagle``/``medusa`` name the drafters shipped for a built-in model."""
-    from .drafters import SHIPPED_KINDS, shipped_drafter_dir
+    from .drafters import drafter_directory
 
-    return str(shipped_drafter_dir(cfg.model, cfg.init_from)) if cfg.init_from in SHIPPED_KINDS else cfg.init_from
+    return drafter_directory(cfg.model, cfg.init_from)
 
 
 def describe_slice(meta: dict) -> str:
@@ -414,10 +414,10 @@ class ShardObjective:
         """With ``--grown-lr``, the parameters ``grown`` (those an ``--init-from`` drafter was grown by) in a group
         of their own whose rate is the schedule's scaled to that peak; else one group."""
         cfg = self.config
-        if cfg.grown_lr and not grown:
-            log.warning("--grown-lr %g: the drafter was not grown, every parameter trains at --lr", cfg.grown_lr)
         if not cfg.grown_lr or not grown:
-            return [{"params": list(model.parameters())}]
+            if cfg.grown_lr:
+                log.warning("--grown-lr %g: the drafter was not grown, every parameter trains at --lr", cfg.grown_lr)
+            return super().parameter_groups(model, grown)  # Objective's: one group
         named, new = dict(model.named_parameters()), set(grown)
         return [{"params": [p for name, p in named.items() if name not in new]},
                 {"params": [named[name] for name in grown], "lr_scale": cfg.grown_lr / cfg.lr}]

@@ -22,6 +22,12 @@ def shipped_drafter_dir(model: str, kind: str) -> Path:
     return SHIPPED_DIR / f"{Path(model).name}-{kind}"
 
 
+def drafter_directory(model: str, name: str) -> str:
+    """A trained drafter's directory: ``name`` as given, or, for a shipped kind (``falcon``, ``eagle``, ...), the one
+    shipped for ``model``."""
+    return str(shipped_drafter_dir(model, name)) if name in SHIPPED_KINDS else name
+
+
 def make_drafter(name: str, target=None, **options) -> Drafter:
     """A drafter by name (model-free: ``none``, ``pld``, ``lookahead``; trained: ``falcon``, ``eagle``, ``eagle3`` or
     ``medusa``, the drafter shipped for a built-in target; see :mod:`.registry`) or from a trained drafter

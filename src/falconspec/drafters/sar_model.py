@@ -460,7 +460,9 @@ class SARDrafterModel(nn.Module):
         input through unchanged, so the drafter drafts as before until trained, and its attention and MLP start
         from trained weights rather than random ones."""
         have = self.config.num_layers
-        if num_layers < have or have < 1:
+        if have < 1:
+            raise ValueError("a drafter without decoder layers has no layer to grow from")
+        if num_layers < have:
             raise ValueError(f"a drafter with {have} decoder layers can only grow to more (asked for {num_layers})")
         if num_layers == have:
             return self
