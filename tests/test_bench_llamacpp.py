@@ -202,6 +202,36 @@ def test_a_server_lives_only_for_its_turn():
     assert len(alive) == 2  # one per turn, each warmed up by an untimed request first
 
 
+def test_every_server_answers_before_it_is_dropped(monkeypatch):
+    """xllamacpp's Server destructor waits forever for a task loop that has not started yet (the probe built to
+    check the GGUF file hung so on a busy machine): every server, the probe included, answers a request first."""
+    import sys
+    import types
+    import weakref
+
+    events = []
+
+    class Server:
+        def __init__(self, params):
+            self.name = f"server {sum(e[0] == 'built' for e in events)}"
+            events.append(("built", self.name))
+            weakref.finalize(self, events.append, ("dropped", self.name))
+
+        def handle_completions(self, request):
+            events.append(("answered", self.name))
+            return response([40, 2], "eos", predicted_n=2)
+
+    monkeypatch.setitem(sys.modules, "xllamacpp", types.SimpleNamespace(Server=Server))
+    monkeypatch.setattr(llamacpp, "llamacpp_params", lambda *args: object())
+    method = llamacpp.LlamaCppMethod("llamacpp", tiny_target("llama"), Path("target.gguf"), threads=1)
+    method.generate([5, 6], 4, 0.0, None)
+    names = [name for kind, name in events if kind == "built"]
+    assert names == ["server 0", "server 1"], "the probe, then the turn's server"
+    for name in names:
+        mine = [kind for kind, n in events if n == name]
+        assert mine[0] == "built" and mine[1] == "answered" and mine[-1] == "dropped", (name, mine)
+
+
 def test_responses_become_turn_results():
     plain = reader().turn_result(response([40, 41, 2], "eos", predicted_n=3), 0.2, 8, None)
     assert plain.token_ids == [40, 41] and plain.finish_reason == "stop", "EOS is cut and not counted"

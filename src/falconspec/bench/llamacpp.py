@@ -131,10 +131,12 @@ class LlamaCppMethod(Method):
             raise _Unavailable(f"xllamacpp {_version()} lacks a parameter falconspec sets ({type(err).__name__}: "
                                f"{err}): {INSTALL}") from err
         try:
-            xllamacpp.Server(params)  # loads now, so that a file llama.cpp cannot read skips the method up front
+            probe = xllamacpp.Server(params)  # loads now: a file llama.cpp cannot read skips the method up front
         except RuntimeError as err:
             what = display_path(gguf) + (f" with the draft {display_path(draft)}" if draft else "")
             raise _Unavailable(f"llama.cpp cannot load {what}: {err} (its log above says why)") from err
+        warm_up(probe, {"prompt": [min(self.eos)], **NEUTRAL, "temperature": 0.0, "top_k": 1, "cache_prompt": False})
+        del probe
         self._server = functools.partial(xllamacpp.Server, params)  # one per turn (module docstring)
         self._parameters = _gguf_parameters(draft) if draft else 0
         self._source = None if draft is None else {"path": display_path(draft), "file": draft.name,
@@ -148,7 +150,7 @@ class LlamaCppMethod(Method):
         else:
             request.update(temperature=0.0, top_k=1, seed=0)
         server = self._server()
-        server.handle_completions({**request, "max_tokens": 1})  # warm-up, untimed: a new server's first request pays
+        warm_up(server, request)  # untimed: a new server's first request pays
         start = time.perf_counter()
         response = server.handle_completions(request)
         wall = time.perf_counter() - start
@@ -186,6 +188,15 @@ class LlamaCppMethod(Method):
 
     def drafter_source(self) -> dict | None:
         return self._source
+
+
+def warm_up(server, request: dict) -> None:
+    """Send ``server`` (a new ``xllamacpp.Server``) ``request`` cut to one token, untimed. Every server answers one
+    before it is dropped: xllamacpp's ``Server`` destructor stops llama.cpp's task loop by clearing a flag that the
+    loop sets as it starts, so a server dropped before its loop's thread got that far waits for it forever (seen in
+    the probe of ``LlamaCppMethod.__init__`` when training processes kept both cores busy). A server that has
+    answered a request has a running loop."""
+    server.handle_completions({**request, "max_tokens": 1})
 
 
 def llamacpp_params(xllamacpp, gguf: Path, n_ctx: int, threads: int, speculation: str | None = None,
