@@ -150,6 +150,35 @@ def test_manifest_and_resume_skip_done_conversations(tmp_path, tiny_dir):
         generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_new_tokens": 9}), progress=quiet)
 
 
+def test_sampled_answers_make_a_dataset_of_their_own(tmp_path, tiny_dir):
+    """--temperature: other answers to the same prompts, reproducible from the run's recorded seed; the manifest says
+    how they were decoded, and a greedy dataset is never grown with sampled answers (nor the reverse)."""
+    src = write_convs(tmp_path / "c.json", 6, turns=3)
+    greedy = TokenDataConfig(model=str(tiny_dir), source=str(src), out=str(tmp_path / "greedy"), split="all",
+                             max_len=200, max_new_tokens=8, shard_size=6, batch_size=4, gen_dtype="float32")
+    sampled = TokenDataConfig(**{**greedy.__dict__, "out": str(tmp_path / "t1"), "temperature": 1.0, "seed": 3})
+    again = TokenDataConfig(**{**sampled.__dict__, "out": str(tmp_path / "t1-again")})
+
+    def tokens(cfg):
+        generate_token_dataset(cfg, progress=quiet)
+        manifest = read_manifest(cfg.out)
+        return manifest, [s.input_ids for s in read_token_shard(tmp_path / cfg.out / manifest["shards"][0]["file"])]
+
+    (plain, greedy_ids), (manifest, sampled_ids) = tokens(greedy), tokens(sampled)
+    assert plain["generation"]["decoding"] == "greedy" and "temperature" not in plain["generation"]
+    assert manifest["generation"]["decoding"] == "sampling" and manifest["generation"]["temperature"] == 1.0
+    assert manifest["runs"][0]["sampling_seed"] == (3 * 100_003 + 0) * 1_009 + 0
+    assert sampled_ids != greedy_ids, "a random tiny model sampled at temperature 1 answers otherwise"
+    assert tokens(again)[1] == sampled_ids, "the same seed, run and rank draw the same answers"
+    write_convs(src, 7, turns=3)  # one conversation more to answer, but not in the other decoding
+    for cfg, out in ((sampled, greedy.out), (greedy, sampled.out)):
+        with pytest.raises(ValueError, match="other generation settings.*decoding"):
+            generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "out": out}), progress=quiet)
+    for bad in ({"temperature": -1.0}, {"temperature": float("nan")}, {"temperature": 0.7, "cache": "dynamic"}):
+        with pytest.raises(ValueError, match="temperature"):
+            TokenDataConfig(**{**greedy.__dict__, **bad})
+
+
 def test_rounds_that_end_early_answer_as_rounds_that_run_to_the_end(qwen2, monkeypatch):
     """A round ends once a quarter of its rows have ended their answer: the other rows carry their answers into the
     next round while the ended ones take their next turn. In fp32 every answer is what one-row-at-a-time gives,

@@ -1,15 +1,16 @@
-"""Greedy answers to many conversations at once, turn after turn, each conversation's KV cache kept between turns.
+"""Answers to many conversations at once, turn after turn, each conversation's KV cache kept between turns: greedy,
+or sampled at a temperature from a seeded generator.
 
 gen-data's default way of answering (``--cache reuse``). Answering turn ``t`` of a conversation with ``generate``
 prefills its whole history again, and the histories of multi-turn ShareGPT conversations are several times their
 answers. Here the conversations of a batch share one :class:`~.kv_cache.KVCache` of one row each:
 
 * a **round** extends every row by the tokens that are new since its last forward (its last answer token, the
-  template's text closing the answer, the next user message, the answer prompt), then decodes greedily, one token
-  per row per forward, until every row's answer has ended (an end-of-turn token or its budget; a row whose answer
-  ended feeds padding), or, with ``until_ended``, until that many have: gen-data ends a round once a quarter of its
-  rows have, and the unfinished rows continue their answers in the next round, whose only new token for them is
-  their last answer token (:func:`~.token_data.stream_dialogues`);
+  template's text closing the answer, the next user message, the answer prompt), then decodes (greedily, or by
+  sampling), one token per row per forward, until every row's answer has ended (an end-of-turn token or its
+  budget; a row whose answer ended feeds padding), or, with ``until_ended``, until that many have: gen-data ends a
+  round once a quarter of its rows have, and the unfinished rows continue their answers in the next round, whose
+  only new token for them is their last answer token (:func:`~.token_data.stream_dialogues`);
 * the new tokens are prefilled right-aligned, in at most four forwards of rows with similar lengths
   (:func:`prefill_groups`, each on a copy of its rows' cache, stacked and packed again afterwards): in one forward
   a single long user message padded all 32 rows to its length, and 84% of the prefilled row-columns were padding;
@@ -41,8 +42,12 @@ class DialogueBatch:
 
     MAX_PREFILL_FORWARDS = 4  # rows are prefilled in at most this many groups of similar new lengths
 
-    def __init__(self, model, eos: list[int], pad: int):
+    def __init__(self, model, eos: list[int], pad: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None):
+        if temperature < 0 or (temperature > 0 and generator is None):
+            raise ValueError(f"sampling needs a temperature > 0 and a generator, got {temperature} and {generator}")
         self.model, self.eos, self.pad = model, set(eos), pad
+        self.temperature, self.generator = temperature, generator  # 0: greedy
         self.cache = KVCache(model.config)
         self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows, columns]: which cached columns are real tokens
         self.cached: list[int] = []  # per row: real tokens cached (= the row's next position)
@@ -52,7 +57,7 @@ class DialogueBatch:
                until_ended: int | None = None) -> tuple[list[list[int]], int]:
         """One round: row ``i`` continues row ``rows[i]`` of the last round (None: a new, empty row) with prompt
         ``prompts[i]``, which must start with what that row has cached; rows of the last round not continued are
-        dropped. Returns the greedy answers (each up to and including its end-of-turn token, at most its budget) and
+        dropped. Returns the answers (each up to and including its end-of-turn token, at most its budget) and
         the number of tokens prefilled. ``until_ended``: stop decoding once that many answers have ended (default:
         all); the others are returned unfinished, and a later round continues such a row with its prompt plus what it
         has answered so far (its last token is then the only new one) and the rest of its budget."""
@@ -83,7 +88,7 @@ class DialogueBatch:
             following = self._forward(last[:, None], torch.tensor(self.cached)[:, None], live[:, None])
 
     def _prefill(self, segments: list[list[int]]) -> torch.Tensor:
-        """Append each row's new tokens to its cache; the greedy token that follows each row [B]. Rows of similar
+        """Append each row's new tokens to its cache; the token that follows each row [B]. Rows of similar
         length are prefilled together (:func:`prefill_groups`), each group in a forward of its own on its rows'
         cache, and the groups' caches are stacked and packed again, so a long segment does not pad every row."""
         groups = prefill_groups([len(s) for s in segments], self.MAX_PREFILL_FORWARDS)
@@ -99,7 +104,7 @@ class DialogueBatch:
 
     def _part(self, rows: list[int]) -> "DialogueBatch":
         """A batch of rows ``rows`` of this one (copies of their cache); this one is left as it is."""
-        part = DialogueBatch(self.model, sorted(self.eos), self.pad)
+        part = DialogueBatch(self.model, sorted(self.eos), self.pad, self.temperature, self.generator)
         index = torch.tensor(rows, dtype=torch.long)
         if self.valid.shape[1]:
             part.cache = self.cache.take_rows(index)
@@ -118,8 +123,8 @@ class DialogueBatch:
         self._keep([stacked[row] for row in range(len(stacked))])
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens`` [B, n] (``real`` [B, n]: False for padding) to the cache; the greedy token that follows
-        each row's last column [B]."""
+        """Append ``tokens`` [B, n] (``real`` [B, n]: False for padding) to the cache; the token that follows
+        each row's last column [B] (sampled at ``temperature`` if it is above 0)."""
         width = tokens.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         own = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool))  # real keys; padding sees itself
@@ -132,7 +137,10 @@ class DialogueBatch:
                          **self.cache.forward_kwargs(self.model.forward))
         self.valid = torch.cat([self.valid, real], dim=1)
         self.cached = [c + int(n) for c, n in zip(self.cached, real.sum(1))]
-        return out.logits[:, -1].argmax(-1).cpu()
+        logits = out.logits[:, -1].float().cpu()
+        if not self.temperature:
+            return logits.argmax(-1)
+        return torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.generator)[:, 0]
 
     def _keep(self, rows: list[int | None]) -> None:
         """Keep ``rows`` of the cache (None: a new empty row), each row's real columns packed to the right."""

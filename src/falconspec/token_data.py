@@ -29,13 +29,16 @@ end-of-turn text (loss mask 0 on those tokens) and the conversation continues. T
 (the ids the target produced, followed by the template's text between turns), as a server that keeps its KV cache
 would see it; for ChatML templates this equals re-rendering the decoded conversation.
 
-Generation is batched greedy decoding. By default (``--cache reuse``, :mod:`.dialogue_batch`) up to ``batch_size``
-conversations share one KV cache, each keeping its rows from one turn to the next, so a turn prefills only its new
-tokens, and a conversation with no turn left frees its row for the next. ``--cache dynamic`` or ``static`` answers
-each turn with Hugging Face ``generate`` instead (left padding, prompts sorted by length, turn by turn across the
-conversations of a shard), prefilling the whole history every turn: the same tokens (tested; and measured on 32
-real conversations), 1.6x slower on the development CPU. In fp32 batched answers equal one-at-a-time answers
-(tested on a tiny model); in bf16 batching changes rounding and may flip near-ties, which is harmless for training data.
+Generation is batched greedy decoding, or, with ``--temperature T`` (``--cache reuse`` only), sampling at that
+temperature: a second dataset of other answers to the same prompts (a dataset holds one decoding, its manifest says
+which, with each run's ``sampling_seed``). By default (``--cache reuse``, :mod:`.dialogue_batch`) up to
+``batch_size`` conversations share one KV cache, each keeping its rows from one turn to the next, so a turn prefills
+only its new tokens, and a conversation with no turn left frees its row for the next. ``--cache dynamic`` or
+``static`` answers each turn with Hugging Face ``generate`` instead (left padding, prompts sorted by length, turn by
+turn across the conversations of a shard), prefilling the whole history every turn: the same tokens (tested; and
+measured on 32 real conversations), 1.6x slower on the development CPU. In fp32 batched answers equal one-at-a-time
+answers (tested on a tiny model); in bf16 batching changes rounding and may flip near-ties, which is harmless for
+training data.
 
 Resumable and growing: the manifest lists the conversation ids of every finished shard; a run skips them and
 appends new shards, each written atomically and then recorded in the manifest (a killed run loses at most the shard
@@ -56,6 +59,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -412,7 +416,8 @@ class _Turn:
 
 def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: int, max_new_tokens: int,
                      batch_size: int, stats: GenStats, on_batch=None, pool: int = 0,
-                     refill_at: float = REFILL_AT) -> Iterator[Dialogue]:
+                     refill_at: float = REFILL_AT, temperature: float = 0.0,
+                     generator: torch.Generator | None = None) -> Iterator[Dialogue]:
     """Answer the turns of ``dialogues`` (:mod:`.dialogue_batch`) and yield each one when it has no turn left, in the
     order they finish (one whose first prompt does not fit at once).
 
@@ -421,13 +426,14 @@ def stream_dialogues(model, tokenizer, dialogues: Iterable[Dialogue], max_len: i
     ended their answer; the other rows carry their unfinished answers into the next round, and the ended ones take
     their dialogue's next turn, or, for a dialogue with no turn left, the next one waiting: the shortest first
     prompt among ``pool`` (default ``batch_size``) drawn ahead from ``dialogues``, which is read lazily. So rows
-    seldom idle until a round's longest answer ends. Timing goes to ``stats`` and ``on_batch``."""
+    seldom idle until a round's longest answer ends. Timing goes to ``stats`` and ``on_batch``. Answers are greedy, or
+    sampled at ``temperature`` (> 0) from ``generator``."""
     from .dialogue_batch import DialogueBatch
 
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     source, pool = iter(dialogues), pool or batch_size
-    batch, rows, waiting = DialogueBatch(model, eos, pad), [], []  # rows: the turn of each cache row
+    batch, rows, waiting = DialogueBatch(model, eos, pad, temperature, generator), [], []  # rows: each row's turn
     while True:
         drawn = list(itertools.islice(source, max(pool - len(waiting), 0)))
         ready = dict(_next_prompts(drawn, tokenizer, eos, max_len))  # index -> first prompt, if it fits
@@ -564,6 +570,8 @@ class TokenDataConfig:
     heldout_percent: int = 5
     max_shards: int | None = None  # stop after this many new shards
     max_seconds: float | None = None  # start no conversation after this wall time (the started ones finish)
+    temperature: float = 0.0  # 0: greedy answers; above 0: sampled at this temperature (--cache reuse only)
+    seed: int = 0  # sampling: each run and process draws from its own generator, seeded from this, the run and rank
 
     def __post_init__(self):
         if self.split not in ("train", "heldout", "all"):
@@ -572,6 +580,20 @@ class TokenDataConfig:
             raise ValueError("need max_len >= 32, max_new_tokens >= 1, shard_size >= 1 and batch_size >= 1")
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be 0 (greedy) or a positive number, got {self.temperature}")
+        if self.temperature and self.cache != "reuse":
+            raise ValueError(f"sampled answers (temperature {self.temperature}) are made with --cache reuse only")
+
+
+def decoding(temperature: float) -> dict:
+    """How the answers are decoded, as a manifest's ``generation`` records it (part of a dataset's identity)."""
+    if not temperature:
+        return {"decoding": "greedy"}
+    return {"decoding": "sampling", "temperature": temperature,
+            "sampling": "softmax(logits / temperature) over the whole vocabulary (no top-k or top-p), logits of the "
+                        "generation dtype in float32; each run and process draws from its own torch generator "
+                        "(the run's sampling_seed)"}
 
 
 def _identity(cfg: TokenDataConfig, target, weights: str) -> dict:
@@ -591,7 +613,7 @@ def _identity(cfg: TokenDataConfig, target, weights: str) -> dict:
                    "tokenizer_sha256": tokenizer_sha256(target.tokenizer),
                    "eos_token_ids": eos_ids(target.model, target.tokenizer)},
         "chat_template": {"sha256": _sha(template), "text": template},
-        "generation": {"decoding": "greedy", "max_len": cfg.max_len, "max_new_tokens": cfg.max_new_tokens,
+        "generation": {**decoding(cfg.temperature), "max_len": cfg.max_len, "max_new_tokens": cfg.max_new_tokens,
                        "max_turns": cfg.max_turns, "prompt_margin": PROMPT_MARGIN,
                        "turns": "every non-empty user message, answered with the target's own earlier answers "
                                 "in the history (the dataset's assistant messages are dropped)",
@@ -649,14 +671,14 @@ def _machine() -> dict:
 
 
 def _finished_dialogues(cfg: TokenDataConfig, model, tokenizer, convs: Iterable[Conversation],
-                        on_batch) -> Iterator[Dialogue]:
+                        on_batch, generator: torch.Generator | None = None) -> Iterator[Dialogue]:
     """Each conversation re-answered, as it finishes: ``--cache reuse`` streams them through one batch whose free rows
     are refilled from ``convs`` as they free up (:func:`stream_dialogues`); the ``generate`` paths answer them a
     shard's worth at a time. Timing goes to ``on_batch`` only."""
     dialogues = (Dialogue(c, cfg.max_turns) for c in convs)
     if cfg.cache == "reuse":
         yield from stream_dialogues(model, tokenizer, dialogues, cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
-                                    GenStats(), on_batch)
+                                    GenStats(), on_batch, temperature=cfg.temperature, generator=generator)
         return
     while chunk := list(itertools.islice(dialogues, cfg.shard_size)):
         answer_dialogues(model, tokenizer, chunk, cfg.max_len, cfg.max_new_tokens, cfg.batch_size, cfg.cache,
@@ -714,6 +736,8 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
             manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **identity,
                         "token_dtype": token_dtype(reference.vocab_size).name, "runs": [], "shards": []}
         run = {"run": len(manifest["runs"]), **run}
+        if cfg.temperature:  # its own stream per run and process, reproducible from the manifest
+            run["sampling_seed"] = (cfg.seed * 100_003 + run["run"]) * 1_009 + rank
         manifest["runs"].append(run)
         write_manifest(out, manifest)
     if gen_dtype in ("float32", "fp32"):
@@ -791,7 +815,8 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
     gc.freeze()
     try:
         done: list[Dialogue] = []
-        for dialogue in _finished_dialogues(cfg, model, tokenizer, draw(), on_batch):
+        generator = torch.Generator().manual_seed(run["sampling_seed"]) if cfg.temperature else None
+        for dialogue in _finished_dialogues(cfg, model, tokenizer, draw(), on_batch, generator):
             done.append(dialogue)
             if len(done) == cfg.shard_size:
                 write(done)

@@ -64,6 +64,11 @@ def register(subparsers) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="--format tokens: start no new conversation after this many seconds (the started "
                              "ones finish and are written)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="--format tokens: 0 (default) answers greedily; above 0 samples the answers at this "
+                             "temperature (a dataset of its own: one directory holds one decoding)")
+    parser.add_argument("--seed", type=int, default=0, help="--format tokens with --temperature: sampling seed (each "
+                                                             "run and process draws its own stream from it)")
     parser.add_argument("--dtype", default="float32", help="dtype of the teacher-forced pass")
     parser.add_argument("--gen-dtype", default=None,
                         help="dtype of self-distilled generation (default: bfloat16 for features; auto for tokens: "
@@ -81,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
                                        max_shards=args.max_shards)
         print(f"gen-data: wrote {written} feature shard(s) to {args.out} from {args.from_tokens}")
         return 0
+    if args.temperature and args.format != "tokens":
+        raise ValueError("--temperature samples the answers of a token dataset: pass --format tokens --mode "
+                         "self-distilled")
     if args.format == "tokens":
         from ..token_data import TokenDataConfig, generate_token_dataset
 
@@ -91,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             max_len=args.max_len or 1024, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
             shard_size=args.shard_size or 128, batch_size=args.batch_size, gen_dtype=args.gen_dtype or "auto",
             cache=args.cache, heldout_percent=args.heldout_percent, max_shards=args.max_shards,
-            max_seconds=args.max_seconds,
+            max_seconds=args.max_seconds, temperature=args.temperature, seed=args.seed,
         )
         record = generate_token_dataset(cfg, progress=lambda msg: print(msg, flush=True))
         if record:
