@@ -454,3 +454,31 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
         "bfloat16", "the recipe records the dtype the train features were computed in"
     with pytest.raises(ValueError, match="weights hash"):
         TokenFeatures(tmp_path / "tok", load_target(str(save_tiny_model(tmp_path / "other", seed=3))), "other")
+
+
+def test_training_reads_several_token_datasets_as_one(tmp_path, tiny_dir):
+    """``--data GREEDY,SAMPLED``: the sequences of both, in that order, each computed as alone; the meta lists both
+    datasets and their decodings. A list with a directory that is not a token dataset is refused by name."""
+    from falconspec.models import load_target
+    from falconspec.token_data import TokenFeatures
+    from falconspec.train_common import TrainConfig, load_data
+
+    src = write_convs(tmp_path / "c.json", 6)
+    common = dict(model=str(tiny_dir), source=str(src), max_len=96, max_new_tokens=8, gen_dtype="float32",
+                  shard_size=3, batch_size=3, split="all")
+    greedy, sampled = str(tmp_path / "greedy"), str(tmp_path / "sampled")
+    generate_token_dataset(TokenDataConfig(**common, out=greedy), progress=quiet)
+    generate_token_dataset(TokenDataConfig(**common, out=sampled, temperature=1.0), progress=quiet)
+    target = load_target(str(tiny_dir))
+    one, two = TokenFeatures(greedy, target, str(tiny_dir), split="all"), TokenFeatures(sampled, target, str(tiny_dir),
+                                                                                       split="all")
+    both = TokenFeatures(f"{greedy},{sampled}", target, str(tiny_dir), split="all")
+    assert both.ids == one.ids + two.ids and len(both) == 12
+    assert torch.equal(both[7]["input_ids"], two[1]["input_ids"])
+    assert [d["from_tokens"] for d in both.meta["datasets"]] == [greedy, sampled]
+    assert both.meta["mode"] == ("self-distilled, every user turn; self-distilled, every user turn, sampled at "
+                                 "temperature 1.0")
+    assert both.meta["num_conversations"] == 12 and len(both.meta["token_shards"]) == 4
+    (tmp_path / "features").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'features'} is not one"):
+        load_data(TrainConfig(data=f"{greedy},{tmp_path / 'features'}", out="", model=str(tiny_dir)), target)

@@ -871,7 +871,9 @@ def check_token_target(target, manifest: dict, model: str) -> None:
 def features_meta(manifest: dict, shards: list[dict], data_dir: str | Path, model: str, split: str, dtype: str,
                   store_dtype: str, max_len: int | None) -> dict:
     """The meta.json of features made from token shards (what ``falconspec train`` records of its data)."""
-    return {"model": model, "source": manifest["source"]["name"], "mode": "self-distilled, every user turn",
+    generation = manifest["generation"]
+    decoded = "" if generation["decoding"] == "greedy" else f", sampled at temperature {generation['temperature']}"
+    return {"model": model, "source": manifest["source"]["name"], "mode": f"self-distilled, every user turn{decoded}",
             "split": split, "limit": None, "max_len": max_len or manifest["generation"]["max_len"],
             "heldout_percent": manifest["source"]["heldout_percent"], "format": 1, "dtype": dtype,
             "store_dtype": store_dtype, "from_tokens": str(data_dir),
@@ -928,8 +930,14 @@ def features_from_tokens(data_dir: str, out: str, model: str = "smollm2-135m", s
 
 
 def is_token_dataset(path: str | Path) -> bool:
-    """Whether ``path`` is a token dataset (``gen-data --format tokens``: a manifest.json) rather than features."""
-    return manifest_path(Path(path)).is_file()
+    """Whether ``path`` is a token dataset (``gen-data --format tokens``: a manifest.json) rather than features, or
+    a comma-separated list of token datasets (read as one: :class:`TokenFeatures`)."""
+    return all(manifest_path(Path(part)).is_file() for part in token_dataset_dirs(path))
+
+
+def token_dataset_dirs(path: str | Path) -> list[str]:
+    """The directories of ``path``: one, or several separated by commas (e.g. greedy and sampled answers)."""
+    return [part for part in str(path).split(",") if part] or [str(path)]
 
 
 class TokenFeatures(Sequence):
@@ -937,20 +945,32 @@ class TokenFeatures(Sequence):
     by one teacher-forced pass of ``target`` when it is read: the tensors ``gen-data --from-tokens`` would store,
     with nothing stored. A training run then pays one target pass per sequence it trains on (steps x batch size)
     instead of one per sequence of the split before it starts, and a fresh machine trains from the committed tokens
-    directly. Reading an item twice runs the target twice; a slice is a view that computes nothing."""
+    directly. Reading an item twice runs the target twice; a slice is a view that computes nothing.
+
+    ``data_dir`` may list several token datasets of one target, separated by commas (e.g. its greedy answers and
+    answers sampled to the same prompts): their sequences in that order, the meta of each under ``datasets``."""
 
     def __init__(self, data_dir: str | Path, target, model: str, split: str = "train", max_len: int | None = None,
                  store_dtype: str = "float16", check_weights: bool = True):
         from .models import parse_dtype
 
-        manifest = read_manifest(data_dir)
-        shards = split_shards(manifest, split, data_dir)
-        if check_weights:
-            check_token_target(target, manifest, model)
         self.target, self.store_dtype = target, parse_dtype(store_dtype)
-        self.sequences = [s for shard in shards for s in token_sequences(data_dir, shard, max_len)]
-        self.meta = {**features_meta(manifest, shards, data_dir, model, split, str(target.dtype).split(".")[-1],
-                                     store_dtype, max_len), "features": "on the fly (falconspec train)"}
+        self.sequences, metas = [], []
+        for directory in token_dataset_dirs(data_dir):
+            manifest = read_manifest(directory)
+            shards = split_shards(manifest, split, directory)
+            if check_weights:
+                check_token_target(target, manifest, model)
+            self.sequences += [s for shard in shards for s in token_sequences(directory, shard, max_len)]
+            metas.append(features_meta(manifest, shards, directory, model, split, str(target.dtype).split(".")[-1],
+                                       store_dtype, max_len))
+        if len({m["weights_sha256"] for m in metas}) > 1:
+            raise ValueError(f"{data_dir}: the token datasets were made by different target weights")
+        meta = metas[0] if len(metas) == 1 else {
+            **metas[0], "mode": "; ".join(dict.fromkeys(m["mode"] for m in metas)), "from_tokens": str(data_dir),
+            "max_len": max(m["max_len"] for m in metas), "token_shards": [h for m in metas for h in m["token_shards"]],
+            "num_conversations": sum(m["num_conversations"] for m in metas), "datasets": metas}
+        self.meta = {**meta, "features": "on the fly (falconspec train)"}
 
     @property
     def ids(self) -> list[str]:

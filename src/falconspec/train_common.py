@@ -31,7 +31,8 @@ class TrainConfig:
     """Settings of a training run (``falconspec train`` builds its flags from these fields and their help)."""
     data: str = field(metadata={"help": "gen-data feature directory, or a token dataset (gen-data --format tokens, "
                                         "e.g. recipes/data/sharegpt-sd: its train split, features computed by the "
-                                        "target as steps read them)"})
+                                        "target as steps read them), or several token datasets separated by "
+                                        "commas, read as one"})
     out: str = field(metadata={"help": "run directory: checkpoint/, drafter/, log.jsonl"})
     eval_data: str = _opt("", "gen-data directory of held-out conversations, or a token dataset (its held-out "
                               "split) (default: the last --eval-samples of --data)")
@@ -212,9 +213,13 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     features are computed by ``target`` (fp32) either way, also those carved from ``--data`` without ``--eval-data``."""
     from .data import ShardDataset
     from .models import load_target
-    from .token_data import TokenFeatures, is_token_dataset
+    from .token_data import TokenFeatures, is_token_dataset, token_dataset_dirs
 
     def read(path: str, split: str, check_weights: bool = True):
+        listed = token_dataset_dirs(path)
+        if len(listed) > 1 and not is_token_dataset(path):
+            raise ValueError(f"{path}: only token datasets (gen-data --format tokens) can be listed together, and "
+                             f"{', '.join(d for d in listed if not is_token_dataset(d))} is not one")
         if is_token_dataset(path):
             return TokenFeatures(path, target, cfg.model, split=split, max_len=cfg.max_len,
                                  check_weights=check_weights)
@@ -231,7 +236,8 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     data = read(cfg.data, "train")
     train_samples = data if isinstance(data, TokenFeatures) else list(data.samples)
     if cfg.eval_data:
-        checked = is_token_dataset(cfg.data) and Path(cfg.eval_data).resolve() == Path(cfg.data).resolve()
+        checked = is_token_dataset(cfg.data) and Path(cfg.eval_data).resolve() in {
+            Path(d).resolve() for d in token_dataset_dirs(cfg.data)}
         held = read(cfg.eval_data, "heldout", check_weights=not checked)  # one weights hash per token dataset
         if held.meta.get("model") != data.meta.get("model"):
             raise ValueError(f"--eval-data was generated with {held.meta.get('model')!r}, --data with "
