@@ -56,6 +56,7 @@ SIZES=(4 8 15 28 40 53 62)     # token shards: 53,633 / 146,848 / 292,810 / 657,
 FALCON="--k 2 --newest-pair --chain-slots"
 MEDUSA="--kind medusa --medusa-heads 4"
 TOKENS=recipes/data/sharegpt-sd  # the committed token shards, read by `falconspec train` directly
+TOKENS_T07=recipes/data/sharegpt-sd-t07  # answers sampled at temperature 0.7 to the same train prompts (round 13)
 declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
   [eagle-15]="--k 1"
@@ -163,6 +164,12 @@ declare -A RUNS_OF=(
   # round 12, second run: falcon-r12-2layers' grown layer stayed near the identity at 1.5e-4; the same growth with
   # the grown layer at the from-scratch peak (--grown-lr 1e-3, the rest at 1.5e-4); STEPS=150 (one session's room)
   [falcon-r12-grownlr]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --num-layers 2 --lr 1.5e-4 --min-lr 1.5e-5 --grown-lr 1e-3 --every-alignment --seed 5"
+  # round 13: fresh text or the same again? The shipped falcon fits the train shards it read most far better than
+  # held-out text (recipes/fit_gap.py). One stage from it on answers sampled at temperature 0.7 to the train prompts
+  # (TOKENS_T07, never read), against the same stage on the greedy answers it has read (same flags, steps, seed);
+  # STEPS=150, one process and one thread each, side by side
+  [falcon-r13-sampled]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 6"
+  [falcon-r13-greedy]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 6"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -179,10 +186,12 @@ HELDOUT_TOKENS="--eval-data $TOKENS --eval-samples 50"
 declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falcon-r8]=$HELDOUT_TOKENS
                     [falcon-r9]=$HELDOUT_TOKENS
                     [falcon-r10]=$HELDOUT_TOKENS [falcon-r11]=$HELDOUT_TOKENS [falcon-r12-2layers]=$HELDOUT_TOKENS
-                    [falcon-r12-grownlr]=$HELDOUT_TOKENS)
+                    [falcon-r12-grownlr]=$HELDOUT_TOKENS [falcon-r13-sampled]=$HELDOUT_TOKENS
+                    [falcon-r13-greedy]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
                     [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS
-                    [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS)  # else $FEATURES-N, N from the name
+                    [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS
+                    [falcon-r13-sampled]=$TOKENS_T07 [falcon-r13-greedy]=$TOKENS)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
