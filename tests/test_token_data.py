@@ -456,7 +456,7 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
         TokenFeatures(tmp_path / "tok", load_target(str(save_tiny_model(tmp_path / "other", seed=3))), "other")
 
 
-def test_training_reads_several_token_datasets_as_one(tmp_path, tiny_dir):
+def test_training_reads_several_token_datasets_as_one(tmp_path, tiny_dir, monkeypatch):
     """``--data GREEDY,SAMPLED``: the sequences of both, in that order, each computed as alone; the meta lists both
     datasets and their decodings. A list with a directory that is not a token dataset is refused by name."""
     from falconspec.models import load_target
@@ -472,13 +472,27 @@ def test_training_reads_several_token_datasets_as_one(tmp_path, tiny_dir):
     target = load_target(str(tiny_dir))
     one, two = TokenFeatures(greedy, target, str(tiny_dir), split="all"), TokenFeatures(sampled, target, str(tiny_dir),
                                                                                        split="all")
+    import falconspec.token_data as token_data
+
+    hashed = []
+    monkeypatch.setattr(token_data, "weights_sha256", lambda model, real=token_data.weights_sha256:
+                        hashed.append(1) or real(model))
     both = TokenFeatures(f"{greedy},{sampled}", target, str(tiny_dir), split="all")
+    assert len(hashed) == 1, "the target is hashed once, whatever the number of datasets"
     assert both.ids == one.ids + two.ids and len(both) == 12
     assert torch.equal(both[7]["input_ids"], two[1]["input_ids"])
     assert [d["from_tokens"] for d in both.meta["datasets"]] == [greedy, sampled]
     assert both.meta["mode"] == ("self-distilled, every user turn; self-distilled, every user turn, sampled at "
                                  "temperature 1.0")
     assert both.meta["num_conversations"] == 12 and len(both.meta["token_shards"]) == 4
+    import shutil
+
+    other = shutil.copytree(sampled, tmp_path / "other-target")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["target"]["tokenizer_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="made by different targets"):
+        TokenFeatures(f"{greedy},{other}", target, str(tiny_dir), split="all")
     (tmp_path / "features").mkdir()
     with pytest.raises(ValueError, match=f"{tmp_path / 'features'} is not one"):
         load_data(TrainConfig(data=f"{greedy},{tmp_path / 'features'}", out="", model=str(tiny_dir)), target)

@@ -955,17 +955,20 @@ class TokenFeatures(Sequence):
         from .models import parse_dtype
 
         self.target, self.store_dtype = target, parse_dtype(store_dtype)
-        self.sequences, metas = [], []
+        self.sequences, metas, made_by = [], [], None
         for directory in token_dataset_dirs(data_dir):
             manifest = read_manifest(directory)
             shards = split_shards(manifest, split, directory)
-            if check_weights:
+            hashes = {key: manifest["target"][key] for key in ("weights_sha256", "tokenizer_sha256")}
+            if made_by is None and check_weights:  # the target is hashed once; the other datasets must match it
                 check_token_target(target, manifest, model)
+            if made_by not in (None, hashes):
+                raise ValueError(f"{data_dir}: the token datasets were made by different targets (weights or "
+                                 "tokenizer hash)")
+            made_by = hashes
             self.sequences += [s for shard in shards for s in token_sequences(directory, shard, max_len)]
             metas.append(features_meta(manifest, shards, directory, model, split, str(target.dtype).split(".")[-1],
                                        store_dtype, max_len))
-        if len({m["weights_sha256"] for m in metas}) > 1:
-            raise ValueError(f"{data_dir}: the token datasets were made by different target weights")
         meta = metas[0] if len(metas) == 1 else {
             **metas[0], "mode": "; ".join(dict.fromkeys(m["mode"] for m in metas)), "from_tokens": str(data_dir),
             "max_len": max(m["max_len"] for m in metas), "token_shards": [h for m in metas for h in m["token_shards"]],
