@@ -3,6 +3,7 @@
 import importlib.util
 
 import pytest
+import torch
 
 from falconspec import SpeculativeGenerator
 from falconspec.cli import main as cli_main
@@ -80,3 +81,28 @@ def test_shipped_drafter_names_need_a_builtin_target(llama):
         make_drafter("falcon", llama)
     with pytest.raises(ValueError, match="needs the target model"):
         make_drafter("eagle")
+
+
+def test_converted_model_directory_is_written_by_every_process(tmp_path, monkeypatch):
+    """The built-in model is converted by every process that finds no cached copy: on a fresh machine, the two
+    processes of a torchrun gen-data did. Under torch.distributed, save_pretrained writes weights on rank 0 only, and
+    rank 1 published a directory holding only the tokenizer. The conversion's writer must not depend on the rank,
+    and must write what save_pretrained writes."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from falconspec.models import _save_plain
+    from falconspec.testing import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True  # as SmolLM2's: one tensor under two names
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "reference")
+    monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)  # rank 1
+    (tmp_path / "converted").mkdir()
+    _save_plain(model, tmp_path / "converted")
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (tmp_path / "converted" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -98,7 +98,7 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     plain.load_state_dict(gguf_model.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    plain.save_pretrained(tmp)
+    _save_plain(plain, tmp)
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, out)  # atomic: a concurrent converter either wins or finds the finished directory
@@ -106,6 +106,25 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "model.safetensors").exists():
             raise
+
+
+def _save_plain(model, out: Path) -> None:
+    """``model.save_pretrained(out)`` on every process: under an initialized torch.distributed group transformers
+    writes weights and config on rank 0 only, and each process converting the built-in model (e.g. the first
+    ``gen-data`` or ``train`` under torchrun on a fresh machine) must produce the whole directory itself."""
+    from safetensors.torch import save_file
+
+    weights, stored = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in stored:  # a tied weight (lm_head = embed_tokens): stored once, as save_pretrained does
+            continue
+        stored.add(tensor.data_ptr())
+        weights[name] = tensor.contiguous()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
 
 
 def resolve_model(name_or_path: str) -> str:
