@@ -145,6 +145,8 @@ def test_manifest_and_resume_skip_done_conversations(tmp_path, tiny_dir):
     # one-at-a-time generation in another run gives the same tokens (fp32)
     one, _ = regenerate(*_tiny_model(tiny_dir), [conv(i, 1 + (i + 2) % 3) for i in range(3, 5)], 200, 8, 1)
     assert read_token_shard(tmp_path / "d" / manifest["shards"][1]["file"]) == one
+    with pytest.raises(ValueError, match="other generation settings.*max_new_tokens"):  # even with nothing to do
+        generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_new_tokens": 9}), progress=quiet)
     write_convs(src, 8, turns=3)  # the source grew: one new conversation, but other settings are refused
     with pytest.raises(ValueError, match="other generation settings.*max_new_tokens"):
         generate_token_dataset(TokenDataConfig(**{**cfg.__dict__, "max_new_tokens": 9}), progress=quiet)

@@ -716,12 +716,14 @@ def generate_token_dataset(cfg: TokenDataConfig, progress=print, process: tuple[
     share = f", {len(mine)} of them this process's" if world > 1 else ""
     progress(f"{tag}gen-data tokens: split {cfg.split}: {len(convs)} conversations selected{share}, "
              f"{len(mine) - len(todo)} already in {out}, {len(todo)} to do")
-    if not todo:
+    if not todo and existing is None:
         return {}
-
     reference = load_target(cfg.model, dtype="float32")
     weights = weights_sha256(reference.model)
     identity = _identity(cfg, reference, weights)
+    if not todo:  # nothing left to answer, but other settings are still refused, not silently taken as done
+        _check_identity(existing, identity, out)
+        return {}
     gen_dtype = resolve_gen_dtype(cfg.gen_dtype)
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "split": cfg.split, "limit": cfg.limit,
            **({"process": f"{rank}/{world}"} if world > 1 else {}), "gen_dtype": gen_dtype,
