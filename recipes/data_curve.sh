@@ -57,6 +57,8 @@ FALCON="--k 2 --newest-pair --chain-slots"
 MEDUSA="--kind medusa --medusa-heads 4"
 TOKENS=recipes/data/sharegpt-sd  # the committed token shards, read by `falconspec train` directly
 TOKENS_T07=recipes/data/sharegpt-sd-t07  # answers sampled at temperature 0.7 to the same train prompts (round 13)
+GREEDY_22=runs/data/tokens-greedy-22  # `tokensubsets`: greedy train shards 0-21 and sampled shards 0-18, the answers
+T07_19=runs/data/tokens-t07-19        # of the same ~1,140 conversations (483,484 and 486,840 answer tokens)
 declare -A RUNS_OF=(
   [falcon-4]="$FALCON" [falcon-8]="$FALCON" [falcon-15]="$FALCON"
   [eagle-15]="--k 1"
@@ -170,6 +172,13 @@ declare -A RUNS_OF=(
   # STEPS=150, one process and one thread each, side by side
   [falcon-r13-sampled]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 6"
   [falcon-r13-greedy]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-avg-r8r9/drafter --lr 1.5e-4 --min-lr 1.5e-5 --every-alignment --seed 6"
+  # round 14: which text trains a better drafter, the target's greedy answers or its sampled ones? From scratch on
+  # each (GREEDY_22, T07_19: the same prompts, as many answer tokens), same flags, steps and seed; STEPS=600, one
+  # process and one thread each, side by side
+  [falcon-s-greedy]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
+  [falcon-s-sampled]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
+  # both texts together (twice the distinct answers, the same steps): does adding the sampled answers help?
+  [falcon-s-mix]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -187,11 +196,14 @@ declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falc
                     [falcon-r9]=$HELDOUT_TOKENS
                     [falcon-r10]=$HELDOUT_TOKENS [falcon-r11]=$HELDOUT_TOKENS [falcon-r12-2layers]=$HELDOUT_TOKENS
                     [falcon-r12-grownlr]=$HELDOUT_TOKENS [falcon-r13-sampled]=$HELDOUT_TOKENS
-                    [falcon-r13-greedy]=$HELDOUT_TOKENS)
+                    [falcon-r13-greedy]=$HELDOUT_TOKENS [falcon-s-greedy]=$HELDOUT_TOKENS
+                    [falcon-s-sampled]=$HELDOUT_TOKENS [falcon-s-mix]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
                     [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS
                     [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS
-                    [falcon-r13-sampled]=$TOKENS_T07 [falcon-r13-greedy]=$TOKENS)  # else $FEATURES-N, N from the name
+                    [falcon-r13-sampled]=$TOKENS_T07 [falcon-r13-greedy]=$TOKENS
+                    [falcon-s-greedy]=$GREEDY_22 [falcon-s-sampled]=$T07_19
+                    [falcon-s-mix]=$GREEDY_22,$T07_19)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
@@ -231,6 +243,9 @@ case "${1:-}" in
         ln -sfn ../sd4-train/$f $FEATURES-$n/$f
       done
     done ;;
+  tokensubsets)  # views of the first train shards of the token sets (a manifest of them, shards/ linked)
+    ${PYTHON:-.venv/bin/python} recipes/token_subset.py $TOKENS 22 $GREEDY_22
+    ${PYTHON:-.venv/bin/python} recipes/token_subset.py $TOKENS_T07 19 $T07_19 ;;
   bf16features)
     $FS gen-data --from-tokens recipes/data/sharegpt-sd --split train --max-shards 15 --dtype bfloat16 \
       --out $FEATURES_BF16 ;;
@@ -264,5 +279,5 @@ case "${1:-}" in
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
       --max-turns 1 --num-prompts 10 --max-new-tokens 64 --threads 1 --no-progress --resume --out $RUNS/$name/tau ;;
-  *) echo "usage: $0 subsets | bf16features | round3 | round6 | round7 | round8 | round9 | train NAME | average NAME | final NAME | openings NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
+  *) echo "usage: $0 subsets | tokensubsets | bf16features | round3 | round6 | round7 | round8 | round9 | train NAME | average NAME | final NAME | openings NAME | tau NAME | mtbench | mtb NAME"; exit 2 ;;
 esac
