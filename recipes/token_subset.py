@@ -12,21 +12,21 @@ import os
 from pathlib import Path
 
 
-def write_view(dataset: str | Path, shards: int, out: str | Path) -> dict:
-    """Write the view of ``dataset``'s train shards 0..``shards``-1 to ``out``; returns its totals."""
+def write_view(dataset: str | Path, shards: int, out: str | Path, split: str = "train") -> dict:
+    """Write the view of ``dataset``'s ``split`` shards 0..``shards``-1 to ``out``; returns its totals."""
     from falconspec.token_data import read_manifest, write_manifest
 
     dataset, out = Path(dataset), Path(out)
     manifest = read_manifest(dataset)
-    kept = [s for s in manifest["shards"] if s["split"] == "train" and s["index"] < shards]
+    kept = [s for s in manifest["shards"] if s["split"] == split and s["index"] < shards]
     if len(kept) < shards:
-        raise SystemExit(f"{dataset} has {len(kept)} train shards below index {shards}, not {shards}")
+        raise SystemExit(f"{dataset} has {len(kept)} {split} shards below index {shards}, not {shards}")
     out.mkdir(parents=True, exist_ok=True)
     link = out / "shards"
     if link.is_symlink():
         link.unlink()
     link.symlink_to(os.path.relpath(dataset.resolve() / "shards", out.resolve()))
-    view = {**manifest, "shards": kept, "view_of": {"dataset": str(dataset), "train_shards": shards}}
+    view = {**manifest, "shards": kept, "view_of": {"dataset": str(dataset), "split": split, "shards": shards}}
     write_manifest(out, view)
     return view["totals"]
 

@@ -12,7 +12,8 @@ from falconspec.data import Conversation, GenDataConfig, ShardDataset, generate_
 from falconspec.testing import save_tiny_model
 from falconspec.token_data import (
     FORMAT_NAME, Dialogue, GenStats, TokenDataConfig, TokenSample, features_from_tokens, generate_token_dataset,
-    read_manifest, read_token_shard, regenerate, stream_dialogues, token_dtype, user_turns, write_token_shard,
+    iter_token_samples, read_manifest, read_token_shard, regenerate, stream_dialogues, token_dtype, user_turns,
+    write_token_shard,
 )
 
 
@@ -498,3 +499,27 @@ def test_training_reads_several_token_datasets_as_one(tmp_path, tiny_dir, monkey
     (tmp_path / "features").mkdir()
     with pytest.raises(ValueError, match=f"{tmp_path / 'features'} is not one"):
         load_data(TrainConfig(data=f"{greedy},{tmp_path / 'features'}", out="", model=str(tiny_dir)), target)
+
+
+def test_a_view_of_the_first_shards_reads_exactly_them(tmp_path, tiny_dir):
+    """recipes/token_subset.py: a manifest of a dataset's first N shards, its shards/ linked, read as a dataset."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("token_subset",
+                                                  Path(__file__).parents[1] / "recipes" / "token_subset.py")
+    token_subset = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(token_subset)
+    src = write_convs(tmp_path / "c.json", 6, turns=2)
+    cfg = TokenDataConfig(model=str(tiny_dir), source=str(src), out=str(tmp_path / "d"), split="all", max_len=200,
+                          max_new_tokens=8, shard_size=2, batch_size=4, gen_dtype="float32")
+    generate_token_dataset(cfg, progress=quiet)
+    manifest = read_manifest(tmp_path / "d")
+    totals = token_subset.write_view(tmp_path / "d", 2, tmp_path / "view", split="all")
+    first = [c for shard in manifest["shards"][:2] for c in shard["conversations"]]
+    seen = [s for _, shard in iter_token_samples(tmp_path / "view") for s in shard]
+    assert [s.id for s in seen] == first and len(manifest["shards"]) == 3
+    assert totals["all"]["answer_tokens"] == sum(s["answer_tokens"] for s in manifest["shards"][:2])
+    assert (tmp_path / "view" / "shards").is_symlink()
+    with pytest.raises(SystemExit, match="3 all shards below index 9, not 9"):
+        token_subset.write_view(tmp_path / "d", 9, tmp_path / "view2", split="all")
