@@ -1,7 +1,7 @@
 """A view of a token dataset's first train shards: a directory whose manifest lists only them and whose shards/ links
 to the dataset's, so `falconspec train --data VIEW` reads that slice (same files, same hashes, nothing copied).
 
-usage: python recipes/token_subset.py DATASET N OUT
+usage: python recipes/token_subset.py DATASET N OUT [--split SPLIT]
 e.g.   python recipes/token_subset.py recipes/data/sharegpt-sd 22 runs/data/tokens-greedy-22
 """
 
@@ -34,10 +34,11 @@ def write_view(dataset: str | Path, shards: int, out: str | Path, split: str = "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
-    parser.add_argument("shards", type=int, help="keep train shards 0..N-1")
+    parser.add_argument("shards", type=int, help="keep the split's shards 0..N-1")
     parser.add_argument("out")
+    parser.add_argument("--split", default="train")
     args = parser.parse_args()
-    print(write_view(args.dataset, args.shards, args.out))
+    print(write_view(args.dataset, args.shards, args.out, args.split))
 
 
 if __name__ == "__main__":
