@@ -32,12 +32,13 @@ def repeated_share(data_dir: str, split: str = "all", first: int | None = None,
             tokens, mask, seen, in_answer = list(sample.input_ids), list(sample.loss_mask), set(), 0
             for i in range(len(tokens)):
                 in_answer = in_answer + 1 if mask[i] else 0  # position within the current answer
-                gram = tuple(tokens[i - N + 1: i + 1]) if i >= N - 1 else None
-                if gram is not None and mask[i] and (first is None or in_answer <= first):
+                if i < N - 1:
+                    continue
+                gram = tuple(tokens[i - N + 1: i + 1])
+                if mask[i] and (first is None or in_answer <= first):
                     total += 1
                     repeated += gram in seen
-                if gram is not None:
-                    seen.add(gram)
+                seen.add(gram)
     return {"answer_tokens": total, "repeated_share": round(repeated / max(total, 1), 3), "ids": ids}
 
 
