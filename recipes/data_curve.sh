@@ -12,7 +12,8 @@
 #   bash recipes/data_curve.sh round7       # runs/round7/KIND: the round-7 drafters, which the -r8 runs start from
 #   bash recipes/data_curve.sh round8       # runs/round8/KIND: the round-8 falcon, which the -r9 run starts from
 #   bash recipes/data_curve.sh round9       # runs/round9/KIND: the round-9 falcon (the averages read it)
-#   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores
+#   bash recipes/data_curve.sh train NAME   # one run (names below); two at once on two cores, or one under
+#                                           # FALCONSPEC="torchrun --standalone --nproc_per_node 2 falconspec"
 #   bash recipes/data_curve.sh average NAME # runs/curve/NAME/drafter: the mean of shipped stages' weights (AVERAGE_OF;
 #                                           # restore its inputs with the round stages first), scored like a run
 #   bash recipes/data_curve.sh final NAME   # its drafter on the whole held-out split of the token set (NAME: a run,
@@ -179,6 +180,10 @@ declare -A RUNS_OF=(
   [falcon-s-sampled]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
   # both texts together (twice the distinct answers, the same steps): does adding the sampled answers help?
   [falcon-s-mix]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
+  # round 15: the full schedule round 14 asks for: from scratch on every train sequence of both texts (the greedy
+  # set and the whole sampled set, ~11,400 sequences), one pass; STEPS=1425 under FALCONSPEC="torchrun --standalone
+  # --nproc_per_node 2 falconspec" (8 sequences a step), resumable across sessions (re-run it)
+  [falcon-full-mix]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -197,13 +202,15 @@ declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falc
                     [falcon-r10]=$HELDOUT_TOKENS [falcon-r11]=$HELDOUT_TOKENS [falcon-r12-2layers]=$HELDOUT_TOKENS
                     [falcon-r12-grownlr]=$HELDOUT_TOKENS [falcon-r13-sampled]=$HELDOUT_TOKENS
                     [falcon-r13-greedy]=$HELDOUT_TOKENS [falcon-s-greedy]=$HELDOUT_TOKENS
-                    [falcon-s-sampled]=$HELDOUT_TOKENS [falcon-s-mix]=$HELDOUT_TOKENS)
+                    [falcon-s-sampled]=$HELDOUT_TOKENS [falcon-s-mix]=$HELDOUT_TOKENS
+                    [falcon-full-mix]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
                     [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS
                     [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS
                     [falcon-r13-sampled]=$TOKENS_T07 [falcon-r13-greedy]=$TOKENS
                     [falcon-s-greedy]=$GREEDY_22 [falcon-s-sampled]=$T07_19
-                    [falcon-s-mix]=$GREEDY_22,$T07_19)  # else $FEATURES-N, N from the name
+                    [falcon-s-mix]=$GREEDY_22,$T07_19
+                    [falcon-full-mix]=$TOKENS,$TOKENS_T07)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
