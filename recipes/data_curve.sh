@@ -181,7 +181,7 @@ declare -A RUNS_OF=(
   # both texts together (twice the distinct answers, the same steps): does adding the sampled answers help?
   [falcon-s-mix]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
   # round 15: the full schedule round 14 asks for: from scratch on every train sequence of both texts (the greedy
-  # set and the whole sampled set, ~11,400 sequences), one pass; STEPS=1425 under FALCONSPEC="torchrun --standalone
+  # set and the whole sampled set, ~11,400 sequences), one pass; STEPS=1430 under FALCONSPEC="torchrun --standalone
   # --nproc_per_node 2 falconspec" (8 sequences a step), resumable across sessions (re-run it)
   [falcon-full-mix]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
   # its second pass, as rounds 7-8 continued theirs: warm restart at half the peak (5e-4 -> 5e-5), another data order
