@@ -1,18 +1,14 @@
 """Checkpoint averaging of drafters (recipes/average_drafters.py)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from falconspec.drafters.sar_model import SARDrafterModel
+from recipe_scripts import recipe_script
 
-SPEC = importlib.util.spec_from_file_location("average_drafters",
-                                              Path(__file__).parents[1] / "recipes" / "average_drafters.py")
-average_drafters = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(average_drafters)
+average_drafters = recipe_script("average_drafters")
 
 
 def saved(target, directory, seed, **options):

@@ -1,16 +1,12 @@
 """The chain cost model of recipes/k2_cost_model.py (why a k=2 drafter does or does not beat a k=1 head)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from falconspec.calibrate import FORMAT
+from recipe_scripts import recipe_script
 
-SPEC = importlib.util.spec_from_file_location("k2_cost_model",
-                                              Path(__file__).parents[1] / "recipes" / "k2_cost_model.py")
-k2 = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(k2)
+k2 = recipe_script("k2_cost_model")
 
 
 def test_chain_model_counts_passes_per_block():
