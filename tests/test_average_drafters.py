@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from falconspec.drafters.sar_model import SARDrafterModel
-from recipe_scripts import recipe_script
+from repo_scripts import load_script
 
-average_drafters = recipe_script("average_drafters")
+average_drafters = load_script("recipes/average_drafters.py")
 
 
 def saved(target, directory, seed, **options):

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from falconspec.calibrate import FORMAT
-from recipe_scripts import recipe_script
+from repo_scripts import load_script
 
-k2 = recipe_script("k2_cost_model")
+k2 = load_script("recipes/k2_cost_model.py")
 
 
 def test_chain_model_counts_passes_per_block():

@@ -24,6 +24,7 @@ import httpx
 import openai
 import pytest
 from recording_batch import RecordingBatchGenerator
+from repo_scripts import load_script
 from prometheus_client.parser import text_string_to_metric_families
 
 from falconspec import SpeculativeGenerator
@@ -922,16 +923,7 @@ def test_shutdown_ends_every_running_request_and_refuses_the_waiting_ones(model_
 
 def test_the_load_test_script_checks_a_batched_server(model_dir, tmp_path):
     """benchmarks/load_test.py end to end on a few short requests: batched answers equal the same requests alone."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "load_test.py")
-    spec = importlib.util.spec_from_file_location("load_test", path)
-    load_test = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = load_test  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(load_test)
-    finally:
-        del sys.modules["load_test"]
+    load_test = load_script("benchmarks/load_test.py")
     out = tmp_path / "load.json"
     with thread_server(model_dir, max_batch=3) as base:
         code = load_test.main(["--base-url", base, "--requests", "6", "--concurrency", "3", "--min-tokens", "4",

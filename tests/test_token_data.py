@@ -15,7 +15,7 @@ from falconspec.token_data import (
     iter_token_samples, read_manifest, read_token_shard, regenerate, stream_dialogues, token_dtype, user_turns,
     write_token_shard,
 )
-from recipe_scripts import recipe_script
+from repo_scripts import load_script
 
 
 def quiet(*_):
@@ -504,7 +504,7 @@ def test_training_reads_several_token_datasets_as_one(tmp_path, tiny_dir, monkey
 
 def test_a_view_of_the_first_shards_reads_exactly_them(tmp_path, tiny_dir):
     """recipes/token_subset.py: a manifest of a dataset's first N shards, its shards/ linked, read as a dataset."""
-    token_subset = recipe_script("token_subset")
+    token_subset = load_script("recipes/token_subset.py")
     src = write_convs(tmp_path / "c.json", 6, turns=2)
     cfg = TokenDataConfig(model=str(tiny_dir), source=str(src), out=str(tmp_path / "d"), split="all", max_len=200,
                           max_new_tokens=8, shard_size=2, batch_size=4, gen_dtype="float32")
