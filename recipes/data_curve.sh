@@ -187,6 +187,8 @@ declare -A RUNS_OF=(
   # its second pass, as rounds 7-8 continued theirs: warm restart at half the peak (5e-4 -> 5e-5), another data order
   # (--seed 1); STEPS=1430 under the same two-process torchrun, resumable across sessions
   [falcon-full-mix2]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-full-mix/drafter --lr 5e-4 --min-lr 5e-5 --seed 1"
+  # its third pass: warm restart at half the second's peak (2.5e-4 -> 2.5e-5), a third data order (--seed 2)
+  [falcon-full-mix3]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-full-mix2/drafter --lr 2.5e-4 --min-lr 2.5e-5 --seed 2"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -206,14 +208,16 @@ declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falc
                     [falcon-r12-grownlr]=$HELDOUT_TOKENS [falcon-r13-sampled]=$HELDOUT_TOKENS
                     [falcon-r13-greedy]=$HELDOUT_TOKENS [falcon-s-greedy]=$HELDOUT_TOKENS
                     [falcon-s-sampled]=$HELDOUT_TOKENS [falcon-s-mix]=$HELDOUT_TOKENS
-                    [falcon-full-mix]=$HELDOUT_TOKENS [falcon-full-mix2]=$HELDOUT_TOKENS)
+                    [falcon-full-mix]=$HELDOUT_TOKENS [falcon-full-mix2]=$HELDOUT_TOKENS
+                    [falcon-full-mix3]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
                     [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS
                     [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS
                     [falcon-r13-sampled]=$TOKENS_T07 [falcon-r13-greedy]=$TOKENS
                     [falcon-s-greedy]=$GREEDY_22 [falcon-s-sampled]=$T07_19
                     [falcon-s-mix]=$GREEDY_22,$T07_19
-                    [falcon-full-mix]=$TOKENS,$TOKENS_T07 [falcon-full-mix2]=$TOKENS,$TOKENS_T07)  # else $FEATURES-N, N from the name
+                    [falcon-full-mix]=$TOKENS,$TOKENS_T07 [falcon-full-mix2]=$TOKENS,$TOKENS_T07
+                    [falcon-full-mix3]=$TOKENS,$TOKENS_T07)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
