@@ -23,14 +23,15 @@ def prompts(n, vocab, seed):
 
 
 def drafter_for(target, k, seed=0, dtype=torch.float32, draft_vocab=None, newest_pair=False, chain_slots=False,
-                newest_slots=False, reversed_slots=False, chain_attention=False, **options):
+                newest_slots=False, reversed_slots=False, chain_attention=False, feature_layers=None, **options):
     """Trees larger than the CPU default (16 nodes, depth 6) unless the test says otherwise: more paths to check.
     ``newest_pair``, ``chain_slots``, ``chain_attention``: their zero-initialised weights get random values, so that
-    they matter; ``newest_slots`` brings the chain with it."""
+    they matter; ``newest_slots`` brings the chain with it; ``feature_layers``: multi-layer features."""
     torch.manual_seed(seed)
     model = SARDrafterModel.for_target(target, k=k, draft_vocab=draft_vocab, newest_pair=newest_pair,
                                        chain_slots=chain_slots or newest_slots, newest_slots=newest_slots,
-                                       reversed_slots=reversed_slots, chain_attention=chain_attention)
+                                       reversed_slots=reversed_slots, chain_attention=chain_attention,
+                                       feature_layers=feature_layers)
     chain_slots = chain_slots or newest_slots
     with torch.no_grad():
         if newest_pair:
@@ -75,6 +76,8 @@ def test_greedy_output_equals_plain_greedy(arch, k):
     {"reversed_slots": True, "chain_slots": True, "newest_pair": True},
     {"static_tree": "k2-16"},
     {"num_nodes": 6, "depth": 3, "top_k": 2, "branches": 1},
+    {"feature_layers": [1, 0]},
+    {"feature_layers": [0, 1], "chain_slots": True, "newest_pair": True, "static_tree": "k2-16"},
 ])
 def test_greedy_equality_with_options(llama, options):
     plain = SpeculativeGenerator(llama)
@@ -83,6 +86,9 @@ def test_greedy_equality_with_options(llama, options):
     for prompt in prompts(5, llama.vocab_size, seed=5):
         expected = plain.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True)
         assert spec.generate(input_ids=prompt, max_new_tokens=NEW, ignore_eos=True).token_ids == expected.token_ids
+    layers = options.get("feature_layers")
+    assert drafter.tail_features.shape[-1] == llama.hidden_size * len(layers or [None]), \
+        "a multi-layer drafter is given the fused layers' inputs of the committed positions"
 
 
 def test_a_drafter_without_a_budget_is_planned(llama):

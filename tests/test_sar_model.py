@@ -227,3 +227,34 @@ def test_newest_pair_save_load_round_trip(llama, tmp_path):
     assert json.loads((tmp_path / "d" / "config.json").read_text())["newest_pair"] is True
     loaded = SARDrafterModel.from_pretrained(tmp_path / "d", llama)
     torch.testing.assert_close(loaded.newest.weight, model.newest.weight, rtol=0, atol=0)
+
+
+def test_multi_layer_features_round_trip_and_widths(llama, tmp_path):
+    """``feature_layers``: the committed positions' features are those layers' inputs side by side (F*H wide, mapped
+    to H by ``feature_fc``); the drafter's own features (H wide) skip the map; the layers are stored and checked."""
+    torch.manual_seed(2)
+    layers = [1, 0]
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1, feature_layers=layers).eval()
+    assert model.feature_layers == layers and model.feature_fc.in_features == 2 * llama.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, llama.vocab_size, (8,), generator=gen)
+    fused = llama.prefill(ids, layers)[:-1][None]  # [1, 7, 2H]
+    own = torch.randn(1, 7, llama.hidden_size, generator=gen)  # the drafter's own features
+    embeds = model.embed(llama.model.get_input_embeddings(), ids[1:])[None]
+    mask, positions = relaxed_causal_mask(7, 0, 2, end_aligned_offset(7, 2)), torch.arange(7)[None]
+    mapped = model(model.feature_fc(fused), embeds, positions, mask)
+    torch.testing.assert_close(model(fused, embeds, positions, mask), mapped, rtol=0, atol=0)
+    assert model(own, embeds, positions, mask).shape == (1, 7, llama.hidden_size)
+    with pytest.raises(ValueError, match=f"must be \\[B, S, {llama.hidden_size} or {2 * llama.hidden_size}\\]"):
+        model(torch.cat([fused, own], dim=-1), embeds, positions, mask)
+    model.save_pretrained(tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["feature_layers"] == layers and config["num_target_layers"] == llama.config.num_hidden_layers
+    loaded = SARDrafterModel.from_pretrained(tmp_path / "d", llama)
+    torch.testing.assert_close(loaded(fused, embeds, positions, mask), mapped, rtol=0, atol=0)
+    assert SARDrafter(loaded, llama).feature_layers == layers and SARDrafter(loaded, llama).name == "falcon"
+    deeper = tiny_target("llama", num_layers=3)
+    with pytest.raises(DrafterMismatchError, match="fuses layers \\[1, 0\\] of a 2-layer target"):
+        SARDrafterModel.from_pretrained(tmp_path / "d", deeper)
+    with pytest.raises(ValueError, match="feature_layers \\[2\\] must be target layer ids in \\[0, num_target_layers=2\\)"):
+        SARDrafterModel.for_target(llama, feature_layers=[2])

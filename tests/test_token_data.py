@@ -518,3 +518,52 @@ def test_a_view_of_the_first_shards_reads_exactly_them(tmp_path, tiny_dir):
     assert (tmp_path / "view" / "shards").is_symlink()
     with pytest.raises(SystemExit, match="3 all shards below index 9, not 9"):
         token_subset.write_view(tmp_path / "d", 9, tmp_path / "view2", split="all")
+
+
+def test_multi_layer_features_train_from_tokens_as_the_engine_supplies_them(tmp_path, tiny_dir):
+    """``falconspec train --feature-layers``: each sample also holds those layers' inputs, exactly what the target
+    gives the drafter at decoding time (``prefill`` with the drafter's ``feature_layers``); the trained drafter
+    records them, a resume must keep them, and stored (last-layer) features are refused."""
+    from falconspec.data import is_heldout
+    from falconspec.drafters.sar_model import SARDrafterModel
+    from falconspec.models import load_target
+    from falconspec.token_data import TokenFeatures
+    from falconspec.train import train
+    from falconspec.train_common import TrainConfig
+
+    held = [i for i in range(400) if is_heldout(f"c{i}")][:2]
+    src = write_convs(tmp_path / "c.json", max(held) + 1)
+    common = dict(model=str(tiny_dir), source=str(src), max_len=96, max_new_tokens=12, gen_dtype="float32",
+                  shard_size=3, batch_size=3, out=str(tmp_path / "tok"))
+    generate_token_dataset(TokenDataConfig(**common, split="train", limit=6), progress=quiet)
+    generate_token_dataset(TokenDataConfig(**common, split="heldout"), progress=quiet)
+    target = load_target(str(tiny_dir))
+    plain = TokenFeatures(tmp_path / "tok", target, str(tiny_dir))[0]
+    sample = TokenFeatures(tmp_path / "tok", target, str(tiny_dir), feature_layers=[1, 0], store_dtype="float32")[0]
+    assert "layer_inputs" not in plain and torch.equal(sample["hidden_states"].half(), plain["hidden_states"])
+    torch.testing.assert_close(sample["layer_inputs"], target.prefill(sample["input_ids"].long(), [1, 0]))
+
+    def cfg(out, **changes):
+        return TrainConfig(**{**dict(data=str(tmp_path / "tok"), eval_data=str(tmp_path / "tok"), out=str(out),
+                                     model=str(tiny_dir), max_steps=3, eval_every=3, save_every=1, log_every=1,
+                                     draft_vocab=20, lr=3e-3, warmup=1, batch_size=2, eval_samples=2, max_len=96,
+                                     k=2, newest_pair=True, chain_slots=True, feature_layers="auto"), **changes})
+
+    drafter = train(cfg(tmp_path / "run"))
+    model = SARDrafterModel.from_pretrained(drafter, target)
+    assert model.feature_layers == [0, 1], "'auto' on a 2-layer target: its first and last layer"
+    recipe = json.loads((drafter / "recipe.json").read_text())
+    assert recipe["data"]["feature_layers"] == [0, 1] and recipe["final"]["acc@1"] >= 0
+    with pytest.raises(ValueError, match="reads target layers \\[0, 1\\].*pass --feature-layers 0,1"):
+        train(cfg(tmp_path / "run", max_steps=4, feature_layers=""))
+    last = train(cfg(tmp_path / "last", feature_layers="", max_steps=1, eval_every=1))
+    with pytest.raises(ValueError, match="reads target layers last .after the final norm., not \\[0, 1\\]: pass no"):
+        train(cfg(tmp_path / "grown", init_from=str(last)))
+    features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="train",
+                         progress=quiet)
+    with pytest.raises(ValueError, match="--feature-layers needs the target's layer inputs"):
+        train(cfg(tmp_path / "stored", data=str(tmp_path / "feat"), eval_data=""))
+    with pytest.raises(ValueError, match="--feature-layers gives a SAR drafter multi-layer features: it needs --kind sar"):
+        cfg(tmp_path / "medusa", kind="medusa")
+    with pytest.raises(ValueError, match="distinct layer ids in \\[0, 2\\)"):
+        train(cfg(tmp_path / "bad", feature_layers="0,5"))

@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -289,16 +289,22 @@ def _as_list(x) -> list:
 
 # ----------------------------------------------------------------------------- target pass and shards
 @torch.inference_mode()
-def teacher_forced(target, sample: Sample, store_dtype: torch.dtype = torch.float16) -> dict:
+def teacher_forced(target, sample: Sample, store_dtype: torch.dtype = torch.float16,
+                   feature_layers: Sequence[int] | None = None) -> dict:
     """One target forward over a sample: per-token hidden states [L, H] (post final norm, ``store_dtype``) and the
-    target's greedy next token [L] (argmax of the full LM head)."""
+    target's greedy next token [L] (argmax of the full LM head); with ``feature_layers`` also ``layer_inputs``
+    [L, H * len(feature_layers)], those decoder layers' inputs side by side (a multi-layer drafter's input features)."""
     ids = torch.tensor(sample.input_ids, device=target.device)
-    hidden = target.decoder(input_ids=ids[None]).last_hidden_state[0]  # [L, H]
+    with target.layer_inputs(feature_layers) as captured:
+        hidden = target.decoder(input_ids=ids[None]).last_hidden_state[0]  # [L, H]
     greedy = torch.cat([target.logits(h).argmax(-1) for h in hidden.split(256)])  # [L]
-    stored = hidden.to(store_dtype)
-    if not torch.isfinite(stored).all():
-        raise ValueError(f"hidden states of {sample.id} overflow {store_dtype}: pass --store-dtype bfloat16")
-    return {"input_ids": ids.to(torch.int32).cpu(), "hidden_states": stored.cpu(),
+    stored = {"hidden_states": hidden.to(store_dtype)}
+    if feature_layers:
+        stored["layer_inputs"] = torch.cat([h[0] for h in captured], dim=-1).to(store_dtype)
+    for key, value in stored.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{key} of {sample.id} overflow {store_dtype}: pass --store-dtype bfloat16")
+    return {"input_ids": ids.to(torch.int32).cpu(), **{key: value.cpu() for key, value in stored.items()},
             "loss_mask": torch.tensor(sample.loss_mask, dtype=torch.uint8),
             "target_tokens": greedy.to(torch.int32).cpu()}
 

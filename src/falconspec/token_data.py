@@ -953,10 +953,12 @@ class TokenFeatures(Sequence):
     answers sampled to the same prompts): their sequences in that order, the meta of each under ``datasets``."""
 
     def __init__(self, data_dir: str | Path, target, model: str, split: str = "train", max_len: int | None = None,
-                 store_dtype: str = "float16", check_weights: bool = True):
+                 store_dtype: str = "float16", check_weights: bool = True,
+                 feature_layers: Sequence[int] | None = None):
         from .models import parse_dtype
 
         self.target, self.store_dtype = target, parse_dtype(store_dtype)
+        self.feature_layers = list(feature_layers) if feature_layers else None  # also their inputs (layer_inputs)
         self.sequences, metas, made_by = [], [], None
         for directory in token_dataset_dirs(data_dir):
             manifest = read_manifest(directory)
@@ -976,6 +978,8 @@ class TokenFeatures(Sequence):
             "max_len": max(m["max_len"] for m in metas), "token_shards": [h for m in metas for h in m["token_shards"]],
             "num_conversations": sum(m["num_conversations"] for m in metas), "datasets": metas}
         self.meta = {**meta, "features": "on the fly (falconspec train)"}
+        if self.feature_layers:
+            self.meta["feature_layers"] = self.feature_layers
 
     @property
     def ids(self) -> list[str]:
@@ -1001,7 +1005,7 @@ class TokenFeatures(Sequence):
             return self._view(sequences=self.sequences[i])
         # in full precision whatever autocast a training step runs in, and as ordinary (not inference-mode) tensors
         with torch.autocast(self.target.device.type, enabled=False):
-            sample = teacher_forced(self.target, self.sequences[i], self.store_dtype)
+            sample = teacher_forced(self.target, self.sequences[i], self.store_dtype, self.feature_layers)
         return {key: value.clone() for key, value in sample.items()}
 
     def answer_token_counts(self, vocab_size: int) -> torch.Tensor:

@@ -36,21 +36,26 @@ class Rows:
     """A dataclass of tensors whose first dimension is the sequence."""
 
     def repeat_each(self, times: int):
-        """Every sequence ``times`` times in a row (sequence i becomes rows i * times ... i * times + times - 1)."""
-        return type(self)(**{name: value.repeat_interleave(times, dim=0) for name, value in self.__dict__.items()})
+        """Every sequence ``times`` times in a row (sequence i becomes rows i * times ... i * times + times - 1); a
+        tensor two fields share stays shared."""
+        repeated: dict[int, torch.Tensor] = {}
+        for value in self.__dict__.values():
+            if id(value) not in repeated:
+                repeated[id(value)] = value.repeat_interleave(times, dim=0)
+        return type(self)(**{name: repeated[id(value)] for name, value in self.__dict__.items()})
 
 
 @dataclass
 class Batch(Rows):
     """A right-padded batch of S = L_max - 1 drafter positions. Position j pairs feature h_j with token x_{j+1} and
     regresses h_{j+k}, whose greedy token (the target's prediction of x_{j+k+1}) is the label."""
-    features: torch.Tensor  # [B, S, H] input features h_j
+    features: torch.Tensor  # [B, S, F] input features h_j (F = H, or the fused layers' inputs: H per layer)
     tokens: torch.Tensor  # [B, S] input tokens x_{j+1}
     target_features: torch.Tensor  # [B, S, H] h_{j+k} (zero past the end)
     labels: torch.Tensor  # [B, S] the target's greedy token at j+k (-1 past the end)
     valid: torch.Tensor  # [B, S] bool: trained on (x_{j+k+1} is an assistant token)
     key_padding: torch.Tensor  # [B, S] bool: real position
-    next_features: torch.Tensor  # [B, S, H] the clean ground-truth input of position j+k (= target_features)
+    next_features: torch.Tensor  # [B, S, F] the clean ground-truth input of position j+k (F = H: target_features)
     next_tokens: torch.Tensor  # [B, S] x_{j+k+1}, the ground-truth input token of position j+k
 
     def __len__(self) -> int:
@@ -65,6 +70,7 @@ class Padded(Rows):
     """Gen-data samples (see :class:`falconspec.data.ShardDataset`) right-padded to one width L: what every batch
     layout is cut from (:func:`regressing`)."""
     hidden: torch.Tensor  # [B, L, H] the target's features h_0 .. h_{L-1}
+    inputs: torch.Tensor  # [B, L, F] the drafter's input features: ``hidden`` itself, or the fused layers' inputs
     ids: torch.Tensor  # [B, L] token ids (0 past the end)
     loss_mask: torch.Tensor  # [B, L] bool: an answer token
     greedy: torch.Tensor  # [B, L] the target's greedy token after each position (-1 past the end)
@@ -78,7 +84,6 @@ def pad_samples(samples: list[dict], max_len: int) -> Padded:
     """Cut gen-data samples to ``max_len`` tokens and right-pad them to the longest."""
     samples = [{key: v[:max_len] for key, v in s.items()} for s in samples]
     width = max(len(s["input_ids"]) for s in samples)
-    hidden = samples[0]["hidden_states"].shape[-1]
 
     def pad(key: str, shape: tuple, fill, dtype) -> torch.Tensor:
         out = torch.full((len(samples), *shape), fill, dtype=dtype)
@@ -86,7 +91,12 @@ def pad_samples(samples: list[dict], max_len: int) -> Padded:
             out[i, : len(s[key])] = s[key].to(dtype)
         return out
 
-    return Padded(hidden=pad("hidden_states", (width, hidden), 0.0, torch.float32),
+    def features(key: str) -> torch.Tensor:
+        return pad(key, (width, samples[0][key].shape[-1]), 0.0, torch.float32)
+
+    hidden = features("hidden_states")
+    inputs = features("layer_inputs") if "layer_inputs" in samples[0] else hidden
+    return Padded(hidden=hidden, inputs=inputs,
                   ids=pad("input_ids", (width,), 0, torch.long), loss_mask=pad("loss_mask", (width,), 0, torch.bool),
                   greedy=pad("target_tokens", (width,), -1, torch.long),
                   lengths=torch.tensor([len(s["input_ids"]) for s in samples]))
@@ -102,11 +112,13 @@ def regressing(padded: Padded, ahead: int | torch.Tensor) -> Batch:
     take, rows = regressed.clamp(max=width - 1), torch.arange(B)[:, None]
     after = (take + 1).clamp(max=width - 1)
     target_features = torch.where(in_range[..., None], padded.hidden[rows, take], 0.0)
+    next_features = target_features if padded.inputs is padded.hidden else torch.where(
+        in_range[..., None], padded.inputs[rows, take], 0.0)
     return Batch(
-        features=padded.hidden[:, :S], tokens=padded.ids[:, 1:], target_features=target_features,
+        features=padded.inputs[:, :S], tokens=padded.ids[:, 1:], target_features=target_features,
         labels=torch.where(in_range, padded.greedy[rows, take], -1),
         valid=in_range & padded.loss_mask[rows, after], key_padding=j[None] < (padded.lengths[:, None] - 1),
-        next_features=target_features, next_tokens=torch.where(in_range, padded.ids[rows, after], 0),
+        next_features=next_features, next_tokens=torch.where(in_range, padded.ids[rows, after], 0),
     )
 
 
@@ -198,7 +210,7 @@ def rollout(model, embed: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
 
     k, S, dev = model.k, len(sample["input_ids"]) - 1, head.device  # index bookkeeping stays on the CPU
     block = attention_block(model)  # k, or 1: causal, every slot drafted from the newest position
-    h = sample["hidden_states"].float()[None, :S].to(dev)  # [1, S, H]
+    h = sample.get("layer_inputs", sample["hidden_states"]).float()[None, :S].to(dev)  # [1, S, F] input features
     ids = sample["input_ids"].long()
     greedy = sample["target_tokens"].long()
     hits = torch.zeros(len(starts), depth, dtype=torch.bool)
@@ -544,6 +556,12 @@ class SARObjective(ShardObjective, Objective):
     def check(self, model, why: str, source) -> None:
         cfg = self.config
         mine = model.config
+        layers = self.feature_layers
+        if mine.feature_layers != layers:
+            flag = f"--feature-layers {','.join(map(str, mine.feature_layers))}" if mine.feature_layers else (
+                "no --feature-layers")
+            raise ValueError(f"{source} reads target layers {mine.feature_layers or 'last (after the final norm)'}, "
+                             f"not {layers or 'the last'}: pass {flag} (a drafter's input features cannot change)")
         shape = ("k", "num_layers", "newest_pair", "chain_slots", "newest_slots", "reversed_slots", "chain_attention")
         if all(getattr(mine, name) == getattr(cfg, name) for name in shape):
             return
@@ -567,7 +585,8 @@ class SARObjective(ShardObjective, Objective):
         model = SARDrafterModel.for_target(target, k=cfg.k, num_layers=cfg.num_layers, draft_vocab=vocab_ids,
                                            newest_pair=cfg.newest_pair, chain_slots=cfg.chain_slots,
                                            newest_slots=cfg.newest_slots, reversed_slots=cfg.reversed_slots,
-                                           chain_attention=cfg.chain_attention)
+                                           chain_attention=cfg.chain_attention,
+                                           feature_layers=self.feature_layers)
         if cfg.init_from_target:
             for mine, theirs in zip(model.layers, target.decoder.layers[-cfg.num_layers:]):
                 mine.load_state_dict(theirs.state_dict())

@@ -44,6 +44,10 @@ class TrainConfig:
     num_layers: int = _opt(1, "drafter decoder layers (more than an --init-from drafter has: the appended ones "
                                  "start as copies of its last layer that pass their input through unchanged)")
     init_from_target: bool = _opt(False, "initialize the drafter's decoder layers from the target's last layers")
+    feature_layers: str = _opt("", "SAR: EAGLE-3-style multi-layer features: the drafter reads the inputs of these "
+                                   "target decoder layers side by side (comma-separated ids, or 'auto': a low, a "
+                                   "middle and a high one, 2, L/2 and L-3) instead of the target's last layer; "
+                                   "needs a token dataset as --data (features computed on the fly)")
     init_from: str = _opt("", "start from this trained drafter directory, or falcon/eagle/medusa for the one shipped "
                               "with --model (its weights and draft vocabulary; a fresh optimizer and schedule)")
     draft_vocab: int = _opt(8192, "draft vocabulary size: most frequent target tokens of the data (0 = full)")
@@ -130,7 +134,8 @@ class TrainConfig:
         if self.feature_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--feature-dtype must be float32, bfloat16 or float16, got {self.feature_dtype!r}")
         sar_only = {"--every-alignment": "trains a SAR drafter's block alignments",
-                    "--ttt-blocks": "unrolls a SAR drafter's blocks"}
+                    "--ttt-blocks": "unrolls a SAR drafter's blocks",
+                    "--feature-layers": "gives a SAR drafter multi-layer features"}
         for flag, what in sar_only.items():
             if getattr(self, flag[2:].replace("-", "_")) and self.kind != "sar":
                 raise ValueError(f"{flag} {what}: it needs --kind sar, not {self.kind!r}")
@@ -205,15 +210,38 @@ def draft_vocabulary(samples: Sequence[dict], target, cfg: TrainConfig) -> torch
     return most_frequent_tokens(counts, cfg.draft_vocab, always=sorted(target.eos_token_ids))
 
 
+def resolve_feature_layers(spec: str, num_layers: int) -> list[int] | None:
+    """``--feature-layers``: '' -> None (the target's last layer), 'auto' -> EAGLE-3's low, middle and high layers,
+    else comma-separated layer ids of a ``num_layers``-layer target."""
+    from .drafters.eagle3_model import default_feature_layers
+
+    if not spec:
+        return None
+    if spec == "auto":
+        return default_feature_layers(num_layers)
+    try:
+        layers = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--feature-layers takes 'auto' or comma-separated layer ids, got {spec!r}") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or len(set(layers)) != len(layers):
+        raise ValueError(f"--feature-layers {spec}: need distinct layer ids in [0, {num_layers}) (the target has "
+                         f"{num_layers} decoder layers)")
+    return layers
+
+
 def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dict]:
     """The train samples (a sequence of sample dicts), the held-out samples (in memory) and the train data's meta.
     ``--data``/``--eval-data`` are feature directories (``gen-data``) or token datasets (``gen-data --format
     tokens``), whose features ``target`` computes as steps read them (:class:`.token_data.TokenFeatures`; the
     held-out split of a token dataset for ``--eval-data``), the train split's in ``--feature-dtype``; held-out
-    features are computed by ``target`` (fp32) either way, also those carved from ``--data`` without ``--eval-data``."""
+    features are computed by ``target`` (fp32) either way, also those carved from ``--data`` without ``--eval-data``.
+    With ``--feature-layers`` every sample also holds those layers' inputs (``layer_inputs``)."""
     from .data import ShardDataset
     from .models import load_target
     from .token_data import TokenFeatures, is_token_dataset, token_dataset_dirs
+
+    layers = resolve_feature_layers(cfg.feature_layers, target.config.num_hidden_layers)
 
     def read(path: str, split: str, check_weights: bool = True):
         listed = token_dataset_dirs(path)
@@ -222,7 +250,10 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
                              f"{', '.join(d for d in listed if not is_token_dataset(d))} is not one")
         if is_token_dataset(path):
             return TokenFeatures(path, target, cfg.model, split=split, max_len=cfg.max_len,
-                                 check_weights=check_weights)
+                                 check_weights=check_weights, feature_layers=layers)
+        if layers:
+            raise ValueError(f"--feature-layers needs the target's layer inputs, computed on the fly from a token "
+                             f"dataset (gen-data --format tokens), but {path} holds stored last-layer features")
         if split == "train" and cfg.feature_dtype != "float32":
             raise ValueError(f"--feature-dtype {cfg.feature_dtype} sets the dtype of features computed from a token "
                              f"dataset, but {path} holds stored features (gen-data --from-tokens --dtype makes them)")
@@ -397,6 +428,8 @@ class ShardObjective:
 
         cfg = self.config
         target = load_target(cfg.model, device=device)
+        # the target layers whose inputs a (SAR) drafter reads; None: its last layer
+        self.feature_layers = resolve_feature_layers(cfg.feature_layers, target.config.num_hidden_layers)
         self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target)
         if checkpoint is not None or cfg.init_from:
             source = checkpoint if checkpoint is not None else resolve_init_from(cfg)

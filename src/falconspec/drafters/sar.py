@@ -37,6 +37,7 @@ from ..kernels import attach_policy, policy_linear
 from ..tree import Tree
 from ..verify import Acceptance
 from .base import INITIAL_NUM_NODES, Drafter
+from .eagle3_model import Eagle3DrafterModel
 from .sar_model import (
     ChainReads, SARDrafterModel, additive_mask, attention_block, check_fits, end_aligned_offset, relaxed_causal_mask,
     slot_outputs,
@@ -76,7 +77,7 @@ class SARDrafter(Drafter):
         self.attention_block = attention_block(model)  # k, or 1 when every slot drafts from the newest position
         self.chain = getattr(model, "chain", None)  # chain_slots: later slots conditioned on the candidate before
         self._attends = getattr(model, "chain_attention", None) is not None  # the chain attends first
-        self.name = "falcon" if self.k > 1 else "eagle3" if model.feature_layers else "eagle"
+        self.name = "falcon" if self.k > 1 else "eagle3" if isinstance(model, Eagle3DrafterModel) else "eagle"
         self.feature_layers = model.feature_layers  # None: the target's last layer
         self.num_nodes, self.depth, self.top_k, self.branches = num_nodes, depth, top_k, branches
         self.static_paths = None

@@ -241,6 +241,12 @@ class SARConfig:
     # newest position sees, as the head's second pass does, without a second pass through the decoder (an addition of
     # ours)
     chain_attention: bool = False
+    # EAGLE-3's multi-layer features: the inputs of these target decoder layers (a low, a middle and a high one),
+    # side by side, are the features of the committed positions, mapped to H by ``feature_fc`` (Linear(F*H -> H)) before
+    # the fusion; the drafter's own predicted features (width H) skip it, and the outputs still regress the target's
+    # last layer (after its final norm). None: the target's last layer is the feature, as in the paper
+    feature_layers: list[int] | None = None
+    num_target_layers: int = 0  # the target's decoder layers (checked on load when feature_layers is set)
     draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
     target_model_type: str = ""  # identity of the target: config.model_type, model class, name
     target_architecture: str = ""
@@ -265,6 +271,11 @@ class SARConfig:
                              "drafts from the block's newest position")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
+        if self.feature_layers is not None:
+            self.feature_layers = [int(i) for i in self.feature_layers]
+            if not self.feature_layers or any(not 0 <= i < self.num_target_layers for i in self.feature_layers):
+                raise ValueError(f"feature_layers {self.feature_layers} must be target layer ids in "
+                                 f"[0, num_target_layers={self.num_target_layers})")
 
     def to_llama_config(self) -> LlamaConfig:
         """The stock Llama config the decoder layers and rotary embedding are built from."""
@@ -391,6 +402,16 @@ class SARDrafterModel(nn.Module):
         norm = (lambda: nn.RMSNorm(hidden, eps=config.rms_norm_eps)) if config.fusion_norm else nn.Identity
         self.embed_norm, self.feature_norm = norm(), norm()
         self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
+        self.feature_fc = None
+        if config.feature_layers:  # the fused target layers' inputs -> one H-wide feature; it starts by passing the
+            # highest layer's input through (the nearest to the last layer a drafter without it reads), as EAGLE-3's
+            # drafter here starts (eagle3_model.py)
+            layers = config.feature_layers
+            self.feature_fc = nn.Linear(len(layers) * hidden, hidden, bias=False)
+            with torch.no_grad():
+                self.feature_fc.weight.zero_()
+                high = layers.index(max(layers))
+                self.feature_fc.weight[:, high * hidden:(high + 1) * hidden] = torch.eye(hidden)
         self.newest = None
         if config.newest_pair:  # starts at zero: an untrained one changes nothing
             self.newest = nn.Linear(2 * hidden, hidden, bias=False)
@@ -417,7 +438,7 @@ class SARDrafterModel(nn.Module):
             rms_norm_eps=float(getattr(tcfg, "rms_norm_eps", 1e-6)),
             rope_parameters=dict(getattr(tcfg, "rope_parameters", None) or {"rope_type": "default",
                                                                           "rope_theta": 10000.0}),
-            max_position_embeddings=target.max_context, **overrides,
+            max_position_embeddings=target.max_context, num_target_layers=tcfg.num_hidden_layers, **overrides,
         )
         return cls(config, draft_vocab).to(target.device)
 
@@ -509,13 +530,19 @@ class SARDrafterModel(nn.Module):
         them (``chain_slots``, :meth:`chain_teacher_forced`; inside forward, so data-parallel training syncs it);
         with ``newest_slots`` every position's k slots then come out, [B, S, k, H] (:meth:`slots_teacher_forced`;
         ``detach_chain``: the later slots' gradients stop at the chain)."""
-        if features.shape != token_embeds.shape or features.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must "
-                             f"both be [B, S, {self.config.hidden_size}]")
+        hidden_size = self.config.hidden_size
+        widths = (hidden_size,) if self.feature_fc is None else (hidden_size, self.feature_fc.in_features)
+        if (features.shape[:-1] != token_embeds.shape[:-1] or token_embeds.shape[-1] != hidden_size
+                or features.shape[-1] not in widths):
+            raise ValueError(f"features {tuple(features.shape)} and token_embeds {tuple(token_embeds.shape)} must be "
+                             f"[B, S, {' or '.join(map(str, widths))}] and [B, S, {hidden_size}]")
         dtype = self.dtype
         if attention_mask.dtype != dtype:  # re-derive rather than cast: float32's min overflows in bf16
             attention_mask = additive_mask(attention_mask == 0, dtype)
-        fused = torch.cat([self.embed_norm(token_embeds.to(dtype)), self.feature_norm(features.to(dtype))], dim=-1)
+        features = features.to(dtype)
+        if features.shape[-1] != hidden_size:  # the target's fused layers; the drafter's own features are H wide
+            features = self.feature_fc(features)
+        fused = torch.cat([self.embed_norm(token_embeds.to(dtype)), self.feature_norm(features)], dim=-1)
         hidden = self.fuse(fused)  # [B, S, H]
         if self.newest is not None:
             if block_offset is None:
@@ -592,7 +619,11 @@ class SARDrafterModel(nn.Module):
         return torch.where(later[..., None], chained, outputs)
 
     # ---------------------------------------------------------------- the (frozen) head
-    feature_layers = None  # reads the target's last layer after the final norm (what its LM head reads)
+    @property
+    def feature_layers(self) -> list[int] | None:
+        """The target layers whose inputs it reads (``SARConfig.feature_layers``); None: the target's last layer
+        after the final norm (what its LM head reads)."""
+        return self.config.feature_layers
 
     def head_input(self, outputs: torch.Tensor) -> torch.Tensor:
         """What the head reads of predicted features: the features themselves (they regress the target's)."""
