@@ -180,6 +180,11 @@ declare -A RUNS_OF=(
   [falcon-s-sampled]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
   # both texts together (twice the distinct answers, the same steps): does adding the sampled answers help?
   [falcon-s-mix]="$FALCON --dtype bfloat16 --feature-dtype bfloat16"
+  # EAGLE-3-style multi-layer features on falcon-s-mix's text, flags, steps and seed (issue 12 part 2): the inputs
+  # of target layers 2, 15 and 27 (EAGLE-3's low, middle and high, --feature-layers auto), or with 29 (the last
+  # layer's input) as the high one; STEPS=600, one process and thread each
+  [falcon-s-mix-fl]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --feature-layers auto"
+  [falcon-s-mix-fl29]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --feature-layers 2,15,29"
   # round 15: the full schedule round 14 asks for: from scratch on every train sequence of both texts (the greedy
   # set and the whole sampled set, ~11,400 sequences), one pass; STEPS=1430 under FALCONSPEC="torchrun --standalone
   # --nproc_per_node 2 falconspec" (8 sequences a step), resumable across sessions (re-run it)
@@ -208,6 +213,7 @@ declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falc
                     [falcon-r12-grownlr]=$HELDOUT_TOKENS [falcon-r13-sampled]=$HELDOUT_TOKENS
                     [falcon-r13-greedy]=$HELDOUT_TOKENS [falcon-s-greedy]=$HELDOUT_TOKENS
                     [falcon-s-sampled]=$HELDOUT_TOKENS [falcon-s-mix]=$HELDOUT_TOKENS
+                    [falcon-s-mix-fl]=$HELDOUT_TOKENS [falcon-s-mix-fl29]=$HELDOUT_TOKENS
                     [falcon-full-mix]=$HELDOUT_TOKENS [falcon-full-mix2]=$HELDOUT_TOKENS
                     [falcon-full-mix3]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
@@ -215,7 +221,8 @@ declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falco
                     [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS
                     [falcon-r13-sampled]=$TOKENS_T07 [falcon-r13-greedy]=$TOKENS
                     [falcon-s-greedy]=$GREEDY_22 [falcon-s-sampled]=$T07_19
-                    [falcon-s-mix]=$GREEDY_22,$T07_19
+                    [falcon-s-mix]=$GREEDY_22,$T07_19 [falcon-s-mix-fl]=$GREEDY_22,$T07_19
+                    [falcon-s-mix-fl29]=$GREEDY_22,$T07_19
                     [falcon-full-mix]=$TOKENS,$TOKENS_T07 [falcon-full-mix2]=$TOKENS,$TOKENS_T07
                     [falcon-full-mix3]=$TOKENS,$TOKENS_T07)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3

@@ -567,3 +567,7 @@ def test_multi_layer_features_train_from_tokens_as_the_engine_supplies_them(tmp_
         cfg(tmp_path / "medusa", kind="medusa")
     with pytest.raises(ValueError, match="distinct layer ids in \\[0, 2\\)"):
         train(cfg(tmp_path / "bad", feature_layers="0,5"))
+    with pytest.raises(ValueError, match="--eval-data shares"):  # --eval-split all: every shard, the train split's too
+        train(cfg(tmp_path / "all", eval_split="all"))
+    with pytest.raises(ValueError, match="--eval-split must be heldout or all"):
+        cfg(tmp_path / "all", eval_split="test")

@@ -36,6 +36,8 @@ class TrainConfig:
     out: str = field(metadata={"help": "run directory: checkpoint/, drafter/, log.jsonl"})
     eval_data: str = _opt("", "gen-data directory of held-out conversations, or a token dataset (its held-out "
                               "split) (default: the last --eval-samples of --data)")
+    eval_split: str = _opt("heldout", "split of a token dataset --eval-data is read from: heldout, or all (every shard, "
+                                      "e.g. the target's MT-bench answers from gen-data --source mt-bench --split all)")
     model: str = _opt("smollm2-135m", "target model the data was generated with")
     kind: str = _opt("sar", "training objective: sar, a SAR drafter trained with CSGD (--k 2: Falcon, --k 1: "
                             "EAGLE-style head); medusa, Medusa heads (--medusa-heads)")
@@ -131,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"--grown-lr must be >= 0, got {self.grown_lr}")
         if self.ttt_blocks < 0:
             raise ValueError(f"--ttt-blocks must be >= 0, got {self.ttt_blocks}")
+        if self.eval_split not in ("heldout", "all"):
+            raise ValueError(f"--eval-split must be heldout or all, got {self.eval_split!r}")
         if self.feature_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--feature-dtype must be float32, bfloat16 or float16, got {self.feature_dtype!r}")
         sar_only = {"--every-alignment": "trains a SAR drafter's block alignments",
@@ -269,7 +273,7 @@ def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dic
     if cfg.eval_data:
         checked = is_token_dataset(cfg.data) and Path(cfg.eval_data).resolve() in {
             Path(d).resolve() for d in token_dataset_dirs(cfg.data)}
-        held = read(cfg.eval_data, "heldout", check_weights=not checked)  # one weights hash per token dataset
+        held = read(cfg.eval_data, cfg.eval_split, check_weights=not checked)  # one weights hash per token dataset
         if held.meta.get("model") != data.meta.get("model"):
             raise ValueError(f"--eval-data was generated with {held.meta.get('model')!r}, --data with "
                              f"{data.meta.get('model')!r}")
