@@ -38,6 +38,18 @@ def write_convs(path, n, turns=2):
     return path
 
 
+def token_dataset_with_heldout(out, tiny_dir, train_limit):
+    """A greedy token dataset of the tiny model at ``out``: ``train_limit`` train conversations and two held out."""
+    from falconspec.data import is_heldout
+
+    held = [i for i in range(400) if is_heldout(f"c{i}")][:2]
+    src = write_convs(out.parent / "c.json", max(held) + 1)
+    common = dict(model=str(tiny_dir), source=str(src), max_len=96, max_new_tokens=12, gen_dtype="float32",
+                  shard_size=3, batch_size=3, out=str(out))
+    generate_token_dataset(TokenDataConfig(**common, split="train", limit=train_limit), progress=quiet)
+    generate_token_dataset(TokenDataConfig(**common, split="heldout"), progress=quiet)
+
+
 def test_token_shard_round_trip(tmp_path):
     samples = [TokenSample("a", [1, 2, 3, 70000 % 128, 5], [(2, 4)], [False]),
                TokenSample("b_1", list(range(100)), [(10, 20), (30, 99)], [True, False])]
@@ -384,18 +396,12 @@ def test_training_reads_token_data_as_the_features_it_would_store(tmp_path, tiny
     """``falconspec train --data TOKENS --eval-data TOKENS`` computes, as steps read them, exactly the features
     ``gen-data --from-tokens`` stores (its train and held-out splits), so a run on either trains the same drafter;
     with ``--feature-dtype bfloat16`` the train split's features are those of ``--from-tokens --dtype bfloat16``."""
-    from falconspec.data import is_heldout
     from falconspec.models import load_target
     from falconspec.train import train
     from falconspec.train_common import TrainConfig, draft_vocabulary, load_data
     from falconspec.token_data import TokenFeatures
 
-    held = [i for i in range(400) if is_heldout(f"c{i}")][:2]
-    src = write_convs(tmp_path / "c.json", max(held) + 1)
-    common = dict(model=str(tiny_dir), source=str(src), max_len=96, max_new_tokens=12, gen_dtype="float32",
-                  shard_size=3, batch_size=3, out=str(tmp_path / "tok"))
-    generate_token_dataset(TokenDataConfig(**common, split="train", limit=8), progress=quiet)
-    generate_token_dataset(TokenDataConfig(**common, split="heldout"), progress=quiet)
+    token_dataset_with_heldout(tmp_path / "tok", tiny_dir, train_limit=8)
     for split in ("train", "heldout"):
         features_from_tokens(str(tmp_path / "tok"), str(tmp_path / split), model=str(tiny_dir), split=split,
                              progress=quiet)
@@ -524,19 +530,13 @@ def test_multi_layer_features_train_from_tokens_as_the_engine_supplies_them(tmp_
     """``falconspec train --feature-layers``: each sample also holds those layers' inputs, exactly what the target
     gives the drafter at decoding time (``prefill`` with the drafter's ``feature_layers``); the trained drafter
     records them, a resume must keep them, and stored (last-layer) features are refused."""
-    from falconspec.data import is_heldout
     from falconspec.drafters.sar_model import SARDrafterModel
     from falconspec.models import load_target
     from falconspec.token_data import TokenFeatures
     from falconspec.train import train
     from falconspec.train_common import TrainConfig
 
-    held = [i for i in range(400) if is_heldout(f"c{i}")][:2]
-    src = write_convs(tmp_path / "c.json", max(held) + 1)
-    common = dict(model=str(tiny_dir), source=str(src), max_len=96, max_new_tokens=12, gen_dtype="float32",
-                  shard_size=3, batch_size=3, out=str(tmp_path / "tok"))
-    generate_token_dataset(TokenDataConfig(**common, split="train", limit=6), progress=quiet)
-    generate_token_dataset(TokenDataConfig(**common, split="heldout"), progress=quiet)
+    token_dataset_with_heldout(tmp_path / "tok", tiny_dir, train_limit=6)
     target = load_target(str(tiny_dir))
     plain = TokenFeatures(tmp_path / "tok", target, str(tiny_dir))[0]
     sample = TokenFeatures(tmp_path / "tok", target, str(tiny_dir), feature_layers=[1, 0], store_dtype="float32")[0]
