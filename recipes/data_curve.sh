@@ -229,6 +229,7 @@ COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --voc
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
 MTBENCH=runs/data/mtbench-feat
+MTBENCH_TOKENS=runs/data/mtbench-sd
 if [[ "${1:-}" =~ ^(train|average|final|openings|tau|mtb)$ ]]; then
   name=${2:-}
   declare -A KIND_FLAGS=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
@@ -283,8 +284,9 @@ case "${1:-}" in
                        # tokens, as the bench's answers are) or on the MT-bench answers (mtb), scored in float32 as
                        # the engine runs it (the last --init-from and --dtype win; --feature-dtype float32: no bf16
                        # target copy for a train split that is never read)
-    eval=$([[ $1 == mtb ]] && echo $MTBENCH || echo $TOKENS)  # final: the token set's held-out split, all 110
-                                                              # sequences, features as runs/data/sd4-heldout's
+    # final: the token set's held-out split, all 110 sequences, features as runs/data/sd4-heldout's; mtb: every
+    # MT-bench answer from its tokens (the features of $MTBENCH, computed as read, so multi-layer drafters score too)
+    eval=$([[ $1 == mtb ]] && echo "$MTBENCH_TOKENS --eval-split all" || echo $TOKENS)
     declare -A OUT_OF=([final]=final [openings]=openings [mtb]=mtbench)
     opening=$([[ $1 == openings ]] && echo 64 || echo 0)
     window=${WINDOW_SEED:-0}  # another draw of the scored windows: WINDOW_SEED=N, written to runs/curve/STAGE-wN/
@@ -293,9 +295,9 @@ case "${1:-}" in
       --feature-dtype float32 --max-steps 0 --eval-answer-opening $opening --eval-window-seed $window \
       --out $RUNS/${OUT_OF[$1]}$([[ $window == 0 ]] || echo "-w$window")/$name ;;
   mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
-    $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out runs/data/mtbench-sd \
+    $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out $MTBENCH_TOKENS \
       --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
-    $FS gen-data --from-tokens runs/data/mtbench-sd --split all --out $MTBENCH ;;
+    $FS gen-data --from-tokens $MTBENCH_TOKENS --split all --out $MTBENCH ;;
   tau)
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
