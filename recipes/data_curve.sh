@@ -24,9 +24,9 @@
 #   bash recipes/data_curve.sh openings NAME # final's scoring on answer openings only (windows starting in an
 #                                           # answer's first 64 tokens, as the bench's answers); NAME as for final
 #   bash recipes/data_curve.sh tau NAME     # tau at fixed 4- and 16-node trees on MT-bench first turns (10 prompts)
-#   bash recipes/data_curve.sh mtbench      # runs/data/mtbench-feat: the target's own fp32 greedy answers to the 80
-#                                           # MT-bench questions, both turns, 64 tokens each (as the bench asks), with
-#                                           # features: the bench's answers as a held-out set (evaluation only)
+#   bash recipes/data_curve.sh mtbench      # runs/data/mtbench-sd: the target's own fp32 greedy answers to the 80
+#                                           # MT-bench questions, both turns, 64 tokens each (as the bench asks), as
+#                                           # tokens: the bench's answers as a held-out set (evaluation only)
 #   bash recipes/data_curve.sh mtb NAME     # acc@1..8 of a drafter on them (NAME as for final)
 # Paths are relative to the repository root; runs/ is git-ignored.
 set -euo pipefail
@@ -228,8 +228,7 @@ declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falco
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
-MTBENCH=runs/data/mtbench-feat
-MTBENCH_TOKENS=runs/data/mtbench-sd
+MTBENCH_TOKENS=runs/data/mtbench-sd  # `mtbench`; `mtb` computes their features as it reads them
 if [[ "${1:-}" =~ ^(train|average|final|openings|tau|mtb)$ ]]; then
   name=${2:-}
   declare -A KIND_FLAGS=([falcon]="$FALCON" [eagle]="--k 1" [medusa]="$MEDUSA")
@@ -285,7 +284,8 @@ case "${1:-}" in
                        # the engine runs it (the last --init-from and --dtype win; --feature-dtype float32: no bf16
                        # target copy for a train split that is never read)
     # final: the token set's held-out split, all 110 sequences, features as runs/data/sd4-heldout's; mtb: every
-    # MT-bench answer from its tokens (the features of $MTBENCH, computed as read, so multi-layer drafters score too)
+    # MT-bench answer from its tokens (features computed as read, so multi-layer drafters score too; the same figures
+    # as the stored features earlier rounds read)
     eval=$([[ $1 == mtb ]] && echo "$MTBENCH_TOKENS --eval-split all" || echo $TOKENS)
     declare -A OUT_OF=([final]=final [openings]=openings [mtb]=mtbench)
     opening=$([[ $1 == openings ]] && echo 64 || echo 0)
@@ -296,8 +296,7 @@ case "${1:-}" in
       --out $RUNS/${OUT_OF[$1]}$([[ $window == 0 ]] || echo "-w$window")/$name ;;
   mtbench)  # the bench's MT-bench questions ({"turns": [...]}), every turn answered by the target
     $FS gen-data --source mt-bench --mode self-distilled --format tokens --split all --out $MTBENCH_TOKENS \
-      --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32
-    $FS gen-data --from-tokens $MTBENCH_TOKENS --split all --out $MTBENCH ;;
+      --max-len 1024 --max-new-tokens 64 --batch-size 40 --shard-size 80 --gen-dtype float32 ;;
   tau)
     method=$([[ $name == falcon* ]] && echo falcon || echo eagle)
     $FS bench --methods greedy $method@4 $method@16 --$method-drafter $RUNS/$name/drafter --datasets mt-bench \
