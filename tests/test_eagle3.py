@@ -30,8 +30,12 @@ def test_target_returns_the_inputs_of_the_chosen_layers():
     expected = torch.cat([full.hidden_states[i][0, 10:] for i in (0, 3, 1)], -1)
     torch.testing.assert_close(out.features, expected, atol=1e-4, rtol=1e-4)
     assert [h for h in target.decoder.layers[0]._forward_pre_hooks.values()] == [], "hooks are removed"
+    # id L (4): the output after the final norm, transformers' hidden_states[L]
+    torch.testing.assert_close(target.prefill(ids, [4, 0]), torch.cat([reference.hidden_states[i][0] for i in (4, 0)],
+                                                                      dim=-1))
+    assert not target.decoder._forward_hooks, "hooks are removed"
     with pytest.raises(ValueError, match="out of range"):
-        target.prefill(ids, [4])
+        target.prefill(ids, [5])
 
 
 def test_default_feature_layers():

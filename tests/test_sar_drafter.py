@@ -78,6 +78,7 @@ def test_greedy_output_equals_plain_greedy(arch, k):
     {"num_nodes": 6, "depth": 3, "top_k": 2, "branches": 1},
     {"feature_layers": [1, 0]},
     {"feature_layers": [0, 1], "chain_slots": True, "newest_pair": True, "static_tree": "k2-16"},
+    {"feature_layers": [0, 2]},  # 2: the output after the final norm (the tiny target has 2 layers)
 ])
 def test_greedy_equality_with_options(llama, options):
     plain = SpeculativeGenerator(llama)

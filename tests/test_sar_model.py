@@ -256,5 +256,27 @@ def test_multi_layer_features_round_trip_and_widths(llama, tmp_path):
     deeper = tiny_target("llama", num_layers=3)
     with pytest.raises(DrafterMismatchError, match="fuses layers \\[1, 0\\] of a 2-layer target"):
         SARDrafterModel.from_pretrained(tmp_path / "d", deeper)
-    with pytest.raises(ValueError, match="feature_layers \\[2\\] must be target layer ids in \\[0, num_target_layers=2\\)"):
-        SARDrafterModel.for_target(llama, feature_layers=[2])
+    with pytest.raises(ValueError, match="feature_layers \\[3\\] must be target layer ids in \\[0, num_target_layers=2\\]"):
+        SARDrafterModel.for_target(llama, feature_layers=[3])
+
+
+def test_a_last_layer_drafter_grows_lower_feature_layers_and_drafts_as_before(llama):
+    """Layer id L (the target's layer count) is the decoder's output after its final norm, the feature a drafter
+    without ``feature_layers`` reads; ``with_feature_layers`` adds lower layers beside it through a ``feature_fc``
+    that passes it through, so the grown drafter drafts exactly as before until trained."""
+    last = llama.config.num_hidden_layers
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, llama.vocab_size, (9,), generator=gen)
+    torch.testing.assert_close(llama.prefill(ids, [last]), llama.prefill(ids), rtol=0, atol=0)
+    torch.manual_seed(5)
+    model = SARDrafterModel.for_target(llama, k=2, num_layers=1).eval()
+    grown = model.with_feature_layers([0, last], last)
+    assert grown.feature_layers == [0, last] and grown.feature_fc.in_features == 2 * llama.hidden_size
+    embeds = model.embed(llama.model.get_input_embeddings(), ids[1:])[None]
+    mask, positions = relaxed_causal_mask(8, 0, 2, end_aligned_offset(8, 2)), torch.arange(8)[None]
+    torch.testing.assert_close(grown(llama.prefill(ids, [0, last])[:-1][None], embeds, positions, mask),
+                               model(llama.prefill(ids)[:-1][None], embeds, positions, mask))
+    with pytest.raises(ValueError, match="only if the highest is 2"):
+        model.with_feature_layers([0, 1], last)
+    with pytest.raises(ValueError, match="already reads target layers \\[0, 2\\]"):
+        grown.with_feature_layers([1, last], last)

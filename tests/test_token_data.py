@@ -559,13 +559,15 @@ def test_multi_layer_features_train_from_tokens_as_the_engine_supplies_them(tmp_
     last = train(cfg(tmp_path / "last", feature_layers="", max_steps=1, eval_every=1))
     with pytest.raises(ValueError, match="reads target layers last .after the final norm., not \\[0, 1\\]: pass no"):
         train(cfg(tmp_path / "grown", init_from=str(last)))
+    grown = train(cfg(tmp_path / "grown", init_from=str(last), feature_layers="0,2", max_steps=1, eval_every=1))
+    assert SARDrafterModel.from_pretrained(grown, target).feature_layers == [0, 2], "2: the last layer, kept"
     features_from_tokens(str(tmp_path / "tok"), str(tmp_path / "feat"), model=str(tiny_dir), split="train",
                          progress=quiet)
     with pytest.raises(ValueError, match="--feature-layers needs the target's layer inputs"):
         train(cfg(tmp_path / "stored", data=str(tmp_path / "feat"), eval_data=""))
     with pytest.raises(ValueError, match="--feature-layers gives a SAR drafter multi-layer features: it needs --kind sar"):
         cfg(tmp_path / "medusa", kind="medusa")
-    with pytest.raises(ValueError, match="distinct layer ids in \\[0, 2\\)"):
+    with pytest.raises(ValueError, match="distinct layer ids in \\[0, 2\\]"):
         train(cfg(tmp_path / "bad", feature_layers="0,5"))
     with pytest.raises(ValueError, match="--eval-data shares"):  # --eval-split all: every shard, the train split's too
         train(cfg(tmp_path / "all", eval_split="all"))

@@ -111,15 +111,18 @@ class TargetModel:
     @contextlib.contextmanager
     def layer_inputs(self, feature_layers: Sequence[int] | None):
         """Collect the inputs of decoder layers ``feature_layers`` during a forward of the decoder: yields a list that
-        holds [B, S, H] per layer, in the order given, once the forward has run (nothing for None)."""
+        holds [B, S, H] per layer, in the order given, once the forward has run (nothing for None). The id one past
+        the last layer (the number of decoder layers) stands for the decoder's output after its final norm, what the
+        LM head reads and a drafter without ``feature_layers`` reads."""
         captured: list[torch.Tensor] = []
         if not feature_layers:
             yield captured
             return
         layers = self.decoder.layers
-        bad = [i for i in feature_layers if not 0 <= i < len(layers)]
+        bad = [i for i in feature_layers if not 0 <= i <= len(layers)]
         if bad:
-            raise ValueError(f"feature layers {bad} out of range: {self.name!r} has {len(layers)} decoder layers")
+            raise ValueError(f"feature layers {bad} out of range: {self.name!r} has {len(layers)} decoder layers "
+                             f"(ids 0-{len(layers) - 1}, and {len(layers)} for the output after the final norm)")
         slots: dict[int, torch.Tensor] = {}
 
         def hook(index):
@@ -127,7 +130,13 @@ class TargetModel:
                 slots[index] = args[0] if args else kwargs["hidden_states"]
             return keep
 
-        handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in set(feature_layers)]
+        def keep_output(module, args, output):
+            slots[len(layers)] = output[0]  # last_hidden_state
+
+        handles = [layers[i].register_forward_pre_hook(hook(i), with_kwargs=True)
+                   for i in set(feature_layers) if i < len(layers)]
+        if len(layers) in feature_layers:
+            handles.append(self.decoder.register_forward_hook(keep_output))
         try:
             yield captured
             captured.extend(slots[i] for i in feature_layers)

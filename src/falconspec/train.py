@@ -545,6 +545,9 @@ class SARObjective(ShardObjective, Objective):
         cfg = self.config
         if why != "init_from":
             return model
+        layers, last = self.feature_layers, self.num_target_layers
+        if layers and model.feature_layers is None and max(layers) == last:  # the last layer stays, the rest start at 0
+            model = model.with_feature_layers(layers, last)
         if model.config.num_layers < cfg.num_layers:  # appended layers start as identities
             model = model.with_layers(cfg.num_layers)
         if cfg.newest_slots and model.k == 1 < cfg.k:  # a head: its decoder drafts slot 0
@@ -561,7 +564,9 @@ class SARObjective(ShardObjective, Objective):
             flag = f"--feature-layers {','.join(map(str, mine.feature_layers))}" if mine.feature_layers else (
                 "no --feature-layers")
             raise ValueError(f"{source} reads target layers {mine.feature_layers or 'last (after the final norm)'}, "
-                             f"not {layers or 'the last'}: pass {flag} (a drafter's input features cannot change)")
+                             f"not {layers or 'the last'}: pass {flag} (a drafter's input features cannot change, "
+                             f"except that an --init-from drafter reading the last layer may add lower ones beside "
+                             f"it, id {self.num_target_layers})")
         shape = ("k", "num_layers", "newest_pair", "chain_slots", "newest_slots", "reversed_slots", "chain_attention")
         if all(getattr(mine, name) == getattr(cfg, name) for name in shape):
             return

@@ -49,7 +49,10 @@ class TrainConfig:
     feature_layers: str = _opt("", "SAR: EAGLE-3-style multi-layer features: the drafter reads the inputs of these "
                                    "target decoder layers side by side (comma-separated ids, or 'auto': a low, a "
                                    "middle and a high one, 2, L/2 and L-3) instead of the target's last layer; "
-                                   "needs a token dataset as --data (features computed on the fly)")
+                                   "id L (the number of target layers) is their output after the final norm, what a "
+                                   "drafter without the flag reads, so an --init-from drafter without it can grow "
+                                   "into one reading e.g. 2,15,L; needs a token dataset as --data (features "
+                                   "computed on the fly)")
     init_from: str = _opt("", "start from this trained drafter directory, or falcon/eagle/medusa for the one shipped "
                               "with --model (its weights and draft vocabulary; a fresh optimizer and schedule)")
     draft_vocab: int = _opt(8192, "draft vocabulary size: most frequent target tokens of the data (0 = full)")
@@ -216,7 +219,8 @@ def draft_vocabulary(samples: Sequence[dict], target, cfg: TrainConfig) -> torch
 
 def resolve_feature_layers(spec: str, num_layers: int) -> list[int] | None:
     """``--feature-layers``: '' -> None (the target's last layer), 'auto' -> EAGLE-3's low, middle and high layers,
-    else comma-separated layer ids of a ``num_layers``-layer target."""
+    else comma-separated layer ids of a ``num_layers``-layer target (id i: layer i's input; ``num_layers``: the
+    decoder's output after its final norm)."""
     from .drafters.eagle3_model import default_feature_layers
 
     if not spec:
@@ -227,10 +231,10 @@ def resolve_feature_layers(spec: str, num_layers: int) -> list[int] | None:
         layers = [int(part) for part in spec.split(",")]
     except ValueError:
         raise ValueError(f"--feature-layers takes 'auto' or comma-separated layer ids, got {spec!r}") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
+    bad = [i for i in layers if not 0 <= i <= num_layers]
     if bad or len(set(layers)) != len(layers):
-        raise ValueError(f"--feature-layers {spec}: need distinct layer ids in [0, {num_layers}) (the target has "
-                         f"{num_layers} decoder layers)")
+        raise ValueError(f"--feature-layers {spec}: need distinct layer ids in [0, {num_layers}] (the target has "
+                         f"{num_layers} decoder layers; {num_layers}: their output after the final norm)")
     return layers
 
 
@@ -433,7 +437,8 @@ class ShardObjective:
         cfg = self.config
         target = load_target(cfg.model, device=device)
         # the target layers whose inputs a (SAR) drafter reads; None: its last layer
-        self.feature_layers = resolve_feature_layers(cfg.feature_layers, target.config.num_hidden_layers)
+        self.num_target_layers = target.config.num_hidden_layers
+        self.feature_layers = resolve_feature_layers(cfg.feature_layers, self.num_target_layers)
         self.train_samples, self.eval_samples, self.data_meta = load_data(cfg, target)
         if checkpoint is not None or cfg.init_from:
             source = checkpoint if checkpoint is not None else resolve_init_from(cfg)

@@ -244,7 +244,9 @@ class SARConfig:
     # EAGLE-3's multi-layer features: the inputs of these target decoder layers (a low, a middle and a high one),
     # side by side, are the features of the committed positions, mapped to H by ``feature_fc`` (Linear(F*H -> H)) before
     # the fusion; the drafter's own predicted features (width H) skip it, and the outputs still regress the target's
-    # last layer (after its final norm). None: the target's last layer is the feature, as in the paper
+    # last layer (after its final norm). The id ``num_target_layers`` stands for that output itself, so a drafter
+    # that reads it beside lower layers can grow from one without feature_layers (:meth:`with_feature_layers`).
+    # None: the target's last layer is the feature, as in the paper
     feature_layers: list[int] | None = None
     num_target_layers: int = 0  # the target's decoder layers (checked on load when feature_layers is set)
     draft_vocab_size: int = 0  # 0 = draft over the full vocabulary; else the length of the stored index list
@@ -273,9 +275,10 @@ class SARConfig:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
         if self.feature_layers is not None:
             self.feature_layers = [int(i) for i in self.feature_layers]
-            if not self.feature_layers or any(not 0 <= i < self.num_target_layers for i in self.feature_layers):
+            if not self.feature_layers or any(not 0 <= i <= self.num_target_layers for i in self.feature_layers):
                 raise ValueError(f"feature_layers {self.feature_layers} must be target layer ids in "
-                                 f"[0, num_target_layers={self.num_target_layers})")
+                                 f"[0, num_target_layers={self.num_target_layers}] (the last: the output after "
+                                 "the final norm)")
 
     def to_llama_config(self) -> LlamaConfig:
         """The stock Llama config the decoder layers and rotary embedding are built from."""
@@ -474,6 +477,20 @@ class SARDrafterModel(nn.Module):
         config = dataclasses.replace(self.config, k=k, chain_slots=True, newest_slots=True,
                                      chain_attention=chain_attention)
         return self._rebuilt(config, ("chain.", "chain_attention."))
+
+    def with_feature_layers(self, feature_layers: Sequence[int], num_target_layers: int) -> SARDrafterModel:
+        """This drafter, which reads the target's last layer, reading ``feature_layers`` of a ``num_target_layers``-
+        layer target instead, the highest being ``num_target_layers`` (the output after the final norm, what it reads
+        now): ``feature_fc`` starts as a pass-through of that block and zero on the others, so it drafts as before
+        until trained and learns what the lower layers add."""
+        layers = [int(i) for i in feature_layers]
+        if self.feature_layers is not None:
+            raise ValueError(f"the drafter already reads target layers {self.feature_layers}")
+        if max(layers) != num_target_layers:
+            raise ValueError(f"a drafter that reads the target's last layer grows into one reading {layers} only if "
+                             f"the highest is {num_target_layers} (that output, after the final norm)")
+        config = dataclasses.replace(self.config, feature_layers=layers, num_target_layers=num_target_layers)
+        return self._rebuilt(config, ("feature_fc.",))
 
     def with_layers(self, num_layers: int) -> SARDrafterModel:
         """This drafter with decoder layers appended up to ``num_layers``, each a copy of the last one whose output
