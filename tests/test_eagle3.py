@@ -34,7 +34,7 @@ def test_target_returns_the_inputs_of_the_chosen_layers():
     torch.testing.assert_close(target.prefill(ids, [4, 0]), torch.cat([reference.hidden_states[i][0] for i in (4, 0)],
                                                                       dim=-1))
     assert not target.decoder._forward_hooks, "hooks are removed"
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="feature layers \\[5\\]: need distinct target layer ids in \\[0, 4\\]"):
         target.prefill(ids, [5])
 
 
@@ -42,6 +42,19 @@ def test_default_feature_layers():
     assert default_feature_layers(30) == [2, 15, 27]
     assert default_feature_layers(4) == [0, 2, 3]
     assert default_feature_layers(2) == [0, 1]
+
+
+def test_feature_layers_flag_is_parsed_and_checked_against_the_target():
+    from falconspec.train_common import resolve_feature_layers
+
+    assert resolve_feature_layers("", 30) is None
+    assert resolve_feature_layers("auto", 30) == [2, 15, 27]
+    assert resolve_feature_layers("2,15,30", 30) == [2, 15, 30]
+    with pytest.raises(ValueError, match="takes 'auto' or comma-separated layer ids, got '2,x'"):
+        resolve_feature_layers("2,x", 30)
+    for bad in ("2,2", "31", "-1,3"):
+        with pytest.raises(ValueError, match=f"--feature-layers \\[.*\\]: need distinct target layer ids in \\[0, 30\\]"):
+            resolve_feature_layers(bad, 30)
 
 
 def test_state_dict_uses_eagle3_names():

@@ -256,7 +256,7 @@ def test_multi_layer_features_round_trip_and_widths(llama, tmp_path):
     deeper = tiny_target("llama", num_layers=3)
     with pytest.raises(DrafterMismatchError, match="fuses layers \\[1, 0\\] of a 2-layer target"):
         SARDrafterModel.from_pretrained(tmp_path / "d", deeper)
-    with pytest.raises(ValueError, match="feature_layers \\[3\\] must be target layer ids in \\[0, num_target_layers=2\\]"):
+    with pytest.raises(ValueError, match="feature_layers \\[3\\]: need distinct target layer ids in \\[0, 2\\]"):
         SARDrafterModel.for_target(llama, feature_layers=[3])
 
 

@@ -567,7 +567,7 @@ def test_multi_layer_features_train_from_tokens_as_the_engine_supplies_them(tmp_
         train(cfg(tmp_path / "stored", data=str(tmp_path / "feat"), eval_data=""))
     with pytest.raises(ValueError, match="--feature-layers gives a SAR drafter multi-layer features: it needs --kind sar"):
         cfg(tmp_path / "medusa", kind="medusa")
-    with pytest.raises(ValueError, match="distinct layer ids in \\[0, 2\\]"):
+    with pytest.raises(ValueError, match="distinct target layer ids in \\[0, 2\\]"):
         train(cfg(tmp_path / "bad", feature_layers="0,5"))
     with pytest.raises(ValueError, match="--eval-data shares"):  # --eval-split all: every shard, the train split's too
         train(cfg(tmp_path / "all", eval_split="all"))

@@ -177,3 +177,27 @@ def test_moving_average_of_the_weights_is_the_drafter_and_resumes(tiny_data):
     assert "ema" in resumed["state_keys"]
     trained = load_file(str(tiny_data / "ema-once" / "checkpoint" / "model.safetensors"))
     assert any(not torch.equal(trained[n], t) for n, t in weights(tiny_data / "ema-once").items())
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_freed_heap_memory_goes_back_to_the_system():
+    """The training loop trims the allocator every log_every steps: small freed tensors between live ones stay in
+    glibc's heap (resident) until ``malloc_trim`` hands their pages back."""
+    from falconspec.trainer import _malloc_trim, release_freed_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("the C library has no malloc_trim")
+
+    def resident_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    release_freed_memory()
+    before = resident_mb()
+    small = [torch.ones(3000 + i % 500) for i in range(25_000)]  # ~13 KB each, ~320 MB, under mmap's threshold
+    kept = small[::50]  # live tensors spread over the heap, so its top cannot shrink
+    del small
+    freed = resident_mb()
+    assert freed - before > 200, "the freed tensors' pages stay resident"
+    assert release_freed_memory()
+    assert resident_mb() - before < (freed - before) / 2
+    del kept

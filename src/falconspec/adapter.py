@@ -104,6 +104,19 @@ class ModelAdapter:
         return f"output processing: {ops}; context {self.max_context}"
 
 
+def check_feature_layers(layers, num_layers: int, what: str = "feature layers") -> list[int]:
+    """Target layer ids a drafter reads as features, as ints, or a ValueError that says the valid range: id i is
+    the input of decoder layer i, id ``num_layers`` the decoder's output after its final norm (what the LM head and
+    a drafter reading only the last layer read). At least one id, no repeats."""
+    ids = [int(i) for i in layers]
+    bad = [i for i in ids if not 0 <= i <= num_layers]
+    if not ids or bad or len(set(ids)) != len(ids):
+        raise ValueError(f"{what} {list(layers)}: need distinct target layer ids in [0, {num_layers}] (the target has "
+                         f"{num_layers} decoder layers, ids 0-{num_layers - 1} their inputs; {num_layers}: their "
+                         "output after the final norm)")
+    return ids
+
+
 def adapt(model, name: str, max_context: int | None = None) -> ModelAdapter:
     """Check that the engine can run ``model`` exactly and say how; :class:`UnsupportedModelError` if it cannot.
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapter import ModelAdapter, adapt, check_outputs
+from .adapter import ModelAdapter, adapt, check_feature_layers, check_outputs
 from .kernels import MatmulPolicy, attach_policy
 from .kv_cache import BatchedKVCache, KVCache
 from .tree import Tree
@@ -119,10 +119,7 @@ class TargetModel:
             yield captured
             return
         layers = self.decoder.layers
-        bad = [i for i in feature_layers if not 0 <= i <= len(layers)]
-        if bad:
-            raise ValueError(f"feature layers {bad} out of range: {self.name!r} has {len(layers)} decoder layers "
-                             f"(ids 0-{len(layers) - 1}, and {len(layers)} for the output after the final norm)")
+        check_feature_layers(feature_layers, len(layers), f"{self.name!r}: feature layers")
         slots: dict[int, torch.Tensor] = {}
 
         def hook(index):

@@ -221,6 +221,7 @@ def resolve_feature_layers(spec: str, num_layers: int) -> list[int] | None:
     """``--feature-layers``: '' -> None (the target's last layer), 'auto' -> EAGLE-3's low, middle and high layers,
     else comma-separated layer ids of a ``num_layers``-layer target (id i: layer i's input; ``num_layers``: the
     decoder's output after its final norm)."""
+    from .adapter import check_feature_layers
     from .drafters.eagle3_model import default_feature_layers
 
     if not spec:
@@ -231,11 +232,7 @@ def resolve_feature_layers(spec: str, num_layers: int) -> list[int] | None:
         layers = [int(part) for part in spec.split(",")]
     except ValueError:
         raise ValueError(f"--feature-layers takes 'auto' or comma-separated layer ids, got {spec!r}") from None
-    bad = [i for i in layers if not 0 <= i <= num_layers]
-    if bad or len(set(layers)) != len(layers):
-        raise ValueError(f"--feature-layers {spec}: need distinct layer ids in [0, {num_layers}] (the target has "
-                         f"{num_layers} decoder layers; {num_layers}: their output after the final norm)")
-    return layers
+    return check_feature_layers(layers, num_layers, "--feature-layers")
 
 
 def load_data(cfg: TrainConfig, target) -> tuple[Sequence[dict], list[dict], dict]:

@@ -58,6 +58,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from ..adapter import check_feature_layers
 from ..kv_cache import KVCache, forward_kwargs
 
 
@@ -274,11 +275,7 @@ class SARConfig:
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, vocab_size={self.vocab_size}]")
         if self.feature_layers is not None:
-            self.feature_layers = [int(i) for i in self.feature_layers]
-            if not self.feature_layers or any(not 0 <= i <= self.num_target_layers for i in self.feature_layers):
-                raise ValueError(f"feature_layers {self.feature_layers} must be target layer ids in "
-                                 f"[0, num_target_layers={self.num_target_layers}] (the last: the output after "
-                                 "the final norm)")
+            self.feature_layers = check_feature_layers(self.feature_layers, self.num_target_layers, "feature_layers")
 
     def to_llama_config(self) -> LlamaConfig:
         """The stock Llama config the decoder layers and rotary embedding are built from."""
