@@ -198,6 +198,10 @@ declare -A RUNS_OF=(
   # the final norm, what full-mix2 reads), grown from full-mix2 with those layers' weights at zero, so that it starts
   # as full-mix2 and the same steps, data order and seed as falcon-full-mix3 measure what the lower layers add
   [falcon-full-mix3-fl]="$FALCON --dtype bfloat16 --feature-dtype bfloat16 --init-from $RUNS/falcon-full-mix2/drafter --lr 2.5e-4 --min-lr 2.5e-5 --seed 2 --feature-layers 2,15,30"
+  # round 17: does the k=1 head gain as much from the lower layers? The shipped head (eagle-r7, restored by `round7`)
+  # grown by layers 2 and 15 the same way, on the same text, schedule and seed as falcon-full-mix3-fl (STEPS=1430
+  # under the same two-process torchrun), so the in-training evaluations compare with that run step for step
+  [eagle-full-mix3-fl]="--k 1 --dtype bfloat16 --feature-dtype bfloat16 --init-from $ROUND7/eagle --lr 2.5e-4 --min-lr 2.5e-5 --seed 2 --feature-layers 2,15,30"
   # twice the steps: falcon-N continued for STEPS more on the same data (fresh optimizer, warm restart at half the
   # peak learning rate, as the shipped rounds were continued)
   [falcon2x-4]="$FALCON --init-from $RUNS/falcon-4/drafter --lr 5e-4 --min-lr 5e-5"
@@ -219,7 +223,8 @@ declare -A EVAL_OF=([eagle-r7]=$HELDOUT_TOKENS [falcon-r7]=$HELDOUT_TOKENS [falc
                     [falcon-s-sampled]=$HELDOUT_TOKENS [falcon-s-mix]=$HELDOUT_TOKENS
                     [falcon-s-mix-fl]=$HELDOUT_TOKENS [falcon-s-mix-fl29]=$HELDOUT_TOKENS
                     [falcon-full-mix]=$HELDOUT_TOKENS [falcon-full-mix2]=$HELDOUT_TOKENS
-                    [falcon-full-mix3]=$HELDOUT_TOKENS [falcon-full-mix3-fl]=$HELDOUT_TOKENS)
+                    [falcon-full-mix3]=$HELDOUT_TOKENS [falcon-full-mix3-fl]=$HELDOUT_TOKENS
+                    [eagle-full-mix3-fl]=$HELDOUT_TOKENS)
 declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falcon-r7]=$TOKENS [falcon-r8]=$TOKENS
                     [falcon-r9]=$TOKENS [falcon-r10]=$TOKENS [falcon-r11]=$TOKENS
                     [falcon-r12-2layers]=$TOKENS [falcon-r12-grownlr]=$TOKENS
@@ -228,7 +233,8 @@ declare -A DATA_OF=([eagle-15-bf16feat]=$FEATURES_BF16 [eagle-r7]=$TOKENS [falco
                     [falcon-s-mix]=$GREEDY_22,$T07_19 [falcon-s-mix-fl]=$GREEDY_22,$T07_19
                     [falcon-s-mix-fl29]=$GREEDY_22,$T07_19
                     [falcon-full-mix]=$TOKENS,$TOKENS_T07 [falcon-full-mix2]=$TOKENS,$TOKENS_T07
-                    [falcon-full-mix3]=$TOKENS,$TOKENS_T07 [falcon-full-mix3-fl]=$TOKENS,$TOKENS_T07)  # else $FEATURES-N, N from the name
+                    [falcon-full-mix3]=$TOKENS,$TOKENS_T07 [falcon-full-mix3-fl]=$TOKENS,$TOKENS_T07
+                    [eagle-full-mix3-fl]=$TOKENS,$TOKENS_T07)  # else $FEATURES-N, N from the name
 COMMON=(--eval-data $EVAL --max-len 1024 --batch-size 4 --draft-vocab 4096 --vocab-corpus sharegpt --lr 1e-3
         --min-lr 1e-4 --warmup 20 --max-steps $STEPS --eval-every 100 --save-every 100 --log-every 10
         --eval-samples 1000 --seed 0)
