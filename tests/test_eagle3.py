@@ -53,7 +53,7 @@ def test_feature_layers_flag_is_parsed_and_checked_against_the_target():
     with pytest.raises(ValueError, match="takes 'auto' or comma-separated layer ids, got '2,x'"):
         resolve_feature_layers("2,x", 30)
     for bad in ("2,2", "31", "-1,3"):
-        with pytest.raises(ValueError, match=f"--feature-layers \\[.*\\]: need distinct target layer ids in \\[0, 30\\]"):
+        with pytest.raises(ValueError, match="--feature-layers \\[.*\\]: need distinct target layer ids in \\[0, 30\\]"):
             resolve_feature_layers(bad, 30)
 
 

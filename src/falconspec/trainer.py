@@ -5,12 +5,12 @@ rate of every step (:func:`.train_common.lr_at`: linear warmup, cosine decay), g
 ``log.jsonl`` records every ``log_every`` steps (and at step 1), the held-out evaluation every ``eval_every``
 steps (and at the last), atomic checkpoints every ``save_every`` steps (and at the last), and the final
 ``drafter/`` directory with its ``recipe.json``; every ``log_every`` steps each process hands the memory its
-allocator kept from freed batches back to the system (glibc's ``malloc_trim``). With ``ema_decay`` > 0 it also keeps an exponential moving average
-of the weights (:class:`torch.optim.swa_utils.AveragedModel`, started at the initial weights, updated after every
-step, kept in the checkpoint); the evaluations that enter the history, and the final drafter, are then the
-average's, and the trained weights' evaluation is logged beside it (``eval_trained``). It runs through
-:mod:`accelerate`, so an objective that says so trains on GPUs or in several processes (``torchrun``); the others
-run in one CPU process.
+allocator kept from freed batches back to the system (glibc's ``malloc_trim``). With ``ema_decay`` > 0 it also
+keeps an exponential moving average of the weights (:class:`torch.optim.swa_utils.AveragedModel`, started at the
+initial weights, updated after every step, kept in the checkpoint); the evaluations that enter the history, and
+the final drafter, are then the average's, and the trained weights' evaluation is logged beside it
+(``eval_trained``). It runs through :mod:`accelerate`, so an objective that says so trains on GPUs or in several
+processes (``torchrun``); the others run in one CPU process.
 
 An objective brings what differs: building the drafter (fresh, ``--init-from``, or resumed), the loss of one step,
 the held-out metrics (acc@1..d), the optimizer's parameter groups (e.g. the parts an ``--init-from`` drafter was grown
@@ -172,9 +172,9 @@ def _malloc_trim():
 
 def release_freed_memory() -> bool:
     """Hand memory the allocator keeps after tensors are freed back to the system. Training steps allocate
-    differently sized batches and glibc keeps the freed heap: a two-process CPU run grew from 1 GB to 7 GB a process
-    without a live tensor more (recipes/README.md, round 16; one ``malloc_trim`` took a process from 3.3 GB to 2.1
-    GB). True if memory was returned."""
+    differently sized batches and glibc keeps the freed heap: the processes of a two-process CPU run grew from 1 GB
+    to 7 GB, most of it freed memory (recipes/README.md, round 16: one ``malloc_trim`` took a process from 3.3 GB to
+    2.1 GB). True if memory was returned."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
 
