@@ -36,6 +36,8 @@ def test_target_returns_the_inputs_of_the_chosen_layers():
     assert not target.decoder._forward_hooks, "hooks are removed"
     with pytest.raises(ValueError, match="feature layers \\[5\\]: need distinct target layer ids in \\[0, 4\\]"):
         target.prefill(ids, [5])
+    # a layer named twice is handed over at each place it is named
+    torch.testing.assert_close(target.prefill(ids, [3, 3]), torch.cat([reference.hidden_states[3][0]] * 2, dim=-1))
 
 
 def test_default_feature_layers():

@@ -119,7 +119,9 @@ class TargetModel:
             yield captured
             return
         layers = self.decoder.layers
-        check_feature_layers(feature_layers, len(layers), f"{self.name!r}: feature layers")
+        # the range only: a layer named twice is captured once and handed over at each place (as before the check
+        # was shared with the drafter configs, which refuse repeats)
+        check_feature_layers(sorted(set(feature_layers)), len(layers), f"{self.name!r}: feature layers")
         slots: dict[int, torch.Tensor] = {}
 
         def hook(index):
